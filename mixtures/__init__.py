@@ -1,0 +1,1 @@
+"""mixtures stage of mixlab."""
