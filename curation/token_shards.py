@@ -1,0 +1,529 @@
+"""Token shards: curated Parquet -> `.ds` files (datatrove/nanotron format), and a memory-mapped reader.
+
+Writing goes through datatrove's own `DocumentTokenizer`, so the files are exactly what datatrove writes and
+nanotron's Nanoset reads: `.ds` (uint16 tokens, uint32 when the vocabulary needs it, every document ending
+with EOS), `.ds.index` (uint64 end offset of each document) and `.ds.metadata` (`tokenizer|token_size`, then
+the token count). Each document goes to `train` or `val` by a hash of its id, so the split is stable across
+re-runs and independent of shard layout and worker count. mixlab only renames the files (one token shard per
+curated shard, `tokens/<source>/<split>/00000.ds`) and writes an exact tokenizer id into the metadata
+instead of an absolute path, so that shards stay valid when the work directory moves and a reader can tell
+which tokenizer made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from datatrove.data import Document
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from tqdm.auto import tqdm
+
+from curation.manifest import ManifestError, ShardFile, ShardManifest, SourceEntry, TokenizerInfo, sha256_file
+from curation.tokenizer import (
+    EOS_TOKEN,
+    TOKENIZER_DIR,
+    TOKENIZER_FILE,
+    TokenizerError,
+    load_tokenizer,
+    tokenizer_id,
+)
+
+logger = logging.getLogger(__name__)
+
+TOKENS_DIR = "tokens"
+SPLITS = ("train", "val")
+ID_HASH_SALT = b"mixlab-val-split-v1"
+
+
+class TokenShardError(ValueError):
+    """Token shards that are missing, changed or inconsistent; the message names the file and the fix."""
+
+
+def token_size_for_vocab(vocab_size: int) -> int:
+    """Bytes per token on disk: uint16 while every id fits, else uint32 (datatrove's rule)."""
+    return 4 if vocab_size > np.iinfo(np.uint16).max + 1 else 2
+
+
+# ---- train/val routing ---------------------------------------------------------------------------
+def id_hash(doc_id: str) -> int:
+    """A stable 64-bit hash of a document id (Python's hash() changes between processes)."""
+    return int.from_bytes(
+        hashlib.blake2b(str(doc_id).encode(), digest_size=8, key=ID_HASH_SALT).digest(), "little"
+    )
+
+
+def val_hash_threshold(
+    ids: Iterable[str], val_fraction: float, min_val_docs: int, max_val_fraction: float
+) -> int:
+    """The largest id hash that goes to validation (-1: none), so that about `val_fraction` of the documents,
+    at least `min_val_docs` but never more than `max_val_fraction` of them, are held out."""
+    hashes = np.sort(np.fromiter((id_hash(i) for i in ids), dtype=np.uint64))
+    n = len(hashes)
+    wanted = max(round(n * val_fraction), min_val_docs)
+    count = min(wanted, int(n * max_val_fraction))
+    return int(hashes[count - 1]) if count > 0 else -1
+
+
+class SplitRouter(BaseFilter):
+    """Keep the documents of one split: validation is every id hash at or below the threshold."""
+
+    name = "🔀 train/val split"
+
+    def __init__(self, split: str, threshold: int):
+        super().__init__()
+        self.split = split
+        self.threshold = threshold
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        in_val = id_hash(doc.id) <= self.threshold
+        if in_val == (self.split == "val"):
+            return True
+        return False, "other_split"
+
+
+# ---- reading ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardMetadata:
+    tokenizer: str
+    token_size: int
+    tokens: int
+
+    @classmethod
+    def read(cls, path: Path) -> ShardMetadata:
+        meta_path = Path(f"{path}.metadata")
+        if not meta_path.exists():
+            raise TokenShardError(f"{meta_path}: missing; re-run `mixlab tokenize`")
+        lines = meta_path.read_text().splitlines()
+        try:
+            tokenizer, token_size = lines[0].rsplit("|", 1)
+            return cls(tokenizer=tokenizer, token_size=int(token_size), tokens=int(lines[1]))
+        except (IndexError, ValueError) as err:
+            raise TokenShardError(
+                f"{meta_path}: expected `tokenizer|token_size` then the token count, got {lines[:2]!r}; "
+                "re-run `mixlab tokenize`"
+            ) from err
+
+    def write(self, path: Path) -> None:
+        Path(f"{path}.metadata").write_text(f"{self.tokenizer}|{self.token_size}\n{self.tokens}\n")
+
+
+class TokenShard:
+    """One `.ds` file, memory-mapped, with its document ends. Opening checks that the three files agree."""
+
+    def __init__(self, path: str | Path, vocab_size: int | None = None, tokenizer: str | None = None):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise TokenShardError(f"{self.path}: token shard missing; re-run `mixlab tokenize`")
+        self.metadata = ShardMetadata.read(self.path)
+        if self.metadata.token_size not in (2, 4):
+            raise TokenShardError(
+                f"{self.path}.metadata: token size {self.metadata.token_size} is not 2 or 4 bytes"
+            )
+        if vocab_size is not None and token_size_for_vocab(vocab_size) != self.metadata.token_size:
+            raise TokenShardError(
+                f"{self.path}: stored with {self.metadata.token_size}-byte tokens but the tokenizer has {vocab_size} "
+                f"tokens (needs {token_size_for_vocab(vocab_size)} bytes); re-run `mixlab tokenize` with this tokenizer"
+            )
+        if tokenizer is not None and self.metadata.tokenizer != tokenizer:
+            raise TokenShardError(
+                f"{self.path}: made by tokenizer {self.metadata.tokenizer!r}, not the manifest's {tokenizer!r}; "
+                "re-run `mixlab tokenize` after training a tokenizer"
+            )
+        size = self.path.stat().st_size
+        if size != self.metadata.tokens * self.metadata.token_size:
+            raise TokenShardError(
+                f"{self.path}: {size} bytes but the metadata says {self.metadata.tokens} tokens of "
+                f"{self.metadata.token_size} bytes; the file is truncated or changed, re-run `mixlab tokenize`"
+            )
+        index_path = Path(f"{self.path}.index")
+        if not index_path.exists():
+            raise TokenShardError(f"{index_path}: document index missing; re-run `mixlab tokenize`")
+        self.doc_ends = np.fromfile(index_path, dtype="<u8")
+        if len(self.doc_ends) == 0 or int(self.doc_ends[-1]) != self.metadata.tokens:
+            last = int(self.doc_ends[-1]) if len(self.doc_ends) else None
+            raise TokenShardError(
+                f"{index_path}: last document ends at {last}, not at the shard's {self.metadata.tokens} tokens; "
+                "re-run `mixlab tokenize`"
+            )
+        dtype = np.dtype("<u4" if self.metadata.token_size == 4 else "<u2")
+        self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
+
+    def __len__(self) -> int:
+        return self.metadata.tokens
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ends)
+
+    def document(self, i: int) -> np.ndarray:
+        start = int(self.doc_ends[i - 1]) if i > 0 else 0
+        return self.tokens[start : int(self.doc_ends[i])]
+
+    def max_token_id(self) -> int:
+        return int(self.tokens.max())
+
+
+class TokenSource:
+    """All token shards of one source and split, seen as one flat token stream (documents back to back)."""
+
+    def __init__(self, name: str, split: str, shards: list[TokenShard]):
+        self.name = name
+        self.split = split
+        self.shards = shards
+        lengths = np.array([len(s) for s in shards], dtype=np.int64)
+        self._shard_starts = np.concatenate([[0], np.cumsum(lengths)])
+
+    @classmethod
+    def from_manifest(
+        cls,
+        manifest: ShardManifest | str | Path,
+        source: str,
+        split: str = "train",
+        verify_checksums: bool = True,
+    ) -> TokenSource:
+        """Open a source's token shards as listed in the manifest, checking tokenizer and (optionally) sha256."""
+        if not isinstance(manifest, ShardManifest):
+            manifest = ShardManifest.load(manifest)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        entry = manifest.source(source)
+        if manifest.tokenizer is None or not entry.token_shards:
+            raise ManifestError(
+                f"{manifest.root}: source {source!r} has no token shards; run `mixlab tokenize` first"
+            )
+        expected_tokenizer = tokenizer_id(manifest.tokenizer)
+        shards = []
+        for record in (s for s in entry.token_shards if s.split == split):
+            path = manifest.resolve(record.path)
+            if not path.exists():
+                raise TokenShardError(
+                    f"{path}: token shard listed in the manifest is missing; re-run `mixlab tokenize`"
+                )
+            if verify_checksums and sha256_file(path) != record.sha256:
+                raise TokenShardError(
+                    f"{path}: checksum mismatch with the manifest (the file changed after tokenization); "
+                    "re-run `mixlab tokenize`"
+                )
+            shards.append(
+                TokenShard(path, vocab_size=manifest.tokenizer.vocab_size, tokenizer=expected_tokenizer)
+            )
+        return cls(source, split, shards)
+
+    def __len__(self) -> int:
+        return int(self._shard_starts[-1])
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self)
+
+    @property
+    def num_docs(self) -> int:
+        return sum(s.num_docs for s in self.shards)
+
+    @cached_property
+    def doc_ends(self) -> np.ndarray:
+        """End offset of every document in the flat stream (uint64, like `.ds.index`)."""
+        if not self.shards:
+            return np.zeros(0, dtype=np.uint64)
+        return np.concatenate(
+            [
+                s.doc_ends + np.uint64(start)
+                for s, start in zip(self.shards, self._shard_starts[:-1], strict=True)
+            ]
+        )
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the flat stream as int64, crossing shard boundaries if needed."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(
+                f"{self.name}/{self.split}: read [{start}, {start + length}) outside [0, {len(self)})"
+            )
+        first = int(np.searchsorted(self._shard_starts, start, side="right")) - 1
+        if start + length <= self._shard_starts[first + 1]:  # the common case: inside one shard
+            offset = start - int(self._shard_starts[first])
+            return self.shards[first].tokens[offset : offset + length].astype(np.int64)
+        out = np.empty(length, dtype=np.int64)
+        filled, position, shard = 0, start, first
+        while filled < length:
+            offset = position - int(self._shard_starts[shard])
+            take = min(length - filled, len(self.shards[shard]) - offset)
+            out[filled : filled + take] = self.shards[shard].tokens[offset : offset + take]
+            filled += take
+            position += take
+            shard += 1
+        return out
+
+    def document(self, i: int) -> np.ndarray:
+        end = int(self.doc_ends[i])
+        start = int(self.doc_ends[i - 1]) if i > 0 else 0
+        return self.read(start, end - start)
+
+    def flat(self) -> np.ndarray:
+        """The whole stream: the memmap itself for one shard, else a concatenated in-memory copy."""
+        if len(self.shards) == 1:
+            return self.shards[0].tokens
+        return self.read(0, len(self))
+
+    def __repr__(self) -> str:
+        return f"TokenSource({self.name!r}, {self.split!r}, shards={len(self.shards)}, tokens={len(self)}, docs={self.num_docs})"
+
+
+def open_token_sources(
+    curated_dir: str | Path | ShardManifest,
+    split: str = "train",
+    sources: Iterable[str] | None = None,
+    verify_checksums: bool = True,
+) -> dict[str, TokenSource]:
+    """Every tokenized source of a curated directory (or the named ones), ready for the sampler/evaluator."""
+    manifest = curated_dir if isinstance(curated_dir, ShardManifest) else ShardManifest.load(curated_dir)
+    names = (
+        list(sources)
+        if sources is not None
+        else sorted(n for n, s in manifest.sources.items() if s.token_shards)
+    )
+    return {name: TokenSource.from_manifest(manifest, name, split, verify_checksums) for name in names}
+
+
+# ---- writing -------------------------------------------------------------------------------------
+@dataclass
+class TokenizeConfig:
+    """How curated shards become token shards."""
+
+    val_fraction: float = 0.02
+    min_val_docs: int = 8  # enough held-out documents per source for a stable per-source loss
+    max_val_fraction: float = 0.5  # a tiny source keeps most of its documents for training
+    workers: int = 1  # the Rust tokenizer already uses every core inside one worker
+    batch_size: int = 1000  # documents per encode_batch call
+    verify_checksums: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.max_val_fraction <= 1.0:
+            raise ValueError(f"max_val_fraction must be in [0, 1], got {self.max_val_fraction}")
+        if self.min_val_docs < 0 or self.workers < 1 or self.batch_size < 1:
+            raise ValueError("min_val_docs must be >= 0, workers and batch_size >= 1")
+
+
+def tokenize_manifest(
+    curated_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    *,
+    val_fraction: float = 0.02,
+    min_val_docs: int = 8,
+    workers: int = 1,
+    sources: Iterable[str] | None = None,
+    config: TokenizeConfig | None = None,
+    show_progress: bool = True,
+) -> ShardManifest:
+    """Tokenize every (or the named) curated source into `<curated>/tokens/<source>/{train,val}/*.ds`,
+    record tokens per split and token shards in the manifest, save it and return it.
+
+    `tokenizer_path=None` uses the tokenizer recorded in the manifest; another tokenizer.json is copied
+    into `<curated>/tokenizer/` and recorded, so the manifest always names the tokenizer its shards use.
+    """
+    config = config or TokenizeConfig(val_fraction=val_fraction, min_val_docs=min_val_docs, workers=workers)
+    manifest = ShardManifest.load(curated_dir)
+    info = _resolve_tokenizer(manifest, tokenizer_path)
+    tok_path = manifest.resolve(info.path).resolve()
+    names = list(sources) if sources is not None else sorted(manifest.sources)
+    for name in names:
+        entry = manifest.source(name)
+        if not entry.shards:
+            raise ManifestError(
+                f"{manifest.root}: source {name!r} has no curated shards; run `mixlab curate` first"
+            )
+        _check_curated_shards(manifest, entry, config.verify_checksums)
+
+    jobs = [(name, split) for name in names for split in SPLITS]
+    bar = tqdm(jobs, desc="tokenize", unit="split", disable=not show_progress)
+    total_tokens, started = 0, time.perf_counter()
+    thresholds: dict[str, int] = {}
+    for name, split in bar:
+        entry = manifest.sources[name]
+        bar.set_postfix_str(f"{name}/{split}")
+        if split == SPLITS[0]:
+            ids = _read_ids(manifest, entry)
+            thresholds[name] = val_hash_threshold(
+                ids, config.val_fraction, config.min_val_docs, config.max_val_fraction
+            )
+            entry.token_shards = []
+            entry.tokens = {}
+            shutil.rmtree(manifest.resolve(f"{TOKENS_DIR}/{name}"), ignore_errors=True)
+        records = _tokenize_split(manifest, entry, split, thresholds[name], tok_path, info, config)
+        entry.token_shards.extend(records)
+        entry.tokens[split] = sum(r.tokens or 0 for r in records)
+        total_tokens += entry.tokens[split]
+        elapsed = time.perf_counter() - started
+        bar.set_postfix_str(f"{name}/{split} {total_tokens / max(elapsed, 1e-9):,.0f} tok/s")
+        if split == SPLITS[-1]:
+            docs = sum(r.docs for r in entry.token_shards)
+            if docs != entry.docs:
+                logger.warning(
+                    "%s: %d documents tokenized but the manifest lists %d (empty texts are skipped)",
+                    name,
+                    docs,
+                    entry.docs,
+                )
+    manifest.save()
+    elapsed = time.perf_counter() - started
+    logger.info(
+        "tokenized %d sources: %d tokens in %.1fs (%.0f tokens/s)",
+        len(names),
+        total_tokens,
+        elapsed,
+        total_tokens / max(elapsed, 1e-9),
+    )
+    return manifest
+
+
+def _resolve_tokenizer(manifest: ShardManifest, tokenizer_path: str | Path | None) -> TokenizerInfo:
+    if tokenizer_path is None:
+        if manifest.tokenizer is None:
+            raise ManifestError(
+                f"{manifest.root}: no tokenizer in the manifest; train one first (`mixlab tokenize`)"
+            )
+        path = manifest.resolve(manifest.tokenizer.path)
+        if not path.exists():
+            raise TokenizerError(f"{path}: the manifest's tokenizer is missing; re-run `mixlab tokenize`")
+        if sha256_file(path) != manifest.tokenizer.sha256:
+            raise TokenizerError(
+                f"{path}: checksum differs from the manifest's (the tokenizer changed after training); "
+                "re-train it with `mixlab tokenize`"
+            )
+        return manifest.tokenizer
+    source = Path(tokenizer_path)
+    source = source / TOKENIZER_FILE if source.is_dir() else source
+    tokenizer = load_tokenizer(source)
+    eos = manifest.tokenizer.eos_token if manifest.tokenizer else EOS_TOKEN
+    if tokenizer.token_to_id(eos) is None:
+        raise TokenizerError(f"{source}: has no EOS token {eos!r}; documents could not be separated")
+    target = manifest.resolve(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}")
+    if source.resolve() != target.resolve():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    manifest.tokenizer = TokenizerInfo(
+        path=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
+        vocab_size=tokenizer.get_vocab_size(),
+        sha256=sha256_file(target),
+        eos_token=eos,
+        kind=manifest.tokenizer.kind if manifest.tokenizer else "bpe",
+    )
+    return manifest.tokenizer
+
+
+def _check_curated_shards(manifest: ShardManifest, entry: SourceEntry, verify_checksums: bool) -> None:
+    for shard in entry.shards:
+        path = manifest.resolve(shard.path)
+        if not path.exists():
+            raise TokenShardError(
+                f"{path}: curated shard of {entry.name!r} listed in the manifest is missing; "
+                "re-run `mixlab curate`"
+            )
+        if verify_checksums and sha256_file(path) != shard.sha256:
+            raise TokenShardError(
+                f"{path}: checksum mismatch with the manifest (changed after curation); "
+                "re-run `mixlab curate`"
+            )
+
+
+def _read_ids(manifest: ShardManifest, entry: SourceEntry) -> list[str]:
+    ids: list[str] = []
+    for shard in entry.shards:
+        path = manifest.resolve(shard.path)
+        parquet = pq.ParquetFile(path)
+        if "id" not in parquet.schema_arrow.names:
+            raise TokenShardError(
+                f"{path}: no `id` column, so documents cannot be split into train/val stably; "
+                "re-run `mixlab curate`"
+            )
+        ids.extend(str(i) for i in parquet.read(columns=["id"]).column(0).to_pylist())
+    return ids
+
+
+def _tokenize_split(
+    manifest: ShardManifest,
+    entry: SourceEntry,
+    split: str,
+    threshold: int,
+    tok_path: Path,
+    info: TokenizerInfo,
+    config: TokenizeConfig,
+) -> list[ShardFile]:
+    """Run one datatrove pipeline (read shards -> keep this split -> DocumentTokenizer), one task per
+    curated shard, then give the outputs stable names and portable metadata."""
+    if split == "val" and threshold < 0:
+        return []
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.readers import ParquetReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    out_dir = manifest.resolve(f"{TOKENS_DIR}/{entry.name}/{split}")
+    logs_dir = manifest.resolve(f"logs/{entry.name}/tokenize-{split}")
+    shutil.rmtree(logs_dir, ignore_errors=True)
+    logs_dir.mkdir(parents=True)
+    paths_file = logs_dir / "curated_shards.txt"
+    paths_file.write_text("".join(f"{s.path}\n" for s in entry.shards))
+    tasks = len(entry.shards)
+    executor = LocalPipelineExecutor(
+        pipeline=[
+            ParquetReader(str(manifest.root), paths_file=str(paths_file), read_metadata=False),
+            SplitRouter(split, threshold),
+            DocumentTokenizer(
+                output_folder=str(out_dir),
+                tokenizer_name_or_path=str(tok_path),
+                eos_token=info.eos_token,
+                batch_size=config.batch_size,
+                shuffle_documents=False,  # the sampler shuffles windows; file order stays = curated order
+            ),
+        ],
+        tasks=tasks,
+        workers=min(config.workers, tasks),
+        logging_dir=str(logs_dir),
+        skip_completed=False,
+    )
+    executor.run()
+
+    name = tokenizer_id(info)
+    token_size = token_size_for_vocab(info.vocab_size)
+    records = []
+    for rank in range(tasks):
+        written = out_dir / f"{rank:05d}_unshuffled.ds"
+        final = out_dir / f"{rank:05d}.ds"
+        if not written.exists():
+            raise TokenShardError(
+                f"{written}: datatrove wrote no token shard for task {rank}; see {logs_dir}/logs"
+            )
+        meta = ShardMetadata.read(written)
+        if meta.token_size != token_size:
+            raise TokenShardError(
+                f"{written}: {meta.token_size}-byte tokens for a {info.vocab_size}-token vocabulary"
+            )
+        for suffix in ("", ".index", ".metadata"):
+            Path(f"{written}{suffix}").replace(f"{final}{suffix}")
+        if meta.tokens == 0:  # this shard had no document of this split
+            for suffix in ("", ".index", ".metadata"):
+                Path(f"{final}{suffix}").unlink(missing_ok=True)
+            continue
+        ShardMetadata(name, meta.token_size, meta.tokens).write(final)
+        shard = TokenShard(final, vocab_size=info.vocab_size, tokenizer=name)
+        records.append(
+            ShardFile(
+                path=final.relative_to(manifest.root).as_posix(),
+                docs=shard.num_docs,
+                bytes=final.stat().st_size,
+                sha256=sha256_file(final),
+                tokens=len(shard),
+                split=split,
+            )
+        )
+    return records

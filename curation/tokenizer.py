@@ -1,0 +1,351 @@
+"""Train the byte-level BPE tokenizer on curated shards, and the facts about it that later stages need.
+
+The tokenizer is trained on the curated Parquet shards named in the manifest (never on the raw corpus: the
+vocabulary should fit what the model will actually see), with a per-source byte budget so that a large web
+source cannot crowd out code or a small language. The pre-tokenizer is the Llama-3 one SmolLM3 inherited
+(letters, 1-3 digit groups, punctuation runs, whitespace) followed by a byte-level mapping, so every string
+round-trips exactly and every token id has a well-defined UTF-8 byte length, which the evaluator needs for
+bits-per-byte.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from curation.manifest import ManifestError, ShardManifest, TokenizerInfo, sha256_file
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILE = "tokenizer.json"
+TRAINING_STATS_FILE = "training.json"
+EOS_TOKEN = "<|endoftext|>"
+
+# Llama-3's split pattern (also SmolLM3's tokenizer): contractions, letter runs with one leading non-letter,
+# digits in groups of at most three, punctuation runs, newlines, other whitespace.
+PRETOKENIZE_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be trained, read or used as asked; the message names the file and the fix."""
+
+
+@dataclass
+class TokenizerConfig:
+    """How the BPE is trained. The defaults suit the CPU demo (small vocabulary, a few MB per source)."""
+
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    # bytes of text read per source at most: keeps every source represented and training time bounded
+    max_bytes_per_source: int = 32 * 2**20
+    eos_token: str = EOS_TOKEN
+    # EOS first so that it gets id 0; chat markers reserved now so that later SFT does not change the vocabulary
+    special_tokens: tuple[str, ...] = (EOS_TOKEN, "<|im_start|>", "<|im_end|>", "<|pad|>")
+    sources: tuple[str, ...] | None = None  # None: every source in the manifest
+    text_column: str = "text"
+    read_batch_docs: int = 256
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 256 + len(self.special_tokens):
+            raise TokenizerError(
+                f"vocab_size {self.vocab_size} is too small: a byte-level BPE needs 256 byte tokens plus "
+                f"{len(self.special_tokens)} special tokens"
+            )
+        if self.eos_token not in self.special_tokens:
+            raise TokenizerError(
+                f"eos_token {self.eos_token!r} must be one of special_tokens {self.special_tokens}"
+            )
+        if self.max_bytes_per_source <= 0:
+            raise TokenizerError("max_bytes_per_source must be positive")
+
+
+@dataclass
+class SourceSample:
+    """What one source contributed to tokenizer training."""
+
+    docs_read: int = 0
+    docs_used: int = 0
+    bytes_used: int = 0
+
+
+@dataclass
+class TokenizerTrainingStats:
+    """Written next to tokenizer.json so that a report can say what the vocabulary was learned from."""
+
+    vocab_size_requested: int
+    vocab_size: int
+    seconds: float
+    sources: dict[str, SourceSample] = field(default_factory=dict)
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(s.bytes_used for s in self.sources.values())
+
+
+# ---- bytes <-> byte-level symbols ---------------------------------------------------------------
+def byte_symbol_table() -> dict[str, int]:
+    """The printable symbol that the byte-level pre-tokenizer uses for each byte value, inverted.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 bytes (controls, space, a few Latin-1
+    gaps) are shifted to code points 256 and up, in byte order. This is the GPT-2 convention that
+    `tokenizers`' ByteLevel follows.
+    """
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    symbols = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            symbols[chr(256 + shifted)] = b
+            shifted += 1
+    return symbols
+
+
+# ---- training ------------------------------------------------------------------------------------
+def new_bpe_tokenizer():
+    """An untrained tokenizer with mixlab's pre-tokenizer and decoder."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def iter_training_texts(
+    manifest: ShardManifest, config: TokenizerConfig, stats: dict[str, SourceSample]
+) -> Iterator[str]:
+    """Stream texts from each source's shards, source after source, each capped at the byte budget.
+
+    A source larger than its budget is sampled systematically (every k-th document over all of its
+    shards) instead of truncated, so that its last shards are represented as well as its first.
+    """
+    names = list(config.sources) if config.sources is not None else sorted(manifest.sources)
+    for name in names:
+        source = manifest.source(name)
+        sample = stats.setdefault(name, SourceSample())
+        total_bytes = source.bytes or sum(shard.bytes for shard in source.shards)
+        keep_fraction = min(1.0, config.max_bytes_per_source / total_bytes) if total_bytes else 1.0
+        credit = 1.0  # systematic sampling: a document is kept each time the credit reaches one
+        for shard in source.shards:
+            path = manifest.resolve(shard.path)
+            if not path.exists():
+                raise TokenizerError(
+                    f"{path}: shard listed in the manifest is missing; re-run `mixlab curate`"
+                )
+            parquet = pq.ParquetFile(path)
+            if config.text_column not in parquet.schema_arrow.names:
+                raise TokenizerError(
+                    f"{path}: no {config.text_column!r} column (has {parquet.schema_arrow.names}); "
+                    "curated shards must be written by `mixlab curate`"
+                )
+            for batch in parquet.iter_batches(
+                batch_size=config.read_batch_docs, columns=[config.text_column]
+            ):
+                for text in batch.column(0).to_pylist():
+                    sample.docs_read += 1
+                    credit += keep_fraction
+                    if not text or credit < 1.0:
+                        continue
+                    credit -= 1.0
+                    size = len(text.encode("utf-8"))
+                    sample.docs_used += 1
+                    sample.bytes_used += size
+                    yield text
+                    if sample.bytes_used >= config.max_bytes_per_source:
+                        break
+                if sample.bytes_used >= config.max_bytes_per_source:
+                    break
+            if sample.bytes_used >= config.max_bytes_per_source:
+                break
+        if sample.docs_used == 0:
+            logger.warning("source %s contributed no text to the tokenizer", name)
+
+
+def train_tokenizer(
+    curated_dir: str | Path,
+    config: TokenizerConfig | None = None,
+    *,
+    show_progress: bool = True,
+) -> TokenizerInfo:
+    """Train a byte-level BPE on the curated shards, save it to `<curated>/tokenizer/tokenizer.json`,
+    and record it in the manifest (which is saved). Returns the recorded `TokenizerInfo`."""
+    from tokenizers import pre_tokenizers, trainers
+
+    config = config or TokenizerConfig()
+    manifest = ShardManifest.load(curated_dir)
+    if not manifest.sources:
+        raise ManifestError(f"{manifest.root}: the manifest lists no sources; run `mixlab curate` first")
+    unknown = sorted(set(config.sources or ()) - set(manifest.sources))
+    if unknown:
+        raise ManifestError(
+            f"sources {unknown} are not in the manifest at {manifest.root}; known: {sorted(manifest.sources)}"
+        )
+
+    tokenizer = new_bpe_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=list(config.special_tokens),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    samples: dict[str, SourceSample] = {}
+    budget = sum(
+        min(config.max_bytes_per_source, src.bytes or sum(shard.bytes for shard in src.shards))
+        for name, src in manifest.sources.items()
+        if config.sources is None or name in config.sources
+    )
+    texts = iter_training_texts(manifest, config, samples)
+    if show_progress:
+        texts = _byte_progress(texts, budget)
+    start = time.perf_counter()
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    seconds = time.perf_counter() - start
+    if sum(s.docs_used for s in samples.values()) == 0:
+        raise TokenizerError(f"{manifest.root}: the curated shards hold no text to train a tokenizer on")
+
+    out_dir = manifest.resolve(TOKENIZER_DIR)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / TOKENIZER_FILE
+    tokenizer.save(str(path))
+    stats = TokenizerTrainingStats(
+        vocab_size_requested=config.vocab_size,
+        vocab_size=tokenizer.get_vocab_size(),
+        seconds=seconds,
+        sources=samples,
+    )
+    training_record = {"config": asdict(config), **asdict(stats), "bytes_used": stats.bytes_used}
+    (out_dir / TRAINING_STATS_FILE).write_text(json.dumps(training_record, indent=2) + "\n")
+    if stats.vocab_size < config.vocab_size:
+        logger.warning(
+            "tokenizer has %d tokens, fewer than the %d asked for: the curated text has too few distinct merges",
+            stats.vocab_size,
+            config.vocab_size,
+        )
+
+    info = TokenizerInfo(
+        path=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
+        vocab_size=stats.vocab_size,
+        sha256=sha256_file(path),
+        eos_token=config.eos_token,
+        kind="bpe-bytelevel",
+    )
+    manifest.tokenizer = info
+    manifest.save()
+    logger.info(
+        "trained %d-token BPE on %.1f MB in %.1fs -> %s",
+        info.vocab_size,
+        stats.bytes_used / 1e6,
+        seconds,
+        path,
+    )
+    return info
+
+
+def _byte_progress(texts: Iterator[str], total_bytes: int) -> Iterator[str]:
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizer: reading text") as bar:
+        for text in texts:
+            bar.update(len(text.encode("utf-8")))
+            yield text
+
+
+# ---- using a trained tokenizer -------------------------------------------------------------------
+def load_tokenizer(path: str | Path):
+    """Load a tokenizer.json from disk (never from the Hub: mixlab runs offline)."""
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise TokenizerError(f"{path}: no tokenizer here; run `mixlab tokenize` to train one")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on malformed JSON
+        raise TokenizerError(f"{path}: not a valid tokenizer.json ({err}); re-run `mixlab tokenize`") from err
+
+
+def tokenizer_path(curated_dir: str | Path) -> Path:
+    """Where the manifest says the tokenizer is (error if none was trained yet)."""
+    manifest = ShardManifest.load(curated_dir)
+    if manifest.tokenizer is None:
+        raise ManifestError(
+            f"{manifest.root}: no tokenizer recorded in the manifest; run `mixlab tokenize` first"
+        )
+    return manifest.resolve(manifest.tokenizer.path)
+
+
+def tokenizer_id(info: TokenizerInfo) -> str:
+    """A short name that identifies one trained tokenizer exactly (written into token-shard metadata)."""
+    return f"mixlab-{info.kind}-{info.vocab_size}-{info.sha256[:12]}"
+
+
+def token_byte_lengths(path: str | Path) -> np.ndarray:
+    """UTF-8 byte length of every token id (int64, special tokens 0), for bits-per-byte.
+
+    For a byte-level BPE each symbol of a token's string is exactly one byte, so the length is exact and
+    sums over a document's ids to the document's UTF-8 size. Added non-special tokens are plain text.
+    """
+    return _token_byte_lengths_cached(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _token_byte_lengths_cached(path: str, _mtime_ns: int) -> np.ndarray:
+    tokenizer = load_tokenizer(path)
+    spec = json.loads(Path(path).read_text())
+    if not _is_byte_level(spec):
+        raise TokenizerError(
+            f"{path}: not a byte-level tokenizer, so token byte lengths are not defined; "
+            "train one with `mixlab tokenize`"
+        )
+    symbols = byte_symbol_table()
+    added = {tok["id"]: tok for tok in spec.get("added_tokens", [])}
+    lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
+    for token_id in range(len(lengths)):
+        if token_id in added:
+            entry = added[token_id]
+            lengths[token_id] = 0 if entry.get("special", False) else len(entry["content"].encode("utf-8"))
+            continue
+        token = tokenizer.id_to_token(token_id)
+        if token is None:
+            continue  # a hole in the id space: never produced
+        if any(ch not in symbols for ch in token):
+            raise TokenizerError(f"{path}: token {token_id} ({token!r}) is not made of byte-level symbols")
+        lengths[token_id] = len(token)
+    lengths.setflags(write=False)
+    return lengths
+
+
+def _is_byte_level(spec: dict) -> bool:
+    def has_byte_level(node) -> bool:
+        if not node:
+            return False
+        if node.get("type") == "ByteLevel":
+            return True
+        return any(
+            has_byte_level(child) for child in node.get("pretokenizers", []) + node.get("decoders", [])
+        )
+
+    return has_byte_level(spec.get("pre_tokenizer")) and has_byte_level(spec.get("decoder"))
