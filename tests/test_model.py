@@ -1,0 +1,176 @@
+"""The model's math: shapes, GQA, causality, RoPE/NoPE, tied weights, the ablation switches, and that it learns."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
+
+torch.set_num_threads(2)
+
+
+def tiny(**overrides) -> ModelConfig:
+    return ModelConfig.preset("tiny", **overrides)
+
+
+def real_text_batch(batch_size: int, seq_len: int) -> torch.Tensor:
+    """Byte-level (vocab 256) windows of a stdlib source file: real, offline, identical on every machine."""
+    data = np.frombuffer(Path(F.__file__).read_bytes(), dtype=np.uint8).astype(np.int64)
+    starts = np.arange(batch_size) * (len(data) // batch_size)
+    return torch.from_numpy(np.stack([data[s:s + seq_len + 1] for s in starts]))
+
+
+def test_shapes_and_reductions():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    idx = torch.randint(0, 256, (3, 17))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 17, 256) and loss is None
+    logits, loss = model(idx[:, :-1], idx[:, 1:])
+    assert logits.shape == (3, 16, 256) and loss.shape == ()
+    _, per_token = model(idx[:, :-1], idx[:, 1:], reduction="none")
+    assert per_token.shape == (3, 16)
+    torch.testing.assert_close(per_token.mean(), loss)
+    assert abs(loss.item() - math.log(256)) < 0.1  # small init: close to uniform
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 129, dtype=torch.long))
+
+
+def test_gqa_equals_explicit_repeat_of_kv_heads():
+    torch.manual_seed(0)
+    cfg = tiny(n_heads=4, n_kv_heads=2)
+    attn = Attention(cfg, use_rope=True)
+    x = torch.randn(2, 10, cfg.d_model)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    out = attn(x, cos, sin)
+
+    B, T, H, D = 2, 10, 4, cfg.head_dim
+    q = attn.wq(x).view(B, T, H, D).transpose(1, 2)
+    k = attn.wk(x).view(B, T, 2, D).transpose(1, 2)
+    v = attn.wv(x).view(B, T, 2, D).transpose(1, 2)
+    q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # query heads 0,1 share kv head 0
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(D)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    ref = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, H * D))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    idx = torch.randint(0, 256, (1, 32))
+    changed = idx.clone()
+    changed[0, 20] = (idx[0, 20] + 1) % 256
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    D = 16
+    cos, sin = rope_tables(D, 64, 10000.0)
+    q, k = torch.randn(D), torch.randn(D)
+
+    def score(m: int, n: int) -> float:
+        qm = apply_rope(q.view(1, 1, 1, D), cos[m:m + 1], sin[m:m + 1])
+        kn = apply_rope(k.view(1, 1, 1, D), cos[n:n + 1], sin[n:n + 1])
+        return (qm * kn).sum().item()
+
+    assert score(7, 3) == pytest.approx(score(40, 36), abs=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 5), abs=1e-3)
+    # a rotation: norms are preserved
+    torch.testing.assert_close(apply_rope(q.view(1, 1, 1, D), cos[9:10], sin[9:10]).norm(), q.norm())
+
+
+def test_nope_layer_ignores_the_order_of_the_prefix():
+    """Without RoPE, attention sees its keys as a set: permuting the prefix doesn't change the last output."""
+    torch.manual_seed(0)
+    cfg = tiny(nope_layers=[1])
+    model = Transformer(cfg)
+    assert [layer.attn.use_rope for layer in model.layers] == [True, False]
+    x = torch.randn(1, 12, cfg.d_model)
+    cos, sin = model.rope_cos, model.rope_sin
+    perm = torch.cat([torch.randperm(11), torch.tensor([11])])
+    nope, rope = model.layers[1].attn, model.layers[0].attn
+    torch.testing.assert_close(nope(x, cos, sin)[:, -1], nope(x[:, perm], cos, sin)[:, -1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rope(x, cos, sin)[:, -1], rope(x[:, perm], cos, sin)[:, -1], atol=1e-4)
+    with pytest.raises(ValueError, match="nope_layers"):
+        tiny(nope_layers=[5])
+
+
+def test_tied_embeddings_share_one_tensor():
+    tied, untied = Transformer(tiny()), Transformer(tiny(tie_embeddings=False))
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.num_params() - tied.num_params() == 256 * 64
+    assert tied.num_params(non_embedding=True) == tied.num_params() - 256 * 64
+
+
+def test_qk_norm_and_z_loss_switches():
+    torch.manual_seed(0)
+    base = Transformer(tiny())
+    qk = Transformer(tiny(qk_norm=True))
+    assert qk.num_params() - base.num_params() == 2 * 2 * 16  # 2 layers x (q_norm + k_norm) x head_dim
+    idx = torch.randint(0, 256, (2, 9))
+    logits, loss = qk(idx[:, :-1], idx[:, 1:])
+    assert torch.isfinite(loss)
+
+    torch.manual_seed(0)
+    plain = Transformer(tiny())
+    torch.manual_seed(0)
+    zl = Transformer(tiny(z_loss=1e-2))
+    logits, ce = plain(idx[:, :-1], idx[:, 1:])
+    _, total = zl(idx[:, :-1], idx[:, 1:])
+    expected = ce + 1e-2 * torch.logsumexp(logits, -1).pow(2).mean()
+    torch.testing.assert_close(total, expected)
+    _, per_token = zl(idx[:, :-1], idx[:, 1:], reduction="none")  # eval: pure cross-entropy
+    torch.testing.assert_close(per_token.mean(), ce)
+
+
+def test_optimizer_groups_decay_only_matrices():
+    model = Transformer(tiny())
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "tok_emb.weight" in no_decay["param_names"]
+    assert all(n.endswith("norm.weight") for n in no_decay["param_names"] if n != "tok_emb.weight")
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+
+
+def test_smollm3_preset_has_the_published_size():
+    with torch.device("meta"):  # no memory: 3B parameters
+        model = Transformer(ModelConfig.preset("smollm3-3b"))
+    assert model.num_params() / 1e9 == pytest.approx(3.08, abs=0.01)
+    assert [i for i, layer in enumerate(model.layers) if not layer.attn.use_rope] == [3, 7, 11, 15, 19, 23, 27, 31, 35]
+    assert model.estimate_flops_per_token(4096) > 6 * model.num_params()
+
+
+def test_tiny_model_overfits_a_fixed_batch_of_real_text():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    opt = model.configure_optimizer(lr=1e-2, weight_decay=0.0)
+    batch = real_text_batch(4, 64)
+    losses = []
+    for _ in range(120):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[0] > 5.0 and losses[-1] < 0.5, (losses[0], losses[-1])
+
+
+def test_generate_extends_the_sequence():
+    torch.manual_seed(0)
+    model = Transformer(tiny())
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=5, top_k=10)
+    assert out.shape == (2, 8) and out.max() < 256
