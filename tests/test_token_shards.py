@@ -1,0 +1,165 @@
+"""Token shards written by datatrove's DocumentTokenizer from real curated Parquet, read back by mixlab."""
+
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from stdlib_corpus import build_curated_dir, build_tokenized_dir
+
+from curation.manifest import ManifestError, ShardManifest, sha256_file
+from curation.token_shards import (
+    ShardMetadata,
+    TokenShard,
+    TokenShardError,
+    TokenSource,
+    id_hash,
+    open_token_sources,
+    token_size_for_vocab,
+    tokenize_manifest,
+    val_hash_threshold,
+)
+from curation.tokenizer import load_tokenizer, tokenizer_id, tokenizer_path
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory) -> Path:
+    return build_tokenized_dir(tmp_path_factory.mktemp("tokens"))
+
+
+@pytest.fixture
+def tokenized_copy(tokenized: Path, tmp_path: Path) -> Path:
+    """A private copy for tests that break files on purpose."""
+    return Path(shutil.copytree(tokenized, tmp_path / "curated"))
+
+
+def test_manifest_records_token_shards_per_split(tokenized: Path):
+    manifest = ShardManifest.load(tokenized)
+    assert manifest.verify_checksums() == []
+    for source in manifest.sources.values():
+        assert set(source.tokens) == {"train", "val"}
+        for split in ("train", "val"):
+            shards = [s for s in source.token_shards if s.split == split]
+            assert shards and source.tokens[split] == sum(s.tokens for s in shards)
+        assert sum(s.docs for s in source.token_shards) == source.docs  # every document in exactly one split
+        assert (
+            sum(s.docs for s in source.token_shards if s.split == "val") == 8
+        )  # min_val_docs on a tiny source
+        for shard in source.token_shards:
+            path = manifest.resolve(shard.path)
+            assert path.suffix == ".ds" and path.stat().st_size == shard.bytes == 2 * shard.tokens
+            assert sha256_file(path) == shard.sha256
+
+
+def test_files_follow_the_datatrove_nanotron_format(tokenized: Path):
+    manifest = ShardManifest.load(tokenized)
+    eos = load_tokenizer(tokenizer_path(tokenized)).token_to_id(manifest.tokenizer.eos_token)
+    shard = manifest.sources["code"].token_shards[0]
+    path = manifest.resolve(shard.path)
+    name, token_size = Path(f"{path}.metadata").read_text().splitlines()[0].rsplit("|", 1)
+    assert name == tokenizer_id(manifest.tokenizer) and token_size == "2"
+    tokens = np.fromfile(path, dtype="<u2")
+    ends = np.fromfile(f"{path}.index", dtype="<u8")
+    assert len(ends) == shard.docs and ends[-1] == len(tokens) == shard.tokens
+    assert (tokens[ends.astype(np.int64) - 1] == eos).all()  # every document ends with EOS
+    assert np.count_nonzero(tokens == eos) == shard.docs  # and EOS appears nowhere else
+    assert tokens.max() < manifest.tokenizer.vocab_size
+
+
+def test_documents_round_trip_to_the_curated_text(tokenized: Path):
+    manifest = ShardManifest.load(tokenized)
+    tokenizer = load_tokenizer(tokenizer_path(tokenized))
+    for name, entry in manifest.sources.items():
+        originals = Counter()
+        for shard in entry.shards:
+            originals.update(
+                pq.read_table(manifest.resolve(shard.path), columns=["text"]).column(0).to_pylist()
+            )
+        decoded = Counter()
+        for split in ("train", "val"):
+            source = TokenSource.from_manifest(manifest, name, split)
+            for i in range(source.num_docs):
+                decoded[tokenizer.decode(source.document(i)[:-1].tolist())] += 1
+        assert decoded == originals
+
+
+def test_flat_stream_crosses_shard_boundaries(tokenized: Path):
+    source = open_token_sources(tokenized)["code"]
+    assert len(source.shards) == 2
+    flat = np.concatenate([np.asarray(s.tokens, dtype=np.int64) for s in source.shards])
+    assert len(source) == len(flat) == source.num_tokens
+    boundary = len(source.shards[0])
+    assert np.array_equal(source.read(boundary - 5, 10), flat[boundary - 5 : boundary + 5])
+    assert np.array_equal(source.flat(), flat)
+    assert source.doc_ends[-1] == len(flat) and len(source.doc_ends) == source.num_docs
+    assert np.array_equal(source.document(source.shards[0].num_docs), source.shards[1].document(0))
+    with pytest.raises(IndexError):
+        source.read(len(source) - 2, 5)
+
+
+def test_retokenizing_is_deterministic(tokenized_copy: Path):
+    before = {
+        s.path: s.sha256 for e in ShardManifest.load(tokenized_copy).sources.values() for s in e.token_shards
+    }
+    tokenize_manifest(tokenized_copy, show_progress=False)
+    after = {
+        s.path: s.sha256 for e in ShardManifest.load(tokenized_copy).sources.values() for s in e.token_shards
+    }
+    assert before == after
+
+
+def test_val_split_sizes():
+    ids = [f"doc-{i}" for i in range(1000)]
+    threshold = val_hash_threshold(ids, val_fraction=0.03, min_val_docs=8, max_val_fraction=0.5)
+    assert sum(id_hash(i) <= threshold for i in ids) == 30
+    few = val_hash_threshold(ids[:10], val_fraction=0.03, min_val_docs=8, max_val_fraction=0.5)
+    assert sum(id_hash(i) <= few for i in ids[:10]) == 5  # capped at half of a tiny source
+    assert val_hash_threshold(ids[:1], 0.03, 8, 0.5) == -1  # one document: all for training
+    assert token_size_for_vocab(65536) == 2 and token_size_for_vocab(65537) == 4
+
+
+def test_changed_token_shard_is_refused(tokenized_copy: Path):
+    manifest = ShardManifest.load(tokenized_copy)
+    path = manifest.resolve(manifest.sources["prose"].token_shards[0].path)
+    data = bytearray(path.read_bytes())
+    data[100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(TokenShardError, match=rf"{path}: checksum mismatch.*mixlab tokenize"):
+        TokenSource.from_manifest(manifest, "prose", "train")
+    path.unlink()
+    with pytest.raises(TokenShardError, match=rf"{path}: token shard listed in the manifest is missing"):
+        TokenSource.from_manifest(manifest, "prose", "train")
+
+
+def test_token_size_must_match_the_vocabulary(tokenized_copy: Path):
+    manifest = ShardManifest.load(tokenized_copy)
+    path = manifest.resolve(manifest.sources["code"].token_shards[0].path)
+    meta = ShardMetadata.read(path)
+    with pytest.raises(TokenShardError, match=r"2-byte tokens but the tokenizer has 100000 tokens"):
+        TokenShard(path, vocab_size=100_000)
+    ShardMetadata("other-tokenizer", meta.token_size, meta.tokens).write(path)
+    with pytest.raises(TokenShardError, match="made by tokenizer 'other-tokenizer'"):
+        TokenShard(path, vocab_size=1000, tokenizer=tokenizer_id(manifest.tokenizer))
+    ShardMetadata(meta.tokenizer, meta.token_size, meta.tokens + 1).write(path)
+    with pytest.raises(TokenShardError, match="truncated or changed"):
+        TokenShard(path)
+
+
+def test_changed_or_missing_curated_shard_stops_tokenization(tokenized_copy: Path):
+    shard = tokenized_copy / "code" / "00001.parquet"
+    shard.write_bytes(shard.read_bytes() + b"junk")
+    with pytest.raises(TokenShardError, match=rf"{shard}: checksum mismatch.*mixlab curate"):
+        tokenize_manifest(tokenized_copy, show_progress=False)
+    shard.unlink()
+    with pytest.raises(TokenShardError, match=rf"{shard}: curated shard of 'code'.*missing"):
+        tokenize_manifest(tokenized_copy, show_progress=False)
+
+
+def test_tokenizing_needs_a_tokenizer(tmp_path: Path):
+    root = build_curated_dir(tmp_path)
+    with pytest.raises(ManifestError, match="no tokenizer"):
+        tokenize_manifest(root, show_progress=False)

@@ -1,0 +1,117 @@
+"""Tokenizer training on real curated shards (CPython stdlib code and reference prose)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from stdlib_corpus import build_curated_dir
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from curation.manifest import ShardManifest, sha256_file
+from curation.tokenizer import (
+    EOS_TOKEN,
+    TokenizerConfig,
+    TokenizerError,
+    byte_symbol_table,
+    load_tokenizer,
+    token_byte_lengths,
+    tokenizer_path,
+    train_tokenizer,
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = build_curated_dir(tmp_path_factory.mktemp("tokenizer"))
+    train_tokenizer(root, TokenizerConfig(vocab_size=1000), show_progress=False)
+    return root
+
+
+def real_texts(root: Path) -> list[str]:
+    manifest = ShardManifest.load(root)
+    texts = []
+    for source in manifest.sources.values():
+        for shard in source.shards:
+            texts.extend(
+                pq.read_table(manifest.resolve(shard.path), columns=["text"]).column(0).to_pylist()[:15]
+            )
+    return texts
+
+
+def test_manifest_records_the_trained_tokenizer(trained: Path):
+    manifest = ShardManifest.load(trained)
+    info = manifest.tokenizer
+    assert info is not None and info.path == "tokenizer/tokenizer.json"
+    assert info.vocab_size == 1000 and info.eos_token == EOS_TOKEN
+    assert info.sha256 == sha256_file(tokenizer_path(trained))
+    tokenizer = load_tokenizer(tokenizer_path(trained))
+    assert tokenizer.token_to_id(EOS_TOKEN) == 0
+    record = json.loads((trained / "tokenizer" / "training.json").read_text())
+    assert set(record["sources"]) == {"code", "prose"}
+    assert all(s["bytes_used"] > 0 for s in record["sources"].values())
+
+
+def test_round_trip_is_exact_on_real_text(trained: Path):
+    tokenizer = load_tokenizer(tokenizer_path(trained))
+    texts = real_texts(trained) + ["naïve café — 日本語 Ελληνικά 12345\r\n\ttabs  and  spaces\n"]
+    for text in texts:
+        ids = tokenizer.encode(text).ids
+        assert tokenizer.decode(ids) == text
+    code = texts[0]
+    assert len(tokenizer.encode(code).ids) < len(code.encode()) / 2  # it learned merges, not just bytes
+
+
+def test_token_byte_lengths_sum_to_utf8_bytes(trained: Path):
+    path = tokenizer_path(trained)
+    lengths = token_byte_lengths(path)
+    tokenizer = load_tokenizer(path)
+    assert lengths.shape == (1000,) and lengths.dtype == np.int64
+    assert lengths[tokenizer.token_to_id(EOS_TOKEN)] == 0
+    assert (lengths[4:] >= 1).all()  # every non-special token stands for at least one byte
+    for text in [*real_texts(trained), "ünïcödé ✓ 🚀"]:
+        ids = tokenizer.encode(text).ids
+        assert lengths[ids].sum() == len(text.encode("utf-8"))
+    assert token_byte_lengths(path) is lengths  # cached: the evaluator calls it often
+
+
+def test_byte_symbol_table_is_the_byte_level_alphabet():
+    table = byte_symbol_table()
+    assert sorted(table.values()) == list(range(256))
+    assert set(table) == set(pre_tokenizers.ByteLevel.alphabet())
+
+
+def test_per_source_byte_budget_samples_across_shards(tmp_path: Path):
+    root = build_curated_dir(tmp_path)
+    train_tokenizer(root, TokenizerConfig(vocab_size=600, max_bytes_per_source=200_000), show_progress=False)
+    record = json.loads((root / "tokenizer" / "training.json").read_text())
+    for sample in record["sources"].values():
+        assert 0 < sample["bytes_used"] <= 200_000 + 70_000  # at most one document over the budget
+        assert sample["docs_used"] < sample["docs_read"]
+    # systematic sampling reaches the second code shard instead of stopping inside the first
+    first_shard_docs = ShardManifest.load(root).sources["code"].shards[0].docs
+    assert record["sources"]["code"]["docs_read"] > first_shard_docs
+
+
+def test_bad_inputs_give_clear_errors(tmp_path: Path):
+    with pytest.raises(TokenizerError, match="too small"):
+        TokenizerConfig(vocab_size=100)
+    with pytest.raises(TokenizerError, match="no tokenizer here"):
+        load_tokenizer(tmp_path / "nothing.json")
+    root = build_curated_dir(tmp_path / "curated")
+    missing = root / "prose" / "00000.parquet"
+    missing.unlink()
+    with pytest.raises(TokenizerError, match=str(missing)):
+        train_tokenizer(root, TokenizerConfig(vocab_size=300), show_progress=False)
+
+
+def test_byte_lengths_refuse_a_non_byte_level_tokenizer(tmp_path: Path):
+    word_level = Tokenizer(models.WordLevel({"hello": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path / "tokenizer.json"
+    word_level.save(str(path))
+    with pytest.raises(TokenizerError, match="not a byte-level tokenizer"):
+        token_byte_lengths(path)
