@@ -1,1 +1,22 @@
-"""mixtures stage of mixlab."""
+"""Mixtures: which data the model sees when. A `MixtureSchedule` of weighted stages, and a deterministic,
+resumable `MixtureSampler` that draws training batches from token sources by it."""
+
+from mixtures.sampler import (
+    SAMPLER_STATE_VERSION,
+    MixtureSampler,
+    SampledBatch,
+    SamplerStateError,
+    val_windows,
+)
+from mixtures.schedule import MixtureSchedule, ScheduleError, Stage
+
+__all__ = [
+    "SAMPLER_STATE_VERSION",
+    "MixtureSampler",
+    "MixtureSchedule",
+    "SampledBatch",
+    "SamplerStateError",
+    "ScheduleError",
+    "Stage",
+    "val_windows",
+]

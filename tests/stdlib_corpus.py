@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import pydoc_data.topics
 import sysconfig
+from functools import cache
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,6 +20,7 @@ from curation.manifest import ShardFile, ShardManifest, SourceEntry, sha256_file
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
+@cache
 def stdlib_code_docs(limit: int = 120, max_chars: int = 12_000) -> list[dict]:
     """Python modules from the stdlib, sorted by path so the corpus is the same on every run."""
     files = sorted(p for p in STDLIB.glob("*.py") if not p.name.startswith("_"))
@@ -32,6 +34,7 @@ def stdlib_code_docs(limit: int = 120, max_chars: int = 12_000) -> list[dict]:
     return docs
 
 
+@cache
 def stdlib_prose_docs(limit: int = 150) -> list[dict]:
     """Reference-manual topics plus module docstrings: English technical prose."""
     docs = [
@@ -39,13 +42,15 @@ def stdlib_prose_docs(limit: int = 150) -> list[dict]:
         for name, text in sorted(pydoc_data.topics.topics.items())
     ]
     for path in sorted(STDLIB.glob("*.py")):
+        if len(docs) >= limit:
+            break
         try:
             docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8", errors="replace")))
         except SyntaxError:
             continue
         if docstring and len(docstring) > 300:
             docs.append({"id": f"docstring/{path.name}", "text": docstring, "metadata": {"path": path.name}})
-    return docs[:limit]
+    return docs[:limit]  # cached: callers must not mutate
 
 
 def write_source(root: Path, name: str, kind: str, docs: list[dict], shards: int) -> SourceEntry:
@@ -82,4 +87,15 @@ def build_curated_dir(root: Path) -> Path:
     manifest.sources["code"] = write_source(root, "code", "code", stdlib_code_docs(), shards=2)
     manifest.sources["prose"] = write_source(root, "prose", "web", stdlib_prose_docs(), shards=1)
     manifest.save(root)
+    return root
+
+
+def build_tokenized_dir(root: Path, vocab_size: int = 1000) -> Path:
+    """The curated corpus above with a trained tokenizer and train/val token shards."""
+    from curation.token_shards import tokenize_manifest
+    from curation.tokenizer import TokenizerConfig, train_tokenizer
+
+    build_curated_dir(root)
+    train_tokenizer(root, TokenizerConfig(vocab_size=vocab_size), show_progress=False)
+    tokenize_manifest(root, show_progress=False)
     return root

@@ -1,0 +1,162 @@
+"""Mixture schedules: validation, stage lookup, serialisation, and SmolLM3's real 3-stage config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mixtures import MixtureSchedule, ScheduleError, Stage
+
+SMOLLM3 = Path("/work/shared/reference/smollm3/pretraining_3_stages.yaml")
+needs_smollm3 = pytest.mark.skipif(
+    not SMOLLM3.exists(), reason="SmolLM3 reference config not on this machine"
+)
+
+
+def code_math_web(name: str) -> str:
+    """Group SmolLM3's sources the way the playbook discusses them."""
+    if name.startswith(
+        ("stack-", "pull-requests", "kaggle", "jupyter", "github-issues", "open-codereasoning")
+    ):
+        return "code"
+    if "math" in name or name.startswith(("finemath", "infiwebmath", "tiny-gsm", "dolmino")):
+        return "math"
+    return "text"
+
+
+def test_stage_validation():
+    with pytest.raises(ScheduleError, match="non-negative"):
+        Stage("s", {"web": -0.1, "code": 1.0}, 1.0)
+    with pytest.raises(ScheduleError, match="positive weight"):
+        Stage("s", {"web": 0.0}, 1.0)
+    with pytest.raises(ScheduleError, match="fraction must be positive"):
+        Stage("s", {"web": 1.0}, 0.0)
+    with pytest.raises(ScheduleError, match=r"sum to 1.*a=0.5 \+ b=0.4"):
+        MixtureSchedule((Stage("a", {"web": 1}, 0.5), Stage("b", {"web": 1}, 0.4)))
+    with pytest.raises(ScheduleError, match="unique"):
+        MixtureSchedule((Stage("a", {"web": 1}, 0.5), Stage("a", {"web": 1}, 0.5)))
+    with pytest.raises(ScheduleError, match="at least one stage"):
+        MixtureSchedule(())
+
+
+def test_stage_switches_at_its_fraction_of_the_budget():
+    schedule = MixtureSchedule.stable_decay(
+        {"web": 0.9, "code": 0.1}, {"web": 0.5, "code": 0.3, "math": 0.2}, 0.2
+    )
+    assert [s.name for s in schedule.stages] == ["stable", "decay"]
+    assert schedule.boundaries == [0.0, 0.8]
+    assert schedule.stage_at(0.0).name == "stable"
+    assert schedule.stage_at(0.7999).name == "stable"
+    assert schedule.stage_at(0.8).name == "decay"
+    assert schedule.stage_at(1.0).name == schedule.stage_at(3.0).name == "decay"
+    with pytest.raises(ValueError):
+        schedule.stage_at(-0.1)
+    stable = schedule.weights_at(0.1)
+    assert stable == pytest.approx({"code": 0.1, "math": 0.0, "web": 0.9})
+    assert sum(schedule.weights_at(0.9).values()) == pytest.approx(1.0)
+
+
+def test_weights_are_normalised_on_use():
+    schedule = MixtureSchedule.constant({"web": 3, "code": 1})
+    assert schedule.weights_at(0.5) == {"code": 0.25, "web": 0.75}
+    assert schedule.stages[0].weights == {"web": 3.0, "code": 1.0}  # stored as written
+
+
+def test_unknown_sources_are_named():
+    schedule = MixtureSchedule.constant({"web": 1, "code": 1, "unused": 0})
+    schedule.check_sources({"web", "code"})  # weight zero needs no data
+    with pytest.raises(ScheduleError, match=r"\['code'\] that are not available"):
+        schedule.check_sources({"web"})
+
+
+def test_dict_and_yaml_round_trip(tmp_path: Path):
+    schedule = MixtureSchedule(
+        (Stage("stable", {"web": 0.7, "code": 0.3}, 0.75), Stage("decay", {"web": 0.4, "code": 0.6}, 0.25)),
+        description="demo",
+    )
+    assert MixtureSchedule.from_dict(schedule.to_dict()) == schedule
+    assert MixtureSchedule.from_yaml(schedule.to_yaml()) == schedule
+    path = schedule.save(tmp_path / "mix.yaml")
+    loaded = MixtureSchedule.from_yaml(path)
+    assert loaded == schedule and loaded.fingerprint() == schedule.fingerprint()
+    assert loaded.description == "demo"
+    changed = MixtureSchedule.stable_decay({"web": 0.7, "code": 0.3}, {"web": 0.4, "code": 0.6}, 0.3)
+    assert changed.fingerprint() != schedule.fingerprint()
+    assert MixtureSchedule.from_dict({"weights": {"web": 1}}) == MixtureSchedule.constant({"web": 1})
+    with pytest.raises(ScheduleError, match="malformed"):
+        MixtureSchedule.from_dict({"stages": [{"weights": {"web": 1}}]})
+
+
+def test_map_sources_groups_weights():
+    schedule = MixtureSchedule.constant({"stack-Python": 0.2, "stack-Go": 0.1, "fineweb": 0.6, "wiki": 0.1})
+    grouped = schedule.map_sources(
+        {"stack-Python": "code", "stack-Go": "code", "fineweb": "web"}, drop_unmapped=True
+    )
+    assert grouped.stages[0].weights == pytest.approx({"code": 0.3, "web": 0.6})
+    kept = schedule.map_sources({"stack-Python": "code", "stack-Go": "code"})
+    assert set(kept.sources) == {"code", "fineweb", "wiki"}
+    with pytest.raises(ScheduleError, match="no weight left"):
+        schedule.map_sources(lambda name: None)
+
+
+@needs_smollm3
+def test_smollm3_three_stage_config_imports():
+    schedule = MixtureSchedule.from_nanotron_config(SMOLLM3)
+    assert [s.name for s in schedule.stages] == ["stable", "stable stage 2", "decay stage"]
+    assert [len(s.weights) for s in schedule.stages] == [41, 46, 56]
+    # stages start at steps 1, 3_450_001 and 4_198_001 of 4_720_000
+    fractions = [s.fraction for s in schedule.stages]
+    assert fractions == pytest.approx([3_450_000 / 4_720_000, 748_000 / 4_720_000, 522_000 / 4_720_000])
+    assert sum(fractions) == pytest.approx(1.0, abs=1e-12)
+    assert schedule.stages[0].weights["fineweb-edu"] == 0.333 and schedule.stages[0].weights["dclm"] == 0.37
+    assert "stack-edu-real-shuffled-Python" in schedule.stages[2].weights
+    assert schedule.stage_at(0.5).name == "stable" and schedule.stage_at(0.95).name == "decay stage"
+    assert sum(schedule.weights_at(0.95).values()) == pytest.approx(1.0)  # raw decay weights sum to 1.00565
+    assert MixtureSchedule.from_yaml(SMOLLM3) == schedule  # from_yaml recognises a nanotron config
+
+
+@needs_smollm3
+def test_smollm3_decay_stage_upsamples_code_and_math():
+    grouped = MixtureSchedule.from_nanotron_config(SMOLLM3).map_sources(code_math_web)
+    stable, decay = grouped.weights_at(0.0), grouped.weights_at(0.99)
+    assert decay["code"] > stable["code"] and decay["math"] > stable["math"]
+    assert decay["text"] < stable["text"]
+    renamed = MixtureSchedule.from_nanotron_config(SMOLLM3, source_names={"fineweb-edu": "web"})
+    assert "web" in renamed.stages[0].weights and "fineweb-edu" not in renamed.sources
+
+
+def test_nanotron_config_errors_name_the_stage():
+    base = {"tokens": {"train_steps": 100}}
+    mismatched = {
+        **base,
+        "data_stages": [
+            {
+                "name": "stable",
+                "start_training_step": 1,
+                "data": {"dataset": {"dataset_read_path": ["/d/web", "/d/code"], "dataset_weights": [1.0]}},
+            }
+        ],
+    }
+    with pytest.raises(ScheduleError, match=r"stage 'stable': 2 dataset paths but 1 dataset_weights"):
+        MixtureSchedule.from_nanotron_config(mismatched)
+    with pytest.raises(ScheduleError, match="no `data_stages`"):
+        MixtureSchedule.from_nanotron_config(base)
+    older = {
+        **base,
+        "data_stages": [
+            {
+                "name": "a",
+                "start_training_step": 1,
+                "data": {"dataset": {"dataset_folder": {"/d/web/": 0.5}}},
+            },
+            {
+                "name": "b",
+                "start_training_step": 76,
+                "data": {"dataset": {"dataset_folder": {"/d/code": 1.0}}},
+            },
+        ],
+    }
+    schedule = MixtureSchedule.from_nanotron_config(older)
+    assert [s.fraction for s in schedule.stages] == pytest.approx([0.75, 0.25])
+    assert schedule.stages[0].weights == {"web": 0.5}
