@@ -1,5 +1,38 @@
 """Training: a plain Llama-style model, the embedded torch backend, checkpoints, held-out eval, run records."""
 
+from training.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
+from training.config import TRAIN_PRESETS, TrainConfig
+from training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model
+from training.lr_schedule import decay_start_step, lr_at
+from training.model import MODEL_PRESETS, ModelConfig, Transformer
 from training.run_record import RunRecord, RunStore
+from training.trainer import NonFiniteLossError, Sampler, train
 
-__all__ = ["RunRecord", "RunStore"]
+__all__ = [
+    "MODEL_PRESETS",
+    "TRAIN_PRESETS",
+    "HeldOutEvaluator",
+    "ModelConfig",
+    "NonFiniteLossError",
+    "RunRecord",
+    "RunStore",
+    "Sampler",
+    "TrainConfig",
+    "Transformer",
+    "decay_start_step",
+    "evaluate_checkpoint",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_model",
+    "lr_at",
+    "read_checkpoint",
+    "save_checkpoint",
+    "train",
+]

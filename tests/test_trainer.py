@@ -1,0 +1,146 @@
+"""The embedded trainer on real text: loss goes down, logs and evals land in the run record, LR schedule shape,
+clear errors. Real torch training on CPU in fp32; the data is CPython's own source and docs, byte-level."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pydoc_data.topics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import HeldOutEvaluator, ModelConfig, NonFiniteLossError, RunStore, TrainConfig, train
+from training.lr_schedule import decay_start_step, lr_at
+
+
+def stdlib_corpora() -> dict[str, np.ndarray]:
+    """Two real 'sources' as byte tokens (vocab 256): Python code and English documentation."""
+    code = Path(argparse.__file__).read_bytes() + Path(json.__file__).read_bytes()
+    docs = "\n".join(pydoc_data.topics.topics.values()).encode()[:200_000]
+    return {"code": np.frombuffer(code, np.uint8).astype(np.int64), "docs": np.frombuffer(docs, np.uint8).astype(np.int64)}
+
+
+@dataclass
+class SampledBatch:
+    tokens: np.ndarray
+    sources: list[str]
+    stage: str
+    step: int
+
+
+class ByteSampler:
+    """Test stand-in for mixtures.MixtureSampler: random windows from the first 90% of each source.
+
+    Its whole position is (seed, draws): batch k is drawn from default_rng([seed, k]), so restoring the two
+    numbers restores the data order exactly."""
+
+    def __init__(self, corpora: dict[str, np.ndarray], batch_size: int, seq_len: int, seed: int = 0):
+        self.corpora = {name: data[: int(len(data) * 0.9)] for name, data in sorted(corpora.items())}
+        self.batch_size, self.seq_len, self.seed, self.draws = batch_size, seq_len, seed, 0
+
+    def next_batch(self) -> SampledBatch:
+        rng = np.random.default_rng([self.seed, self.draws])
+        names = list(self.corpora)
+        sources = [names[i] for i in rng.integers(len(names), size=self.batch_size)]
+        rows = []
+        for name in sources:
+            start = int(rng.integers(0, len(self.corpora[name]) - self.seq_len - 1))
+            rows.append(self.corpora[name][start:start + self.seq_len + 1])
+        self.draws += 1
+        return SampledBatch(np.stack(rows), sources, "stable", self.draws - 1)
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "draws": self.draws}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.draws = state["seed"], state["draws"]
+
+
+def held_out(corpora: dict[str, np.ndarray], seq_len: int, n: int = 8) -> HeldOutEvaluator:
+    """Windows from the last 10% of each source, which the sampler never reads."""
+    windows = {}
+    for name, data in corpora.items():
+        tail = data[int(len(data) * 0.9):]
+        windows[name] = np.stack([tail[i * (seq_len + 1):(i + 1) * (seq_len + 1)] for i in range(n)])
+    return HeldOutEvaluator(windows, token_bytes=np.ones(256, dtype=np.int64), batch_size=8)
+
+
+def test_loss_goes_down_on_real_text_and_everything_is_logged(tmp_path):
+    corpora = stdlib_corpora()
+    mcfg = ModelConfig.preset("tiny")
+    tcfg = TrainConfig.preset("tiny", total_steps=150, log_every=10, eval_every=75, checkpoint_every=75,
+                              progress_bar=False, threads=2)
+    run = RunStore(tmp_path).create("tiny-bytes", config={"note": "test"}, tags={"mix": "code+docs"})
+    summary = train(run, mcfg, tcfg, ByteSampler(corpora, tcfg.batch_size, tcfg.seq_len), held_out(corpora, 64))
+
+    metrics = run.metrics()
+    assert [m["step"] for m in metrics] == list(range(10, 151, 10))
+    assert metrics[0]["loss"] > 3.3 and metrics[-1]["loss"] < 2.9, [m["loss"] for m in metrics]  # from ln 256 = 5.5
+    assert metrics[-1]["tokens"] == 150 * 8 * 64 == summary["tokens"]
+    assert sum(metrics[-1]["tokens_by_source"].values()) == summary["tokens"]
+    assert set(metrics[-1]["tokens_by_source"]) == {"code", "docs"}
+    assert all(m["tokens_per_s"] > 0 and m["stage"] == "stable" for m in metrics)
+
+    evals = run.evals_frame()
+    assert set(evals["source"]) == {"code", "docs", "all"} and sorted(set(evals["step"])) == [75, 150]
+    eval_all = evals.filter(evals["source"] == "all").sort("step")
+    assert eval_all["loss"][1] < eval_all["loss"][0] and eval_all["loss"][1] < 3.1, eval_all
+    final_all = eval_all.row(1, named=True)
+    assert final_all["bpb"] == pytest.approx(final_all["loss"] / np.log(2))  # one byte per token
+    assert final_all["tokens"] == 2 * 8 * 64
+
+    reloaded = RunStore(tmp_path).get("tiny-bytes")
+    assert reloaded.status == "completed" and reloaded.config["note"] == "test"
+    assert reloaded.config["model"]["d_model"] == 64 and reloaded.config["train"]["total_steps"] == 150
+    assert reloaded.summary["eval"]["all"]["loss"] == pytest.approx(final_all["loss"])
+    assert summary["tokens_per_s"] > 0 and summary["params"] == summary["non_embedding_params"] + 256 * 64
+    assert [p.name for p in sorted(run.checkpoint_dir.iterdir())] == ["step_00000075", "step_00000150"]
+
+
+def test_wsd_schedule_warmup_stable_decay():
+    cfg = TrainConfig(total_steps=100, warmup_steps=10, lr=1.0, min_lr=0.1, schedule="wsd", decay_fraction=0.2)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup, never 0
+    assert np.all(np.diff(lrs[:10]) > 0)
+    assert decay_start_step(cfg) == 80 and all(lr == 1.0 for lr in lrs[10:80])  # stable
+    assert np.all(np.diff(lrs[80:]) < 0) and lrs[-1] == pytest.approx(0.1)  # linear decay to min_lr
+    assert np.diff(lrs[80:]) == pytest.approx(np.full(19, -0.9 / 20))
+    # the decay start can be pinned to the mixture's decay stage
+    pinned = TrainConfig(total_steps=100, warmup_steps=10, decay_start_step=50)
+    assert decay_start_step(pinned) == 50 and lr_at(49, pinned) == pinned.lr and lr_at(50, pinned) < pinned.lr
+
+
+def test_cosine_and_constant_schedules_and_token_budget():
+    cos = TrainConfig(total_steps=100, warmup_steps=10, lr=1.0, min_lr=0.0, schedule="cosine")
+    lrs = [lr_at(s, cos) for s in range(100)]
+    assert lrs[9] == pytest.approx(1.0) and np.all(np.diff(lrs[10:]) < 0) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[54] == pytest.approx(0.5, abs=0.02)  # half-way through the decay: half the lr
+    const = TrainConfig(total_steps=50, warmup_steps=5, schedule="constant")
+    assert {lr_at(s, const) for s in range(5, 50)} == {const.lr}
+    budget = TrainConfig(token_budget=10_000, batch_size=4, seq_len=32, grad_accum=2, warmup_steps=0)
+    assert budget.tokens_per_step == 256 and budget.steps == 40  # ceil(10000 / 256)
+    with pytest.raises(ValueError, match="total_steps or token_budget"):
+        TrainConfig()
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        TrainConfig.from_dict({"total_steps": 1, "warmup_steps": 0, "lr_max": 1})
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    corpora = stdlib_corpora()
+    tcfg = TrainConfig.preset("tiny", total_steps=30, lr=1e30, warmup_steps=0, grad_clip=0.0, weight_decay=0.0,
+                              progress_bar=False, log_every=1)
+    run = RunStore(tmp_path).create("diverges", config={})
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: loss .*update was not applied.*lower TrainConfig.lr"):
+        train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(corpora, tcfg.batch_size, tcfg.seq_len))
+    reloaded = RunStore(tmp_path).get("diverges")
+    assert reloaded.status == "failed" and "NonFiniteLossError" in reloaded.summary["error"]
+
+
+def test_mismatched_batch_shape_is_reported(tmp_path):
+    tcfg = TrainConfig.preset("tiny", total_steps=2, warmup_steps=0, progress_bar=False)
+    run = RunStore(tmp_path).create("shape", config={})
+    with pytest.raises(ValueError, match="build the sampler with the same sizes"):
+        train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(stdlib_corpora(), 4, tcfg.seq_len))

@@ -1,0 +1,117 @@
+"""TrainConfig: every knob of a training run in one dataclass, with its defaults (the CLI and recipes reuse them)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+
+Schedule = Literal["wsd", "cosine", "constant"]
+
+
+@dataclass
+class TrainConfig:
+    # how long: total_steps wins; otherwise token_budget / tokens_per_step, rounded up
+    total_steps: int | None = None
+    token_budget: int | None = None
+    # what one optimizer step sees: grad_accum micro-batches of [batch_size, seq_len + 1] tokens from the sampler
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1
+    # learning rate: linear warmup, then WSD (stable, then linear decay to min_lr over the last decay_fraction
+    # of the run, as SmolLM3 — start it where the mixture's decay stage starts) or cosine to min_lr
+    lr: float = 3e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    schedule: Schedule = "wsd"
+    decay_fraction: float = 0.1
+    decay_start_step: int | None = None  # explicit WSD decay start; overrides decay_fraction
+    # AdamW
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    # cadence (in optimizer steps)
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_last_checkpoints: int = 2
+    # machine
+    seed: int = 0
+    threads: int | None = None  # torch.set_num_threads; None = all cores
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    resume: bool = True  # continue from the run's latest checkpoint when there is one
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ["batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_steps is None and self.token_budget is None:
+            raise ValueError("TrainConfig needs total_steps or token_budget")
+        if self.schedule not in ("wsd", "cosine", "constant"):
+            raise ValueError(f"TrainConfig.schedule must be 'wsd', 'cosine' or 'constant', got {self.schedule!r}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}")
+        if self.warmup_steps < 0 or self.keep_last_checkpoints < 1:
+            raise ValueError("TrainConfig.warmup_steps must be >= 0 and keep_last_checkpoints >= 1")
+        steps = self.steps
+        if self.warmup_steps > steps:
+            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} exceeds the run's {steps} steps")
+        if self.decay_start_step is not None and not self.warmup_steps <= self.decay_start_step <= steps:
+            raise ValueError(f"TrainConfig.decay_start_step={self.decay_start_step} must lie in "
+                             f"[warmup_steps={self.warmup_steps}, total steps={steps}]")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps of the whole run."""
+        if self.total_steps is not None:
+            return self.total_steps
+        return math.ceil(self.token_budget / self.tokens_per_step)
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_threads(self) -> int:
+        return self.threads or os.cpu_count() or 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """A named recipe (see TRAIN_PRESETS) with overrides, e.g. `preset("demo", total_steps=500)`."""
+        if name not in TRAIN_PRESETS:
+            raise ValueError(f"unknown train preset {name!r}; choose from {sorted(TRAIN_PRESETS)}")
+        return cls.from_dict({**TRAIN_PRESETS[name], **overrides})
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # pairs with ModelConfig.preset("tiny"): seconds on a CPU, for tests and smoke runs
+    "tiny": dict(total_steps=60, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=10, log_every=5,
+                 eval_every=30, checkpoint_every=30),
+    # pairs with ModelConfig.preset("demo"): a few minutes on 2 CPU cores (~1.2M tokens)
+    "demo": dict(total_steps=600, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=50, log_every=10,
+                 eval_every=100, checkpoint_every=100),
+}

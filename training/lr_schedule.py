@@ -1,0 +1,40 @@
+"""Learning-rate schedules as pure functions of the step: the scheduler's position *is* the step, so a checkpoint
+needs only the step to resume the schedule exactly (no hidden scheduler state to get out of sync)."""
+
+from __future__ import annotations
+
+import math
+
+from training.config import TrainConfig
+
+
+def decay_start_step(cfg: TrainConfig) -> int:
+    """First step of the decay phase. For WSD, align the mixture's decay (annealing) data stage with this step."""
+    total = cfg.steps
+    if cfg.schedule == "constant":
+        return total
+    if cfg.schedule == "cosine":
+        return cfg.warmup_steps
+    if cfg.decay_start_step is not None:
+        return cfg.decay_start_step
+    return max(cfg.warmup_steps, total - round(cfg.decay_fraction * total))
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for the update that turns step `step` into `step + 1` (0-based).
+
+    Warmup rises linearly to `lr` and reaches it at its last step (step 0 gets lr / warmup_steps, never 0, so no
+    step is wasted). Decay goes from `lr` down to `min_lr`, reaching `min_lr` at the final step. WSD decays
+    linearly (SmolLM3's `lr_decay_style: linear`); cosine decays along a half cosine from the end of warmup.
+    """
+    total = cfg.steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    start = decay_start_step(cfg)
+    if step < start:
+        return cfg.lr
+    decay_steps = total - start
+    progress = min(1.0, (step - start + 1) / decay_steps)
+    if cfg.schedule == "cosine":
+        return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr + (cfg.min_lr - cfg.lr) * progress

@@ -1,0 +1,231 @@
+"""The embedded plain-torch training backend: one process, one device, fp32, resumable bit for bit.
+
+The loop reads as a list of components: a sampler (the data position, saved in every checkpoint), the model and
+its AdamW, the LR schedule (a pure function of the step), the held-out evaluator and the checkpointer. Everything
+a run produces goes through its RunRecord.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from training.config import TrainConfig
+from training.evaluate import HeldOutEvaluator
+from training.lr_schedule import decay_start_step, lr_at
+from training.model import ModelConfig, Transformer
+from training.run_record import RunRecord
+
+
+class Batch(Protocol):
+    tokens: np.ndarray  # int64 [B, T+1]
+    sources: list[str]  # source of each row
+    stage: str  # mixture stage name
+
+
+class Sampler(Protocol):
+    """What the trainer needs from mixtures.MixtureSampler (or any stand-in)."""
+
+    def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the bad update was not applied."""
+
+
+@dataclass
+class _Progress:
+    """Counters that belong in the checkpoint next to the sampler state."""
+
+    tokens: int = 0
+    train_time_s: float = 0.0  # time spent in training steps (not eval/checkpointing), over all resumes
+    tokens_by_source: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "train_time_s": self.train_time_s, "tokens_by_source": self.tokens_by_source}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _batch_tensor(batch: Batch, cfg: TrainConfig, vocab_size: int, device: torch.device) -> torch.Tensor:
+    tokens = np.asarray(batch.tokens)
+    if tokens.shape != (cfg.batch_size, cfg.seq_len + 1):
+        raise ValueError(f"sampler gave a batch of shape {tokens.shape}; TrainConfig expects "
+                         f"[batch_size={cfg.batch_size}, seq_len+1={cfg.seq_len + 1}]: build the sampler with the same sizes")
+    if tokens.min() < 0 or tokens.max() >= vocab_size:
+        raise ValueError(f"sampler gave token ids in [{tokens.min()}, {tokens.max()}] but vocab_size={vocab_size}: "
+                         "set ModelConfig.vocab_size to the tokenizer's vocabulary size")
+    return torch.from_numpy(tokens.astype(np.int64, copy=False)).to(device, non_blocking=True)
+
+
+def _check_resume_configs(path: Path, model_config: ModelConfig, cfg: TrainConfig) -> None:
+    saved = read_checkpoint(path)
+    if saved.model_config is not None and saved.model_config != model_config.to_dict():
+        diff = {k: (v, model_config.to_dict().get(k)) for k, v in saved.model_config.items() if model_config.to_dict().get(k) != v}
+        raise ValueError(f"{path}: the run's checkpoint was trained with another model config "
+                         f"(field: (checkpoint, now)) {diff}; use a new run id for a different model")
+    if saved.train_config is not None:
+        ignore = {"progress_bar", "threads", "device", "eval_every", "checkpoint_every", "keep_last_checkpoints", "log_every"}
+        now = cfg.to_dict()
+        diff = {k: (v, now.get(k)) for k, v in saved.train_config.items() if k not in ignore and now.get(k) != v}
+        if diff:
+            warnings.warn(f"resuming {path} with changed TrainConfig (field: (checkpoint, now)) {diff}; "
+                          "the continuation will not reproduce an uninterrupted run", stacklevel=3)
+
+
+def train(
+    run: RunRecord,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    sampler: Sampler,
+    evaluator: HeldOutEvaluator | None = None,
+    *,
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) `run` to train_config.steps and return its summary (also stored in run.json).
+
+    Resumes from the run's latest checkpoint when train_config.resume: weights, optimizer, RNG, the sampler's
+    position and the run's logs (truncated to the checkpoint's step) all continue as if never interrupted.
+    stop_after=N stops cleanly after step N with a checkpoint, as a preemption would (status "interrupted").
+    """
+    cfg = train_config
+    device = cfg.resolved_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.resolved_threads())
+    total = cfg.steps
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len={model_config.max_seq_len}")
+
+    _seed_everything(cfg.seed)
+    model = Transformer(model_config).to(device)
+    optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    configs = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
+
+    step, progress, resumed_from = 0, _Progress(), None
+    latest = latest_checkpoint(run.checkpoint_dir) if cfg.resume else None
+    if latest is not None:
+        _check_resume_configs(latest, model_config, cfg)
+        ckpt = load_checkpoint(latest, model, optimizer)
+        if ckpt.sampler_state is None:
+            raise ValueError(f"{latest}: checkpoint has no sampler state; cannot resume the data order")
+        sampler.load_state_dict(ckpt.sampler_state)
+        step, resumed_from = ckpt.step, str(latest)
+        progress = _Progress(**{k: v for k, v in ckpt.trainer_state.items() if k in _Progress.__dataclass_fields__})
+    run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
+
+    run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
+                       "decay_start_step": decay_start_step(cfg), "device": str(device)})
+    run.status = "running"
+    run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
+                        "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total})
+    run.save()
+
+    def checkpoint(at: int) -> Path:
+        return save_checkpoint(run.checkpoint_dir, at, model, optimizer, sampler_state=sampler.state_dict(),
+                               trainer_state=progress.state_dict(), configs=configs, keep_last=cfg.keep_last_checkpoints)
+
+    def run_eval(at: int) -> list[dict[str, Any]]:
+        rows = evaluator.evaluate(model, device)
+        for row in rows:
+            run.log_eval(at, row["source"], **{k: v for k, v in row.items() if k != "source"})
+        return rows
+
+    last_loss, eval_rows = float("nan"), []
+    call_tokens = 0  # tokens trained by this call (0 when resuming an already finished run)
+    window_tokens, window_time = 0, 0.0
+    own_count: dict[str, int] = dict(progress.tokens_by_source or {})
+    bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar, unit="step", dynamic_ncols=True, desc=run.run_id)
+    model.train()
+    try:
+        while step < total and (stop_after is None or step < stop_after):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=device)
+            stage, sources = "", []
+            for _ in range(cfg.grad_accum):
+                batch = sampler.next_batch()
+                tokens = _batch_tensor(batch, cfg, model_config.vocab_size, device)
+                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+                (loss / cfg.grad_accum).backward()
+                loss_sum += loss.detach()
+                stage, sources = batch.stage, sources + list(batch.sources)
+            last_loss = loss_sum.item() / cfg.grad_accum
+            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                         if cfg.grad_clip > 0 else float("nan"))
+            if not math.isfinite(last_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
+                latest = latest_checkpoint(run.checkpoint_dir)
+                raise NonFiniteLossError(
+                    f"step {step + 1}: loss {last_loss}, grad norm {grad_norm} at lr {lr:.3g} (stage {stage!r}, "
+                    f"sources {sorted(set(sources))}); the update was not applied. Last checkpoint: "
+                    f"{latest or 'none'}. Rerun (it resumes from there) with a lower TrainConfig.lr, longer "
+                    "warmup_steps or grad_clip > 0, or set ModelConfig.qk_norm / z_loss; if it recurs at the same "
+                    "step, inspect that batch's data.")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            dt = time.perf_counter() - t0
+            n = cfg.tokens_per_step
+            progress.tokens += n
+            progress.train_time_s += dt
+            call_tokens += n
+            window_tokens, window_time = window_tokens + n, window_time + dt
+            for source in sources:
+                own_count[source] = own_count.get(source, 0) + cfg.seq_len
+            progress.tokens_by_source = own_count
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == total:
+                tok_s = window_tokens / window_time if window_time > 0 else 0.0
+                by_source = sampler.state_dict().get("tokens_by_source") or own_count
+                run.log_metrics(step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=progress.tokens,
+                                tokens_per_s=tok_s, stage=stage, tokens_by_source=dict(by_source))
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}", stage=stage)
+                window_tokens, window_time = 0, 0.0
+            if evaluator is not None and (step % cfg.eval_every == 0 or step == total):
+                eval_rows = run_eval(step)
+                overall = eval_rows[-1]
+                bar.write(f"[{run.run_id}] step {step}: eval loss {overall['loss']:.4f}, bpb {overall['bpb']:.4f}")
+            if step % cfg.checkpoint_every == 0 or step == total or step == stop_after:
+                checkpoint(step)
+    except BaseException as exc:
+        run.status = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
+        run.summary.update({"error": f"{type(exc).__name__}: {exc}", "step": step})
+        run.save()
+        raise
+    finally:
+        bar.close()
+
+    run.status = "completed" if step >= total else "interrupted"
+    run.summary.pop("error", None)
+    run.summary.update({
+        "step": step,
+        "tokens": progress.tokens,
+        "tokens_by_source": dict(progress.tokens_by_source or {}),
+        "final_loss": last_loss if call_tokens else run.summary.get("final_loss"),
+        "tokens_per_s": progress.tokens / progress.train_time_s if progress.train_time_s else None,
+        "train_time_s": progress.train_time_s,
+        "resumed_from": resumed_from,
+    })
+    if eval_rows:
+        run.summary["eval"] = {r["source"]: {k: r[k] for k in ("loss", "ppl", "bpb", "tokens")} for r in eval_rows}
+    run.save()
+    return dict(run.summary)
