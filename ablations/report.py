@@ -222,7 +222,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path, manifest_dir: str | P
     sections.append("<h2>Held-out evaluation per source</h2>")
     final = final_evals(evals)
     if not final.is_empty():
-        cols = [c for c in ("source", "loss", "bpb", "perplexity", "tokens") if c in final.columns]
+        cols = [c for c in ("source", "loss", "bpb", "ppl", "tokens") if c in final.columns]
         table = final.select(cols)
         if "bpb" in final.columns:
             plots["eval"] = _plot_eval_bars(final.filter(pl.col("source") != "all"), out / "eval_bpb.png")

