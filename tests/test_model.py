@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from training.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread only adds sync (and stalls on a busy machine)
 
 
 def tiny(**overrides) -> ModelConfig:

@@ -72,7 +72,7 @@ def test_loss_goes_down_on_real_text_and_everything_is_logged(tmp_path):
     corpora = stdlib_corpora()
     mcfg = ModelConfig.preset("tiny")
     tcfg = TrainConfig.preset("tiny", total_steps=150, log_every=10, eval_every=75, checkpoint_every=75,
-                              progress_bar=False, threads=2)
+                              progress_bar=False, threads=1)
     run = RunStore(tmp_path).create("tiny-bytes", config={"note": "test"}, tags={"mix": "code+docs"})
     summary = train(run, mcfg, tcfg, ByteSampler(corpora, tcfg.batch_size, tcfg.seq_len), held_out(corpora, 64))
 
@@ -131,7 +131,7 @@ def test_cosine_and_constant_schedules_and_token_budget():
 def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     corpora = stdlib_corpora()
     tcfg = TrainConfig.preset("tiny", total_steps=30, lr=1e30, warmup_steps=0, grad_clip=0.0, weight_decay=0.0,
-                              progress_bar=False, log_every=1)
+                              progress_bar=False, log_every=1, threads=1)
     run = RunStore(tmp_path).create("diverges", config={})
     with pytest.raises(NonFiniteLossError, match=r"step \d+: loss .*update was not applied.*lower TrainConfig.lr"):
         train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(corpora, tcfg.batch_size, tcfg.seq_len))
@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
 
 
 def test_mismatched_batch_shape_is_reported(tmp_path):
-    tcfg = TrainConfig.preset("tiny", total_steps=2, warmup_steps=0, progress_bar=False)
+    tcfg = TrainConfig.preset("tiny", total_steps=2, warmup_steps=0, progress_bar=False, threads=1)
     run = RunStore(tmp_path).create("shape", config={})
     with pytest.raises(ValueError, match="build the sampler with the same sizes"):
         train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(stdlib_corpora(), 4, tcfg.seq_len))

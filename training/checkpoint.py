@@ -134,22 +134,30 @@ def save_checkpoint(
     final = step_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     tmp.mkdir()
-    torch.save(model_state(model), tmp / "model.pt")
-    if optimizer is not None:
-        torch.save(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
-    rng_tensors, rng_plain = _rng_state()
-    torch.save(rng_tensors, tmp / "rng.pt")
-    state = {
-        "format": CHECKPOINT_FORMAT,
-        "step": step,
-        "lr_schedule": {"position": step},
-        "trainer": trainer_state or {},
-        "sampler": sampler_state,
-        "rng": rng_plain,
-        **(configs or {}),
-    }
-    # json.dumps first: a sampler state that is not plain JSON fails here, before anything is renamed
-    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    try:
+        torch.save(model_state(model), tmp / "model.pt")
+        if optimizer is not None:
+            torch.save(optimizer_state_by_name(model, optimizer), tmp / "optimizer.pt")
+        rng_tensors, rng_plain = _rng_state()
+        torch.save(rng_tensors, tmp / "rng.pt")
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "lr_schedule": {"position": step},
+            "trainer": trainer_state or {},
+            "sampler": sampler_state,
+            "rng": rng_plain,
+            **(configs or {}),
+        }
+        try:
+            text = json.dumps(state, indent=1) + "\n"
+        except TypeError as exc:
+            raise TypeError(f"checkpoint state is not plain JSON ({exc}); sampler.state_dict() must return "
+                            "only dicts, lists, str, int, float, bool and None") from exc
+        (tmp / "state.json").write_text(text)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave the step missing
         old = root / f".tmp-old-{final.name}-{os.getpid()}"
         os.replace(final, old)

@@ -27,7 +27,7 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_steps: int = 100
     schedule: Schedule = "wsd"
-    decay_fraction: float = 0.1
+    decay_fraction: float = 0.2  # = MixtureSchedule.stable_decay's default, so data and LR decay start together
     decay_start_step: int | None = None  # explicit WSD decay start; overrides decay_fraction
     # AdamW
     weight_decay: float = 0.1

@@ -74,6 +74,24 @@ def _batch_tensor(batch: Batch, cfg: TrainConfig, vocab_size: int, device: torch
     return torch.from_numpy(tokens.astype(np.int64, copy=False)).to(device, non_blocking=True)
 
 
+def _sampler_tokens_by_source(sampler: Sampler) -> dict[str, int] | None:
+    """The sampler's own count when it keeps one (a method or a state entry); it knows packing we can't see."""
+    counter = getattr(sampler, "tokens_by_source", None)
+    if callable(counter):
+        return dict(counter())
+    return sampler.state_dict().get("tokens_by_source")
+
+
+def _check_sampler_budget(sampler: Sampler, cfg: TrainConfig) -> None:
+    """A sampler that places its stages by a token budget must be given the trainer's budget, or the data
+    decay stage and the LR decay drift apart."""
+    budget = getattr(sampler, "total_tokens", None)
+    if budget is not None and budget != cfg.steps * cfg.tokens_per_step:
+        warnings.warn(f"sampler total_tokens={budget} but the trainer runs {cfg.steps} steps x "
+                      f"{cfg.tokens_per_step} tokens = {cfg.steps * cfg.tokens_per_step}: mixture stages will not "
+                      "line up with the LR schedule", stacklevel=3)
+
+
 def _check_resume_configs(path: Path, model_config: ModelConfig, cfg: TrainConfig) -> None:
     saved = read_checkpoint(path)
     if saved.model_config is not None and saved.model_config != model_config.to_dict():
@@ -87,6 +105,16 @@ def _check_resume_configs(path: Path, model_config: ModelConfig, cfg: TrainConfi
         if diff:
             warnings.warn(f"resuming {path} with changed TrainConfig (field: (checkpoint, now)) {diff}; "
                           "the continuation will not reproduce an uninterrupted run", stacklevel=3)
+
+
+def _warn_if_misaligned(step: int, cfg: TrainConfig) -> bool:
+    """The data's "decay" stage should start with the LR decay (SmolLM3 anneals on its best data)."""
+    start = decay_start_step(cfg)
+    if cfg.schedule == "wsd" and abs(step - start) > max(1, cfg.steps // 100):
+        warnings.warn(f"the sampler's decay stage starts at step {step} but the LR decay at step {start}; "
+                      "set TrainConfig.decay_fraction / decay_start_step to the mixture's decay stage",
+                      stacklevel=3)
+    return True
 
 
 def train(
@@ -112,6 +140,7 @@ def train(
     if cfg.seq_len > model_config.max_seq_len:
         raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len={model_config.max_seq_len}")
 
+    _check_sampler_budget(sampler, cfg)
     _seed_everything(cfg.seed)
     model = Transformer(model_config).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
@@ -150,6 +179,7 @@ def train(
     call_tokens = 0  # tokens trained by this call (0 when resuming an already finished run)
     window_tokens, window_time = 0, 0.0
     own_count: dict[str, int] = dict(progress.tokens_by_source or {})
+    stage, warned_decay = "", False
     bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar, unit="step", dynamic_ncols=True, desc=run.run_id)
     model.train()
     try:
@@ -159,13 +189,15 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
-            stage, sources = "", []
+            sources: list[str] = []
             for _ in range(cfg.grad_accum):
                 batch = sampler.next_batch()
                 tokens = _batch_tensor(batch, cfg, model_config.vocab_size, device)
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
+                if stage and batch.stage != stage and batch.stage == "decay" and not warned_decay:
+                    warned_decay = _warn_if_misaligned(step, cfg)
                 stage, sources = batch.stage, sources + list(batch.sources)
             last_loss = loss_sum.item() / cfg.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -195,7 +227,7 @@ def train(
 
             if step % cfg.log_every == 0 or step == total:
                 tok_s = window_tokens / window_time if window_time > 0 else 0.0
-                by_source = sampler.state_dict().get("tokens_by_source") or own_count
+                by_source = _sampler_tokens_by_source(sampler) or own_count
                 run.log_metrics(step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=progress.tokens,
                                 tokens_per_s=tok_s, stage=stage, tokens_by_source=dict(by_source))
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}", stage=stage)
