@@ -1,0 +1,153 @@
+"""From datatrove's per-rank stats and the written Parquet to a manifest `SourceEntry` that adds up.
+
+datatrove's `stats.json` covers only the ranks run in the last invocation; after a resume it is short.
+The per-rank files `stats/NNNNN.json` are kept for every completed rank, so merging all of them (what
+datatrove's `merge_stats` tool does) gives the true totals however many invocations it took.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import MinhashDedupFilter
+from datatrove.pipeline.extractors.base import BaseExtractor
+from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter, LanguageFilter
+from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.utils.stats import PipelineStats
+
+from curation.filters import ChatFormatFilter, CodeQualityFilter, MathQualityFilter
+from curation.manifest import ShardFile, SourceEntry, StepStats, sha256_file
+from curation.readers import QUARANTINE_PREFIX, RawJsonlReader
+from curation.stages import SourceLayout, SourcePipelines
+
+# The name each counting step gets in the manifest (first match wins).
+STEP_NAMES: list[tuple[type, str]] = [
+    (RawJsonlReader, "read"),
+    (BaseExtractor, "extract"),
+    (LanguageFilter, "language_id"),
+    (GopherRepetitionFilter, "gopher_repetition"),
+    (GopherQualityFilter, "gopher_quality"),
+    (CodeQualityFilter, "code_quality"),
+    (MathQualityFilter, "math_quality"),
+    (ChatFormatFilter, "chat_format"),
+    (MinhashDedupFilter, "minhash_dedup"),
+    (BaseFilter, ""),  # any other filter: named after its class
+]
+
+
+def step_name(step: PipelineStep) -> str | None:
+    """The manifest name of a step that counts documents in and out, or None for pass-through steps."""
+    for cls, name in STEP_NAMES:
+        if isinstance(step, cls):
+            return name or re.sub(r"(?<!^)(?=[A-Z])", "_", type(step).__name__).lower()
+    return None
+
+
+def merged_stage_stats(logging_dir: Path) -> PipelineStats | None:
+    """Sum of every completed rank's stats of one stage, or None if no rank has finished."""
+    files = sorted((logging_dir / "stats").glob("*.json"))
+    if not files:
+        return None
+    return sum((PipelineStats.from_json(json.loads(f.read_text())) for f in files), start=PipelineStats())
+
+
+def step_stats(name: str, stats: dict[str, Any]) -> StepStats:
+    """total/forwarded/dropped(+dropped_<reason>) of one step; drops without a reason are `unspecified`."""
+
+    def count(key: str) -> int:
+        return int(stats[key].total) if key in stats else 0
+
+    reasons = {key.removeprefix("dropped_"): count(key) for key in stats if key.startswith("dropped_")}
+    unexplained = count("dropped") - sum(reasons.values())
+    if unexplained > 0:
+        reasons["unspecified"] = unexplained
+    return StepStats(name=name, docs_in=count("total"), kept=count("forwarded"), dropped=dict(sorted(reasons.items())))
+
+
+def source_steps(pipelines: SourcePipelines, layout: SourceLayout) -> list[StepStats]:
+    steps: list[StepStats] = []
+    for stage in pipelines.stages:
+        counted = [(i, name) for i, step in enumerate(stage.pipeline) if (name := step_name(step))]
+        if not counted:
+            continue
+        merged = merged_stage_stats(layout.logs / stage.name)
+        for index, name in counted:
+            if merged is None:
+                steps.append(StepStats(name=name, docs_in=0, kept=0))
+                continue
+            stats = merged.stats[index]
+            expected = str(stage.pipeline[index])
+            if stats.name != expected:
+                raise RuntimeError(f"{layout.logs / stage.name}: stats step {index} is {stats.name!r}, expected {expected!r}")
+            steps.append(step_stats(name, stats.stats))
+    return steps
+
+
+def _histogram(values: list[int]) -> dict[str, int]:
+    return {str(k): v for k, v in sorted(Counter(values).items())}
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    return {"mean": round(sum(ordered) / len(ordered), 4), "min": ordered[0], "p50": pick(0.5), "p90": pick(0.9),
+            "max": ordered[-1]}
+
+
+def shard_summary(layout: SourceLayout) -> tuple[list[ShardFile], dict[str, int], dict[str, Any]]:
+    """Shard files with checksums, language counts and per-document metadata summaries."""
+    shards, languages = [], Counter()
+    scores: list[float] = []
+    chars: list[int] = []
+    clusters: list[int] = []
+    origins: Counter = Counter()
+    for path in sorted(layout.output.glob("*.parquet")):
+        table = pq.read_table(path, columns=["metadata"])
+        meta = table.column("metadata").to_pylist()
+        shards.append(ShardFile(path=path.relative_to(layout.curated_dir).as_posix(), docs=table.num_rows,
+                                bytes=path.stat().st_size, sha256=sha256_file(path)))
+        for m in meta:
+            languages[m["language"] or "unknown"] += 1
+            if m["language_score"] is not None:
+                scores.append(m["language_score"])
+            chars.append(m["chars"])
+            clusters.append(m["minhash_cluster_size"])
+            origins[m["origin"] or "unknown"] += 1
+    summary: dict[str, Any] = {
+        "chars": _quantiles(chars),
+        "minhash_cluster_size_histogram": _histogram(clusters),
+        "origins": dict(sorted(origins.items())),
+    }
+    if scores:
+        summary["language_score"] = _quantiles(scores)
+    return shards, dict(languages.most_common()), summary
+
+
+def build_source_entry(pipelines: SourcePipelines, layout: SourceLayout, origin: dict[str, Any] | None = None,
+                       timing: dict[str, Any] | None = None) -> SourceEntry:
+    """The manifest entry of one curated source; `check_accounting()` of the result must be empty."""
+    steps = source_steps(pipelines, layout)
+    shards, languages, summary = shard_summary(layout)
+    if timing:
+        summary["timing"] = timing
+    quarantined = sum(n for step in steps for reason, n in step.dropped.items() if reason.startswith(QUARANTINE_PREFIX))
+    return SourceEntry(
+        name=pipelines.source,
+        kind=pipelines.kind,
+        docs=sum(s.docs for s in shards),
+        bytes=sum(s.bytes for s in shards),
+        shards=shards,
+        steps=steps,
+        quarantined=quarantined,
+        languages=languages,
+        metadata_summary=summary,
+        origin=origin or {},
+    )

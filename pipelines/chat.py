@@ -1,0 +1,35 @@
+"""Chat recipe (kept for post-training): dialogues -> language tag -> format check -> MinHash.
+
+Dialogues are short and multilingual: language ID tags (the `lang_hint` of the corpus stays alongside).
+MinHash keeps 5-grams: with 3-grams, the same question with two different short answers is a "duplicate".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from curation.dedup import MinhashSettings
+from curation.filters import ChatFormatFilter
+from curation.lid import BundledLanguageFilter
+from curation.stages import SourceLayout, SourcePipelines, assemble_stages
+from curation.text import RegexWordTokenizer
+
+
+@dataclass
+class ChatRecipe:
+    min_chars: int = 10
+    max_chars: int = 20_000
+    minhash: MinhashSettings = field(default_factory=MinhashSettings)
+
+
+def chat_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "chat", tasks: int = 2,
+                  recipe: ChatRecipe | None = None) -> SourcePipelines:
+    recipe = recipe or ChatRecipe()
+    layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
+    filters = [
+        BundledLanguageFilter(label_only=True),
+        ChatFormatFilter(min_chars=recipe.min_chars, max_chars=recipe.max_chars),
+    ]
+    return assemble_stages(layout, "chat", filters, tasks, recipe.minhash, RegexWordTokenizer("chat"),
+                           config=asdict(recipe))

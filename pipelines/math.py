@@ -1,0 +1,35 @@
+"""Math recipe: word problems and proof comments -> language tag -> light math rules -> MinHash.
+
+Math text is full of symbols that Gopher would count as noise, so only light rules apply; language ID
+only tags (formulas confuse it), it does not filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from curation.dedup import MinhashSettings
+from curation.filters import MathQualityFilter
+from curation.lid import BundledLanguageFilter
+from curation.stages import SourceLayout, SourcePipelines, assemble_stages
+from curation.text import RegexWordTokenizer
+
+
+@dataclass
+class MathRecipe:
+    min_words: int = 20
+    min_alpha_fraction: float = 0.35
+    minhash: MinhashSettings = field(default_factory=MinhashSettings)
+
+
+def math_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "math", tasks: int = 2,
+                  recipe: MathRecipe | None = None) -> SourcePipelines:
+    recipe = recipe or MathRecipe()
+    layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
+    filters = [
+        BundledLanguageFilter(label_only=True),
+        MathQualityFilter(min_words=recipe.min_words, min_alpha_fraction=recipe.min_alpha_fraction),
+    ]
+    return assemble_stages(layout, "math", filters, tasks, recipe.minhash, RegexWordTokenizer("math"),
+                           config=asdict(recipe))

@@ -1,0 +1,44 @@
+"""Web recipe: raw HTML -> Trafilatura text -> language ID -> Gopher repetition + quality -> MinHash."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from curation.dedup import MinhashSettings
+from curation.extract import QuarantiningTrafilatura
+from curation.filters import GopherSettings, gopher_filters
+from curation.lid import BundledLanguageFilter
+from curation.stages import SourceLayout, SourcePipelines, assemble_stages
+from curation.text import WarmSpacyTokenizer
+
+
+@dataclass
+class WebRecipe:
+    """Settings of the web recipe for one language (FineWeb's order of steps, minus URL/C4 filters,
+    which need blocklists or word lists that cannot be fetched offline)."""
+
+    language: str = "en"
+    language_threshold: float = 0.65
+    extract_timeout_s: float = 10.0
+    gopher: GopherSettings | None = None
+    minhash: MinhashSettings = field(default_factory=MinhashSettings)
+
+    def __post_init__(self) -> None:
+        if self.gopher is None:
+            self.gopher = GopherSettings(language=self.language)
+
+
+def web_pipeline(raw_dir: str | Path, curated_dir: str | Path, language: str = "en", source: str | None = None,
+                 tasks: int = 2, recipe: WebRecipe | None = None) -> SourcePipelines:
+    """Stages for `raw_dir/<source>` (default source `web-<language>`) into `curated_dir/<source>`."""
+    recipe = recipe or WebRecipe(language=language)
+    source = source or f"web-{recipe.language}"
+    layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
+    words = WarmSpacyTokenizer(recipe.language)
+    filters = [
+        QuarantiningTrafilatura(str(layout.quarantine), timeout=recipe.extract_timeout_s),
+        BundledLanguageFilter([recipe.language], language_threshold=recipe.language_threshold),
+        *gopher_filters(recipe.gopher, words),
+    ]
+    return assemble_stages(layout, "web", filters, tasks, recipe.minhash, words, config=asdict(recipe))

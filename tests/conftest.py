@@ -1,0 +1,59 @@
+"""Shared fixtures: a small real raw corpus and its curated form, cached across test runs.
+
+Both live under `.cache/mixlab-tests/corpus` (`make clean` removes them); downloads go to the shared
+download cache. Building is idempotent, so after the first run a session pays only for a few checks.
+A file lock keeps parallel pytest sessions from building the same directory at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from curation.manifest import ShardManifest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TEST_CACHE = REPO_ROOT / ".cache" / "mixlab-tests"
+TEST_WORKDIR = TEST_CACHE / "corpus"
+TEST_MAX_MB = 0.3  # per source: ~25 HTML pages per language, ~20 stdlib files, ~600 math docs, ~2,500 dialogues
+
+
+@contextmanager
+def _locked(name: str) -> Iterator[None]:
+    TEST_CACHE.mkdir(parents=True, exist_ok=True)
+    with open(TEST_CACHE / f".{name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def raw_corpus() -> Path:
+    """`raw/` of a small real corpus (all sources) built by `fetch_corpus`; contains `corpus.json`."""
+    from pipelines.corpus import fetch_corpus
+
+    with _locked("corpus"):
+        fetch_corpus(TEST_WORKDIR, max_mb=TEST_MAX_MB)
+    return TEST_WORKDIR / "raw"
+
+
+@pytest.fixture(scope="session")
+def curated_dir(raw_corpus: Path) -> Path:
+    """`curated/` of the test corpus: Parquet shards per source and a consistent `manifest.json`."""
+    from pipelines.curate import curate
+
+    curated = TEST_WORKDIR / "curated"
+    with _locked("corpus"):
+        curate(raw_corpus, curated, tasks=2, workers=2)
+    return curated
+
+
+@pytest.fixture(scope="session")
+def curated_manifest(curated_dir: Path) -> ShardManifest:
+    return ShardManifest.load(curated_dir)
