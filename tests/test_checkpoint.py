@@ -132,7 +132,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     assert again["step"] == 12 and losses(straight) == reference
 
 
-def test_resume_refuses_a_different_model(tmp_path):
+def test_resume_refuses_a_different_model_and_a_silent_restart(tmp_path):
     corpora = stdlib_bytes()
     run = RunStore(tmp_path).create("r", config={})
     cfg = TrainConfig(total_steps=4, batch_size=2, seq_len=16, warmup_steps=0, checkpoint_every=2, progress_bar=False,
@@ -140,6 +140,8 @@ def test_resume_refuses_a_different_model(tmp_path):
     train(run, MODEL, cfg, ByteSampler(corpora, 2, 16), stop_after=2)
     with pytest.raises(ValueError, match="another model config"):
         train(run, ModelConfig.preset("tiny", n_layers=3), cfg, ByteSampler(corpora, 2, 16))
+    with pytest.raises(ValueError, match="already has checkpoints"):
+        train(run, MODEL, TrainConfig(**{**cfg.to_dict(), "resume": False}), ByteSampler(corpora, 2, 16))
 
 
 def test_save_is_atomic_pruned_and_restores_rng(tmp_path):

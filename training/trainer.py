@@ -147,7 +147,10 @@ def train(
     configs = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
 
     step, progress, resumed_from = 0, _Progress(), None
-    latest = latest_checkpoint(run.checkpoint_dir) if cfg.resume else None
+    latest = latest_checkpoint(run.checkpoint_dir)
+    if latest is not None and not cfg.resume:
+        raise ValueError(f"run {run.run_id!r} already has checkpoints ({latest}) and TrainConfig.resume is off: "
+                         "use a new run id, or delete the run directory to start it over")
     if latest is not None:
         _check_resume_configs(latest, model_config, cfg)
         ckpt = load_checkpoint(latest, model, optimizer)
