@@ -109,7 +109,7 @@ def test_gopher_drops_real_pages(curated_manifest: ShardManifest) -> None:
 # ---- constructed raw sources from real documents -----------------------------------------------
 def test_english_fallback_pages_are_dropped_from_web_de(raw_corpus: Path, tmp_path: Path) -> None:
     """`lib_tools.html` and `code-stubs.html` are untranslated (English) pages of libreoffice-help-de."""
-    fallback = {"text/sbasic/shared/03/lib_tools.html", "text/sbasic/shared/code-stubs.html"}
+    fallback = {"sbasic/shared/03/lib_tools.html", "sbasic/shared/code-stubs.html"}
     dl = Downloads(default_cache_dir())
     docs, german = [], 0
     for doc in source_specs()["web-de"].origins[0].documents(dl):
@@ -209,7 +209,9 @@ def test_rerun_is_a_noop_and_resume_keeps_true_totals(raw_corpus: Path, tmp_path
     (logs / "stats" / "00001.json").unlink()
     resumed = curate(raw, curated, sources=["math"]).source("math")
     assert resumed.steps == first.steps and resumed.docs == first.docs
-    assert json.loads((logs / "stats.json").read_text())[0]["stats"]["total"]["total"] < first.steps[0].docs_in
+    last_invocation = json.loads((logs / "stats.json").read_text())[0]["stats"]["total"]  # datatrove's own file
+    last_invocation = last_invocation if isinstance(last_invocation, int | float) else last_invocation["total"]
+    assert 0 < last_invocation < first.steps[0].docs_in  # covers only the re-run rank
 
 
 # ---- units on real files ------------------------------------------------------------------------
