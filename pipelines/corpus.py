@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 log = logging.getLogger("mixlab.corpus")
 
-CORPUS_VERSION = 1  # bump when the raw document format or the selection rules change
+CORPUS_VERSION = 2  # bump when the raw document format or the selection rules change
 CORPUS_JSON = "corpus.json"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WEB_LANGUAGES = ("en", "de", "fr", "es", "ru")

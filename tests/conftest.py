@@ -19,7 +19,7 @@ from curation.manifest import ShardManifest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEST_CACHE = REPO_ROOT / ".cache" / "mixlab-tests"
 TEST_WORKDIR = TEST_CACHE / "corpus"
-TEST_MAX_MB = 0.3  # per source: ~25 HTML pages per language, ~20 stdlib files, ~600 math docs, ~2,500 dialogues
+TEST_MAX_MB = 0.5  # per source: ~45 HTML pages per language, ~30 stdlib files, ~950 math docs, ~3,400 dialogues
 
 
 @contextmanager
