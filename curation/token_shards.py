@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from datatrove.data import Document
+from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from tqdm.auto import tqdm
 
@@ -74,14 +74,22 @@ def val_hash_threshold(
 
 
 class SplitRouter(BaseFilter):
-    """Keep the documents of one split: validation is every id hash at or below the threshold."""
+    """Keep the documents of one split: validation is every id hash at or below its source's threshold.
+
+    Task `rank` reads curated shard `rank`, so the threshold of that shard's source is picked per rank.
+    """
 
     name = "🔀 train/val split"
 
-    def __init__(self, split: str, threshold: int):
+    def __init__(self, split: str, threshold_by_rank: list[int]):
         super().__init__()
         self.split = split
-        self.threshold = threshold
+        self.threshold_by_rank = threshold_by_rank
+        self.threshold = -1
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self.threshold = self.threshold_by_rank[rank]
+        return super().run(data, rank, world_size)
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
         in_val = id_hash(doc.id) <= self.threshold
@@ -344,36 +352,40 @@ def tokenize_manifest(
             )
         _check_curated_shards(manifest, entry, config.verify_checksums)
 
-    jobs = [(name, split) for name in names for split in SPLITS]
-    bar = tqdm(jobs, desc="tokenize", unit="split", disable=not show_progress)
+    # one datatrove task per curated shard, across all sources: task r reads shard r
+    tasks = [(name, i, shard) for name in names for i, shard in enumerate(manifest.sources[name].shards)]
+    thresholds = {}
+    for name in names:
+        ids = _read_ids(manifest, manifest.sources[name])
+        thresholds[name] = val_hash_threshold(
+            ids, config.val_fraction, config.min_val_docs, config.max_val_fraction
+        )
+        manifest.sources[name].token_shards = []
+        manifest.sources[name].tokens = dict.fromkeys(SPLITS, 0)
+        shutil.rmtree(manifest.resolve(f"{TOKENS_DIR}/{name}"), ignore_errors=True)
+
     total_tokens, started = 0, time.perf_counter()
-    thresholds: dict[str, int] = {}
-    for name, split in bar:
+    bar = tqdm(SPLITS, desc="tokenize", unit="split", disable=not show_progress)
+    for split in bar:
+        bar.set_postfix_str(split)
+        records = _tokenize_split(
+            manifest, tasks, split, [thresholds[t[0]] for t in tasks], tok_path, info, config
+        )
+        for name, record in records:
+            manifest.sources[name].token_shards.append(record)
+            manifest.sources[name].tokens[split] += record.tokens or 0
+            total_tokens += record.tokens or 0
+        bar.set_postfix_str(f"{split} {total_tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+    for name in names:
         entry = manifest.sources[name]
-        bar.set_postfix_str(f"{name}/{split}")
-        if split == SPLITS[0]:
-            ids = _read_ids(manifest, entry)
-            thresholds[name] = val_hash_threshold(
-                ids, config.val_fraction, config.min_val_docs, config.max_val_fraction
+        docs = sum(r.docs for r in entry.token_shards)
+        if docs != entry.docs:
+            logger.warning(
+                "%s: %d documents tokenized but the manifest lists %d (empty texts are skipped)",
+                name,
+                docs,
+                entry.docs,
             )
-            entry.token_shards = []
-            entry.tokens = {}
-            shutil.rmtree(manifest.resolve(f"{TOKENS_DIR}/{name}"), ignore_errors=True)
-        records = _tokenize_split(manifest, entry, split, thresholds[name], tok_path, info, config)
-        entry.token_shards.extend(records)
-        entry.tokens[split] = sum(r.tokens or 0 for r in records)
-        total_tokens += entry.tokens[split]
-        elapsed = time.perf_counter() - started
-        bar.set_postfix_str(f"{name}/{split} {total_tokens / max(elapsed, 1e-9):,.0f} tok/s")
-        if split == SPLITS[-1]:
-            docs = sum(r.docs for r in entry.token_shards)
-            if docs != entry.docs:
-                logger.warning(
-                    "%s: %d documents tokenized but the manifest lists %d (empty texts are skipped)",
-                    name,
-                    docs,
-                    entry.docs,
-                )
     manifest.save()
     elapsed = time.perf_counter() - started
     logger.info(
@@ -452,53 +464,51 @@ def _read_ids(manifest: ShardManifest, entry: SourceEntry) -> list[str]:
 
 def _tokenize_split(
     manifest: ShardManifest,
-    entry: SourceEntry,
+    tasks: list[tuple[str, int, ShardFile]],
     split: str,
-    threshold: int,
+    threshold_by_task: list[int],
     tok_path: Path,
     info: TokenizerInfo,
     config: TokenizeConfig,
-) -> list[ShardFile]:
-    """Run one datatrove pipeline (read shards -> keep this split -> DocumentTokenizer), one task per
-    curated shard, then give the outputs stable names and portable metadata."""
-    if split == "val" and threshold < 0:
-        return []
+) -> list[tuple[str, ShardFile]]:
+    """Run one datatrove pipeline (read shards -> keep this split -> DocumentTokenizer) with one task per
+    curated shard, then move each task's output to `tokens/<source>/<split>/<shard>.ds` with portable
+    metadata. Returns (source, token shard) pairs; shards without a document of this split are dropped."""
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.tokens import DocumentTokenizer
 
-    out_dir = manifest.resolve(f"{TOKENS_DIR}/{entry.name}/{split}")
-    logs_dir = manifest.resolve(f"logs/{entry.name}/tokenize-{split}")
-    shutil.rmtree(logs_dir, ignore_errors=True)
+    staging = manifest.resolve(f"{TOKENS_DIR}/.staging-{split}")
+    logs_dir = manifest.resolve(f"logs/tokenize-{split}")
+    for stale in (staging, logs_dir):
+        shutil.rmtree(stale, ignore_errors=True)
     logs_dir.mkdir(parents=True)
     paths_file = logs_dir / "curated_shards.txt"
-    paths_file.write_text("".join(f"{s.path}\n" for s in entry.shards))
-    tasks = len(entry.shards)
+    paths_file.write_text("".join(f"{shard.path}\n" for _, _, shard in tasks))
     executor = LocalPipelineExecutor(
         pipeline=[
             ParquetReader(str(manifest.root), paths_file=str(paths_file), read_metadata=False),
-            SplitRouter(split, threshold),
+            SplitRouter(split, threshold_by_task),
             DocumentTokenizer(
-                output_folder=str(out_dir),
+                output_folder=str(staging),
                 tokenizer_name_or_path=str(tok_path),
                 eos_token=info.eos_token,
                 batch_size=config.batch_size,
                 shuffle_documents=False,  # the sampler shuffles windows; file order stays = curated order
             ),
         ],
-        tasks=tasks,
-        workers=min(config.workers, tasks),
+        tasks=len(tasks),
+        workers=min(config.workers, len(tasks)),
         logging_dir=str(logs_dir),
-        skip_completed=False,
+        skip_completed=False,  # always re-tokenize: a stale completion marker must never keep old shards
     )
     executor.run()
 
     name = tokenizer_id(info)
     token_size = token_size_for_vocab(info.vocab_size)
     records = []
-    for rank in range(tasks):
-        written = out_dir / f"{rank:05d}_unshuffled.ds"
-        final = out_dir / f"{rank:05d}.ds"
+    for rank, (source, index, _) in enumerate(tasks):
+        written = staging / f"{rank:05d}_unshuffled.ds"
         if not written.exists():
             raise TokenShardError(
                 f"{written}: datatrove wrote no token shard for task {rank}; see {logs_dir}/logs"
@@ -508,22 +518,26 @@ def _tokenize_split(
             raise TokenShardError(
                 f"{written}: {meta.token_size}-byte tokens for a {info.vocab_size}-token vocabulary"
             )
+        if meta.tokens == 0:  # this curated shard had no document of this split
+            continue
+        final = manifest.resolve(f"{TOKENS_DIR}/{source}/{split}/{index:05d}.ds")
+        final.parent.mkdir(parents=True, exist_ok=True)
         for suffix in ("", ".index", ".metadata"):
             Path(f"{written}{suffix}").replace(f"{final}{suffix}")
-        if meta.tokens == 0:  # this shard had no document of this split
-            for suffix in ("", ".index", ".metadata"):
-                Path(f"{final}{suffix}").unlink(missing_ok=True)
-            continue
         ShardMetadata(name, meta.token_size, meta.tokens).write(final)
         shard = TokenShard(final, vocab_size=info.vocab_size, tokenizer=name)
         records.append(
-            ShardFile(
-                path=final.relative_to(manifest.root).as_posix(),
-                docs=shard.num_docs,
-                bytes=final.stat().st_size,
-                sha256=sha256_file(final),
-                tokens=len(shard),
-                split=split,
+            (
+                source,
+                ShardFile(
+                    path=final.relative_to(manifest.root).as_posix(),
+                    docs=shard.num_docs,
+                    bytes=final.stat().st_size,
+                    sha256=sha256_file(final),
+                    tokens=len(shard),
+                    split=split,
+                ),
             )
         )
+    shutil.rmtree(staging, ignore_errors=True)
     return records

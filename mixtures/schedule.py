@@ -299,13 +299,16 @@ def _nanotron_stage_weights(
 
 
 def _load_yaml(text_or_path: str | Path) -> Any:
-    if isinstance(text_or_path, Path) or ("\n" not in str(text_or_path) and Path(text_or_path).exists()):
+    """Parse a path's content, or the string itself when it is YAML text rather than a file name."""
+    text = str(text_or_path)
+    looks_like_path = isinstance(text_or_path, Path) or (
+        "\n" not in text and text.endswith((".yaml", ".yml", ".json"))
+    )
+    if looks_like_path or ("\n" not in text and Path(text).is_file()):
         path = Path(text_or_path)
-        if not path.exists():
+        if not path.is_file():
             raise ScheduleError(f"{path}: no such schedule file")
         text = path.read_text()
-    else:
-        text = str(text_or_path)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:

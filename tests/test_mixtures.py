@@ -160,3 +160,10 @@ def test_nanotron_config_errors_name_the_stage():
     schedule = MixtureSchedule.from_nanotron_config(older)
     assert [s.fraction for s in schedule.stages] == pytest.approx([0.75, 0.25])
     assert schedule.stages[0].weights == {"web": 0.5}
+
+
+def test_missing_schedule_file_is_named(tmp_path: Path):
+    with pytest.raises(ScheduleError, match="no such schedule file"):
+        MixtureSchedule.from_yaml(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ScheduleError, match="not valid YAML"):
+        MixtureSchedule.from_yaml("stages: [\n  {name: a")
