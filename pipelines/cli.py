@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole loop on a small real corpus (minutes on 2 CPU cores)")
     demo.add_argument("--workdir", default="demo-output", help="where everything is written (default demo-output)")
-    demo.add_argument("--max-mb", type=float, help="raw MB per source (default 6)")
+    demo.add_argument("--max-mb", type=float, help="raw MB per source (default 20)")
     demo.add_argument("--vocab-size", type=int, help="BPE vocabulary (default 8192)")
     demo.add_argument("--steps", type=int, help="training steps (default: the demo preset's)")
     demo.add_argument("--run-id", help="run name (default demo)")

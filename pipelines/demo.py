@@ -18,13 +18,13 @@ log = logging.getLogger("mixlab.demo")
 
 # Pre-training sources and their weights. Chat is curated too but kept for post-training.
 STABLE_WEIGHTS: dict[str, float] = {
-    "web-en": 0.30, "web-de": 0.06, "web-fr": 0.06, "web-es": 0.06, "web-ru": 0.06,
-    "code-python": 0.28, "math": 0.18,
+    "web-en": 0.25, "web-de": 0.05, "web-fr": 0.05, "web-es": 0.05, "web-ru": 0.05,
+    "code-python": 0.33, "math": 0.22,
 }
 # The decay stage upweights the high-value sources while the learning rate anneals (as SmolLM3 did).
 DECAY_WEIGHTS: dict[str, float] = {
-    "web-en": 0.20, "web-de": 0.04, "web-fr": 0.04, "web-es": 0.04, "web-ru": 0.04,
-    "code-python": 0.36, "math": 0.28,
+    "web-en": 0.16, "web-de": 0.03, "web-fr": 0.03, "web-es": 0.03, "web-ru": 0.03,
+    "code-python": 0.40, "math": 0.32,
 }
 
 
@@ -41,7 +41,7 @@ class DemoConfig:
     """Sizes of the demo; the defaults finish in well under 20 minutes on 2 cores."""
 
     workdir: Path = Path("demo-output")
-    max_mb: float = 6.0  # raw text per source
+    max_mb: float = 20.0  # raw text per source (web HTML shrinks ~40x to curated text)
     vocab_size: int = 8192
     model_preset: str = "demo"
     train_preset: str = "demo"
