@@ -3,8 +3,8 @@
 Writing goes through datatrove's own `DocumentTokenizer`, so the files are exactly what datatrove writes and
 nanotron's Nanoset reads: `.ds` (uint16 tokens, uint32 when the vocabulary needs it, every document ending
 with EOS), `.ds.index` (uint64 end offset of each document) and `.ds.metadata` (`tokenizer|token_size`, then
-the token count). Each document goes to `train` or `val` by a hash of its id, so the split is stable across
-re-runs and independent of shard layout and worker count. mixlab only renames the files (one token shard per
+the token count). Documents are held out for `val` in the order of a hash of their id (see `select_val_ids`),
+so the split is stable across re-runs and independent of shard layout and worker count. mixlab only renames the files (one token shard per
 curated shard, `tokens/<source>/<split>/00000.ds`) and writes an exact tokenizer id into the metadata
 instead of an absolute path, so that shards stay valid when the work directory moves and a reader can tell
 which tokenizer made them.
@@ -16,12 +16,13 @@ import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
@@ -61,39 +62,51 @@ def id_hash(doc_id: str) -> int:
     )
 
 
-def val_hash_threshold(
-    ids: Iterable[str], val_fraction: float, min_val_docs: int, max_val_fraction: float
-) -> int:
-    """The largest id hash that goes to validation (-1: none), so that about `val_fraction` of the documents,
-    at least `min_val_docs` but never more than `max_val_fraction` of them, are held out."""
-    hashes = np.sort(np.fromiter((id_hash(i) for i in ids), dtype=np.uint64))
-    n = len(hashes)
-    wanted = max(round(n * val_fraction), min_val_docs)
-    count = min(wanted, int(n * max_val_fraction))
-    return int(hashes[count - 1]) if count > 0 else -1
+def select_val_ids(
+    ids: Sequence[str], sizes: Sequence[int], val_fraction: float, min_val_docs: int, max_val_fraction: float
+) -> frozenset[str]:
+    """Held-out documents of one source: taken in id-hash order (a stable pseudo-random order) until they
+    hold `val_fraction` of the source's text and at least `min_val_docs` documents, skipping any document
+    that would push validation past `max_val_fraction` of the text, and always leaving one for training.
+
+    Budgets are in bytes of text, not documents: in a small source one long document could otherwise
+    take most of its tokens out of training.
+    """
+    total = sum(sizes)
+    target, ceiling = val_fraction * total, max_val_fraction * total
+    chosen: list[str] = []
+    held = 0
+    for i in sorted(range(len(ids)), key=lambda i: id_hash(ids[i])):
+        if (held >= target and len(chosen) >= min_val_docs) or len(chosen) + 1 >= len(ids):
+            break
+        if held + sizes[i] > ceiling:
+            continue
+        chosen.append(ids[i])
+        held += sizes[i]
+    return frozenset(chosen)
 
 
 class SplitRouter(BaseFilter):
-    """Keep the documents of one split: validation is every id hash at or below its source's threshold.
+    """Keep the documents of one split: validation is the chosen ids of the document's source.
 
-    Task `rank` reads curated shard `rank`, so the threshold of that shard's source is picked per rank.
+    Task `rank` reads curated shard `rank`, so the source (and its validation ids) is known per rank.
     """
 
     name = "🔀 train/val split"
 
-    def __init__(self, split: str, threshold_by_rank: list[int]):
+    def __init__(self, split: str, source_by_rank: list[str], val_ids: dict[str, frozenset[str]]):
         super().__init__()
         self.split = split
-        self.threshold_by_rank = threshold_by_rank
-        self.threshold = -1
+        self.source_by_rank = source_by_rank
+        self.val_ids = val_ids
+        self.current: frozenset[str] = frozenset()
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        self.threshold = self.threshold_by_rank[rank]
+        self.current = self.val_ids[self.source_by_rank[rank]]
         return super().run(data, rank, world_size)
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        in_val = id_hash(doc.id) <= self.threshold
-        if in_val == (self.split == "val"):
+        if (str(doc.id) in self.current) == (self.split == "val"):
             return True
         return False, "other_split"
 
@@ -307,8 +320,8 @@ class TokenizeConfig:
     """How curated shards become token shards."""
 
     val_fraction: float = 0.02
-    min_val_docs: int = 8  # enough held-out documents per source for a stable per-source loss
-    max_val_fraction: float = 0.5  # a tiny source keeps most of its documents for training
+    min_val_docs: int = 8  # enough held-out documents per source for a stable per-source loss...
+    max_val_fraction: float = 0.2  # ...but never more than this share of a small source's text
     workers: int = 1  # the Rust tokenizer already uses every core inside one worker
     batch_size: int = 1000  # documents per encode_batch call
     verify_checksums: bool = True
@@ -354,11 +367,11 @@ def tokenize_manifest(
 
     # one datatrove task per curated shard, across all sources: task r reads shard r
     tasks = [(name, i, shard) for name in names for i, shard in enumerate(manifest.sources[name].shards)]
-    thresholds = {}
+    val_ids = {}
     for name in names:
-        ids = _read_ids(manifest, manifest.sources[name])
-        thresholds[name] = val_hash_threshold(
-            ids, config.val_fraction, config.min_val_docs, config.max_val_fraction
+        ids, sizes = _read_ids_and_sizes(manifest, manifest.sources[name])
+        val_ids[name] = select_val_ids(
+            ids, sizes, config.val_fraction, config.min_val_docs, config.max_val_fraction
         )
         manifest.sources[name].token_shards = []
         manifest.sources[name].tokens = dict.fromkeys(SPLITS, 0)
@@ -368,9 +381,7 @@ def tokenize_manifest(
     bar = tqdm(SPLITS, desc="tokenize", unit="split", disable=not show_progress)
     for split in bar:
         bar.set_postfix_str(split)
-        records = _tokenize_split(
-            manifest, tasks, split, [thresholds[t[0]] for t in tasks], tok_path, info, config
-        )
+        records = _tokenize_split(manifest, tasks, split, val_ids, tok_path, info, config)
         for name, record in records:
             manifest.sources[name].token_shards.append(record)
             manifest.sources[name].tokens[split] += record.tokens or 0
@@ -448,25 +459,30 @@ def _check_curated_shards(manifest: ShardManifest, entry: SourceEntry, verify_ch
             )
 
 
-def _read_ids(manifest: ShardManifest, entry: SourceEntry) -> list[str]:
+def _read_ids_and_sizes(manifest: ShardManifest, entry: SourceEntry) -> tuple[list[str], list[int]]:
+    """Every document id of a source and the UTF-8 size of its text, streamed shard by shard."""
     ids: list[str] = []
+    sizes: list[int] = []
     for shard in entry.shards:
         path = manifest.resolve(shard.path)
         parquet = pq.ParquetFile(path)
-        if "id" not in parquet.schema_arrow.names:
+        missing = {"id", "text"} - set(parquet.schema_arrow.names)
+        if missing:
             raise TokenShardError(
-                f"{path}: no `id` column, so documents cannot be split into train/val stably; "
+                f"{path}: no {sorted(missing)} column, so documents cannot be split into train/val stably; "
                 "re-run `mixlab curate`"
             )
-        ids.extend(str(i) for i in parquet.read(columns=["id"]).column(0).to_pylist())
-    return ids
+        for batch in parquet.iter_batches(batch_size=4096, columns=["id", "text"]):
+            ids.extend(str(i) for i in batch.column(0).to_pylist())
+            sizes.extend(pc.fill_null(pc.binary_length(batch.column(1)), 0).to_pylist())
+    return ids, sizes
 
 
 def _tokenize_split(
     manifest: ShardManifest,
     tasks: list[tuple[str, int, ShardFile]],
     split: str,
-    threshold_by_task: list[int],
+    val_ids: dict[str, frozenset[str]],
     tok_path: Path,
     info: TokenizerInfo,
     config: TokenizeConfig,
@@ -488,7 +504,7 @@ def _tokenize_split(
     executor = LocalPipelineExecutor(
         pipeline=[
             ParquetReader(str(manifest.root), paths_file=str(paths_file), read_metadata=False),
-            SplitRouter(split, threshold_by_task),
+            SplitRouter(split, [source for source, _, _ in tasks], val_ids),
             DocumentTokenizer(
                 output_folder=str(staging),
                 tokenizer_name_or_path=str(tok_path),

@@ -206,8 +206,13 @@ class MixtureSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
-        """Restore a saved position. `strict=False` accepts a changed schedule, budget or data with a warning
-        (e.g. a new decay mix from a stable checkpoint); the stream then differs from the original run."""
+        """Restore a saved position; the continued stream is bit-identical to an uninterrupted run.
+
+        A changed token budget (a run extended or shortened) is accepted with a warning: stage boundaries
+        move with it, so the warning says when that changes the stage in force. A changed schedule or
+        changed data raise unless `strict=False` (e.g. a new decay mix started from a stable checkpoint),
+        which warns and continues from the saved cursors. Seed, seq_len and batch_size must match.
+        """
         if state.get("version") != SAMPLER_STATE_VERSION:
             raise SamplerStateError(
                 f"sampler state version {state.get('version')!r}, expected {SAMPLER_STATE_VERSION}"
@@ -222,9 +227,7 @@ class MixtureSampler:
         if state["schedule_fingerprint"] != self.schedule.fingerprint():
             changes.append("the mixture schedule changed")
         if state["total_tokens"] != self.total_tokens:
-            changes.append(
-                f"total_tokens changed from {state['total_tokens']} to {self.total_tokens} (stages move)"
-            )
+            self._warn_budget_change(int(state["total_tokens"]), int(state["step"]))
         saved_sources = state["sources"]
         for name in self.names:
             if name in saved_sources and saved_sources[name]["num_windows"] != self.num_windows[name]:
@@ -253,6 +256,17 @@ class MixtureSampler:
                 cursor, epoch = 0, epoch + 1
             self.state[name] = _SourceCursor(cursor, epoch, int(saved["tokens"]), int(saved["sequences"]))
         self._permutations.clear()
+
+    def _warn_budget_change(self, saved_total_tokens: int, step: int) -> None:
+        saved_steps = max(1, math.ceil(saved_total_tokens / self.tokens_per_step))
+        before = self.schedule.stages[self.schedule.stage_index_at(step / saved_steps)].name
+        now = self.schedule.stages[self.stage_index(step)].name
+        moved = f"; at step {step} the stage changes from {before!r} to {now!r}" if before != now else ""
+        warnings.warn(
+            f"total_tokens changed from {saved_total_tokens} to {self.total_tokens}: stage boundaries move "
+            f"to steps {[round(b * self.total_steps) for b in self.schedule.boundaries]}{moved}",
+            stacklevel=3,
+        )
 
 
 def val_windows(source: TokenSource, seq_len: int, max_windows: int | None = None) -> np.ndarray:

@@ -17,11 +17,10 @@ from curation.token_shards import (
     TokenShard,
     TokenShardError,
     TokenSource,
-    id_hash,
     open_token_sources,
+    select_val_ids,
     token_size_for_vocab,
     tokenize_manifest,
-    val_hash_threshold,
 )
 from curation.tokenizer import load_tokenizer, tokenizer_id, tokenizer_path
 
@@ -112,13 +111,19 @@ def test_retokenizing_is_deterministic(tokenized_copy: Path):
     assert before == after
 
 
-def test_val_split_sizes():
+def test_val_split_is_a_small_stable_share_of_the_text():
     ids = [f"doc-{i}" for i in range(1000)]
-    threshold = val_hash_threshold(ids, val_fraction=0.03, min_val_docs=8, max_val_fraction=0.5)
-    assert sum(id_hash(i) <= threshold for i in ids) == 30
-    few = val_hash_threshold(ids[:10], val_fraction=0.03, min_val_docs=8, max_val_fraction=0.5)
-    assert sum(id_hash(i) <= few for i in ids[:10]) == 5  # capped at half of a tiny source
-    assert val_hash_threshold(ids[:1], 0.03, 8, 0.5) == -1  # one document: all for training
+    sizes = [100 + (i * 37) % 900 for i in range(1000)]
+    val = select_val_ids(ids, sizes, val_fraction=0.03, min_val_docs=8, max_val_fraction=0.2)
+    held = sum(size for i, size in zip(ids, sizes, strict=True) if i in val)
+    assert 0.03 * sum(sizes) <= held < 0.03 * sum(sizes) + 1000  # stops at the first document past 3%
+    assert val == select_val_ids(list(reversed(ids)), list(reversed(sizes)), 0.03, 8, 0.2)  # order-free
+    # a tiny source: at least min_val_docs if they fit in 20% of its text, never one huge document
+    tiny = select_val_ids(
+        ids[:10], [50_000] + [1000] * 9, val_fraction=0.03, min_val_docs=8, max_val_fraction=0.2
+    )
+    assert "doc-0" not in tiny and 1 <= len(tiny) <= 8
+    assert select_val_ids(ids[:1], [100], 0.03, 8, 0.2) == frozenset()  # one document: all for training
     assert token_size_for_vocab(65536) == 2 and token_size_for_vocab(65537) == 4
 
 
