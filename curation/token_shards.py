@@ -322,7 +322,9 @@ class TokenizeConfig:
     val_fraction: float = 0.02
     min_val_docs: int = 8  # enough held-out documents per source for a stable per-source loss...
     max_val_fraction: float = 0.2  # ...but never more than this share of a small source's text
-    workers: int = 1  # the Rust tokenizer already uses every core inside one worker
+    # the Rust tokenizer already uses every core inside one worker; >1 starts a process pool, so a calling
+    # script needs an `if __name__ == "__main__":` guard
+    workers: int = 1
     batch_size: int = 1000  # documents per encode_batch call
     verify_checksums: bool = True
 
