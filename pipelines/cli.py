@@ -53,8 +53,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from curation.token_shards import tokenize_manifest
-    from curation.tokenizer import TokenizerConfig, train_tokenizer
+    from curation import TokenizerConfig, tokenize_manifest, train_tokenizer
 
     if args.tokenizer is None:
         info = train_tokenizer(args.curated, TokenizerConfig(**_overrides(args, ["vocab_size"])))

@@ -57,8 +57,7 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the path of the report."""
     from ablations import build_report
-    from curation.token_shards import tokenize_manifest
-    from curation.tokenizer import TokenizerConfig, train_tokenizer
+    from curation import TokenizerConfig, tokenize_manifest, train_tokenizer
     from pipelines.corpus import fetch_corpus
     from pipelines.curate import curate
     from pipelines.pretrain import PretrainJob, pretrain

@@ -13,9 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from curation import ShardManifest
-from curation.token_shards import open_token_sources
-from curation.tokenizer import token_byte_lengths
+from curation import ShardManifest, open_token_sources, token_byte_lengths
 from mixtures import MixtureSampler, MixtureSchedule, val_windows
 from training import HeldOutEvaluator, ModelConfig, RunRecord, RunStore, TrainConfig, train
 
