@@ -8,7 +8,6 @@ finished or running run and never imports the trainer.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,14 +39,21 @@ class RunReport:
 
 
 # ---- data shaping (pure functions: tested directly) ------------------------------------------
-def mixture_shares(metrics: list[dict]) -> pl.DataFrame:
-    """Per logged step, the share of tokens each source got since the previous log line.
+def mixture_shares(metrics: list[dict], max_points: int | None = None) -> pl.DataFrame:
+    """Per logged step, the share of tokens each source got since the previous point.
 
     `tokens_by_source` in metrics is cumulative (what the sampler has served so far), so the
-    difference between consecutive rows is what the model saw in that interval."""
+    difference between consecutive points is what the model saw in that interval. `max_points`
+    merges consecutive log intervals so that each point covers enough sequences to be readable."""
     rows = [m for m in metrics if isinstance(m.get("tokens_by_source"), dict)]
     if not rows:
         return pl.DataFrame()
+    if max_points and len(rows) > max_points:
+        stride = -(-len(rows) // max_points)
+        keep = list(range(stride - 1, len(rows), stride))
+        if keep[-1] != len(rows) - 1:
+            keep.append(len(rows) - 1)
+        rows = [rows[i] for i in keep]
     sources = sorted({s for m in rows for s in m["tokens_by_source"]})
     previous = dict.fromkeys(sources, 0)
     out = []
@@ -60,6 +66,20 @@ def mixture_shares(metrics: list[dict]) -> pl.DataFrame:
             continue
         out.append({"step": m["step"], **{s: delta[s] / total for s in sources}})
     return pl.DataFrame(out)
+
+
+def schedule_table(schedule: dict) -> pl.DataFrame:
+    """Target weights as a table: one row per source, one column per stage (normalised)."""
+    stages = schedule.get("stages", [])
+    sources = sorted({s for st in stages for s in st["weights"]})
+    rows = []
+    for source in sources:
+        row = {"source": source}
+        for st in stages:
+            total = sum(st["weights"].values()) or 1.0
+            row[f"{st['name']} ({st['fraction']:.0%})"] = st["weights"].get(source, 0.0) / total
+        rows.append(row)
+    return pl.DataFrame(rows)
 
 
 def final_evals(evals: list[dict]) -> pl.DataFrame:
@@ -232,13 +252,13 @@ def build_report(run_dir: str | Path, out_dir: str | Path, manifest_dir: str | P
         sections.append("<p class=note>No evals recorded.</p>")
 
     sections.append("<h2>Mixture over training</h2>")
-    shares = mixture_shares(metrics)
+    shares = mixture_shares(metrics, max_points=40)
     if not shares.is_empty():
         plots["mixture"] = _plot_mixture(shares, out / "mixture.png")
         sections.append("<img src='mixture.png' alt='mixture over training'>")
     schedule = run.config.get("mixture")
-    if schedule:
-        sections.append("<p>Target schedule:</p><pre>" + html.escape(json.dumps(schedule, indent=1)) + "</pre>")
+    if schedule and schedule.get("stages"):
+        sections.append("<p>Target weights per stage:</p>" + _table(schedule_table(schedule), floats=3))
 
     manifest_dir = manifest_dir or run.config.get("manifest_dir")
     if manifest_dir and Path(manifest_dir).exists():

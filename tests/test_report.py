@@ -62,3 +62,10 @@ def test_build_report_writes_html_and_plots(tmp_path):
     assert set(report.plots) == {"loss", "eval", "mixture", "funnel"}
     for png in report.plots.values():
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mixture_shares_merges_intervals_without_losing_tokens():
+    metrics = [{"step": s, "tokens_by_source": {"web": 10 * s, "code": 30 * s}} for s in range(1, 11)]
+    shares = mixture_shares(metrics, max_points=3)
+    assert shares["step"].to_list() == [4, 8, 10]
+    assert shares["web"].to_list() == pytest.approx([0.25] * 3)

@@ -1,0 +1,157 @@
+"""mixlab benchmarks: each measures a mixlab stage and its anchor in the same run, on the same data,
+and prints the ratio (mixlab / anchor; > 1 means mixlab is faster). Record results in BENCHMARKS.md.
+
+    .venv/bin/python bench/run_all.py [--quick]
+
+Anchors:
+- curation filters: datatrove's stock Gopher repetition + quality filters with datatrove's own spaCy word
+  tokenizer, versus mixlab's web filter chain (same datatrove filters, warm word tokenizer);
+- tokenization: the bare `tokenizers` encode_batch over the same texts, versus `tokenize_manifest`
+  (datatrove DocumentTokenizer, .ds shards, checksums, manifest);
+- training: a bare torch loop (forward, backward, AdamW) on the same model and batches, versus mixlab's
+  `train()` (sampler, LR schedule, logging, no eval/checkpoint in the window).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / ".cache" / "mixlab-bench"
+
+
+def _rate(count: float, seconds: float) -> float:
+    return count / seconds if seconds > 0 else float("inf")
+
+
+def prepare(max_mb: float) -> Path:
+    """A small real corpus, curated and tokenized once (cached between benchmark runs)."""
+    from curation import TokenizerConfig, tokenize_manifest, train_tokenizer
+    from pipelines.corpus import fetch_corpus
+    from pipelines.curate import curate
+
+    fetch_corpus(WORK, max_mb=max_mb, sources=["web-en", "code-python", "math"])
+    curated = WORK / "curated"
+    manifest = curate(WORK / "raw", curated)
+    if manifest.tokenizer is None:
+        train_tokenizer(curated, TokenizerConfig(vocab_size=4096), show_progress=False)
+        tokenize_manifest(curated, show_progress=False)
+    return curated
+
+
+def curated_texts(curated: Path, source: str) -> list[str]:
+    return [t for f in sorted((curated / source).glob("*.parquet")) for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+
+
+def bench_curation_filters(curated: Path, repeats: int) -> dict:
+    from datatrove.data import Document
+    from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
+
+    from curation.filters import GopherSettings, gopher_filters
+    from curation.text import WarmSpacyTokenizer
+
+    texts = curated_texts(curated, "web-en") * repeats
+    docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
+
+    def run_chain(filters, items=docs) -> float:
+        start = time.perf_counter()
+        for doc in items:
+            for f in filters:
+                verdict = f.filter(doc)
+                if verdict is False or (isinstance(verdict, tuple) and not verdict[0]):
+                    break
+        return time.perf_counter() - start
+
+    stock = [GopherRepetitionFilter(), GopherQualityFilter()]
+    ours = gopher_filters(GopherSettings(language="en"), WarmSpacyTokenizer("en"))
+    run_chain(stock, docs[:50])  # warm-up: imports and spaCy pipelines for both chains
+    run_chain(ours, docs[:50])
+    anchor_s = run_chain(stock)
+    mixlab_s = run_chain(ours)
+    return {"docs": len(docs), "anchor_docs_s": _rate(len(docs), anchor_s), "mixlab_docs_s": _rate(len(docs), mixlab_s)}
+
+
+def bench_tokenization(curated: Path) -> dict:
+    from curation import ShardManifest, load_tokenizer, tokenize_manifest
+
+    manifest = ShardManifest.load(curated)
+    tokenizer = load_tokenizer(manifest.resolve(manifest.tokenizer.path))
+    texts = [t for s in ("web-en", "code-python", "math") for t in curated_texts(curated, s)]
+    start = time.perf_counter()
+    tokens = sum(len(e.ids) + 1 for e in tokenizer.encode_batch(texts))
+    anchor_s = time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "curated"
+        shutil.copytree(curated, copy, ignore=shutil.ignore_patterns("tokens", "logs", "work"))
+        start = time.perf_counter()
+        result = tokenize_manifest(copy, show_progress=False)
+        mixlab_s = time.perf_counter() - start
+        written = sum(sum(s.tokens.values()) for s in result.sources.values())
+    return {"tokens": tokens, "anchor_tok_s": _rate(tokens, anchor_s), "mixlab_tok_s": _rate(written, mixlab_s)}
+
+
+def bench_training(curated: Path, steps: int) -> dict:
+    from curation import ShardManifest
+    from mixtures import MixtureSchedule
+    from pipelines.pretrain import build_sampler
+    from training import ModelConfig, RunStore, TrainConfig, Transformer, train
+
+    manifest = ShardManifest.load(curated)
+    schedule = MixtureSchedule.constant({"web-en": 0.3, "code-python": 0.4, "math": 0.3})
+    config = TrainConfig.preset("demo", total_steps=steps, warmup_steps=5, eval_every=10**6,
+                                checkpoint_every=10**6, progress_bar=False, threads=2)
+    model_config = ModelConfig.preset("demo", vocab_size=manifest.tokenizer.vocab_size, max_seq_len=config.seq_len)
+    torch.set_num_threads(2)
+
+    # anchor: the same model and batches in a bare loop
+    sampler = build_sampler(manifest, schedule, config)
+    batches = [torch.from_numpy(sampler.next_batch().tokens) for _ in range(steps)]
+    torch.manual_seed(0)
+    model = Transformer(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = time.perf_counter()
+    for batch in batches:
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    anchor_s = time.perf_counter() - start
+    tokens = steps * config.tokens_per_step
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunStore(tmp).create("bench", {})
+        start = time.perf_counter()
+        train(run, model_config, config, build_sampler(manifest, schedule, config))
+        mixlab_s = time.perf_counter() - start
+    return {"tokens": tokens, "anchor_tok_s": _rate(tokens, anchor_s), "mixlab_tok_s": _rate(tokens, mixlab_s)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, noisier ratios)")
+    args = parser.parse_args()
+    curated = prepare(max_mb=2.0 if args.quick else 4.0)
+    results = {
+        "curation filters (docs/s)": bench_curation_filters(curated, repeats=1 if args.quick else 3),
+        "tokenization (tokens/s)": bench_tokenization(curated),
+        "training, demo model (tokens/s)": bench_training(curated, steps=10 if args.quick else 40),
+    }
+    print(f"\n{'benchmark':34s} {'anchor':>12s} {'mixlab':>12s} {'ratio':>7s}")
+    for name, r in results.items():
+        anchor = next(v for k, v in r.items() if k.startswith("anchor"))
+        ours = next(v for k, v in r.items() if k.startswith("mixlab"))
+        print(f"{name:34s} {anchor:12,.0f} {ours:12,.0f} {ours / anchor:6.2f}x")
+    print(f"\ntorch {torch.__version__}, numpy {np.__version__}, threads {torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()
