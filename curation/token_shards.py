@@ -28,6 +28,7 @@ from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from tqdm.auto import tqdm
 
+from curation.console import quiet_datatrove_console
 from curation.manifest import ManifestError, ShardFile, ShardManifest, SourceEntry, TokenizerInfo, sha256_file
 from curation.tokenizer import (
     EOS_TOKEN,
@@ -38,7 +39,7 @@ from curation.tokenizer import (
     tokenizer_id,
 )
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mixlab.token_shards")
 
 TOKENS_DIR = "tokens"
 SPLITS = ("train", "val")
@@ -520,7 +521,8 @@ def _tokenize_split(
         logging_dir=str(logs_dir),
         skip_completed=False,  # always re-tokenize: a stale completion marker must never keep old shards
     )
-    executor.run()
+    with quiet_datatrove_console():
+        executor.run()
 
     name = tokenizer_id(info)
     token_size = token_size_for_vocab(info.vocab_size)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from curation.manifest import ManifestError, ShardManifest, TokenizerInfo, sha256_file
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mixlab.tokenizer")
 
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"

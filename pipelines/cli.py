@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -246,8 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _console_logging() -> None:
+    """mixlab's own progress lines on stderr; library loggers keep their own settings."""
+    logger = logging.getLogger("mixlab")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _console_logging()
     return int(args.func(args) or 0)
 
 

@@ -18,10 +18,8 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from curation.accounting import build_source_entry
+from curation.console import quiet_datatrove_console
 from curation.manifest import ManifestError, ShardManifest
 from curation.stages import SourceLayout, SourcePipelines
 from pipelines.chat import chat_pipeline
@@ -111,43 +110,6 @@ def _clear(*paths: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-class _ConsoleFilter:
-    """A stderr that lets only datatrove's warnings and errors through: its per-task INFO lines
-    (pipeline listings, stats) already go to `<logs>/<stage>/logs/`, and on the console they drown the
-    progress a person wants to see. MIXLAB_VERBOSE=1 shows everything."""
-
-    KEEP = ("| WARNING", "| ERROR", "| CRITICAL", "Traceback", "Error")
-    NOISE = ("empty", "parsed tree length", "discarding data")  # trafilatura's harmless per-page notes
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text: str) -> int:
-        lower = text.lower()
-        if any(k in text for k in self.KEEP) and not any(n in lower for n in self.NOISE):
-            self.stream.write(text)
-        return len(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-
-@contextmanager
-def _quiet_datatrove_console() -> Iterator[None]:
-    if os.environ.get("MIXLAB_VERBOSE"):
-        yield
-        return
-    original = sys.stderr
-    sys.stderr = _ConsoleFilter(original)
-    try:
-        yield
-    finally:
-        sys.stderr = original
-
-
 def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, workers: int,
                executor: ExecutorFactory = local_executor) -> bool:
     """Run the stages of one source; returns whether anything ran."""
@@ -167,7 +129,7 @@ def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, wor
         stage_workers = max(1, min(workers, stage.tasks, stage.max_workers or workers))
         runner = executor(stage.pipeline, stage.tasks, stage_workers, logging_dir)
         if runner.get_incomplete_ranks():
-            with _quiet_datatrove_console():
+            with quiet_datatrove_console():
                 runner.run()
             upstream_ran = True
     return upstream_ran
@@ -209,6 +171,7 @@ def curate(
         builder = (recipes or {}).get(source) or recipe_for(source)
         pipelines = builder(raw_root, curated, tasks)
         layout = SourceLayout(source, raw_root / source, curated)
+        log.info("%s: curating (%d stages)", source, len(pipelines.stages))
         start = time.perf_counter()
         ran = run_source(pipelines, layout, tasks, workers, executor)
         timing_path = layout.logs / TIMING
