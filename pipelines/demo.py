@@ -43,6 +43,7 @@ class DemoConfig:
     workdir: Path = Path("demo-output")
     max_mb: float = 20.0  # raw text per source (web HTML shrinks ~40x to curated text)
     vocab_size: int = 8192
+    val_fraction: float = 0.05  # held-out share per source: enough windows for a steady per-source eval
     model_preset: str = "demo"
     train_preset: str = "demo"
     steps: int | None = None  # None: the train preset's
@@ -84,7 +85,7 @@ def run_demo(config: DemoConfig) -> Path:
 
     t = stage("tokenizer (byte-level BPE) and token shards")
     train_tokenizer(curated, TokenizerConfig(vocab_size=config.vocab_size))
-    manifest = tokenize_manifest(curated)
+    manifest = tokenize_manifest(curated, val_fraction=config.val_fraction)
     timings["tokenize"] = time.perf_counter() - t
     for name, src in sorted(manifest.sources.items()):
         print(f"  {name:12s} train {src.tokens.get('train', 0):>9,d} tokens, val {src.tokens.get('val', 0):>7,d}")
