@@ -8,7 +8,8 @@ import pytest
 
 from mixtures import MixtureSchedule, ScheduleError, Stage
 
-SMOLLM3 = Path("/work/shared/reference/smollm3/pretraining_3_stages.yaml")
+# shared/ lies beside the checkout (as in CI); SmolLM3's real nanotron config is kept there, not in the repo
+SMOLLM3 = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm3" / "pretraining_3_stages.yaml"
 needs_smollm3 = pytest.mark.skipif(
     not SMOLLM3.exists(), reason="SmolLM3 reference config not on this machine"
 )
