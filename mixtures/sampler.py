@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from curation.token_shards import TokenSource
+from curation import TokenSource
 from mixtures.schedule import MixtureSchedule
 
 SAMPLER_STATE_VERSION = 1
@@ -113,14 +113,40 @@ class MixtureSampler:
         self._permutations: dict[str, tuple[int, np.ndarray]] = {}
 
     # ---- the stream -------------------------------------------------------------------------
-    @property
-    def progress(self) -> float:
-        """Fraction of the token budget drawn so far (stage boundaries are at these values)."""
-        return self.step / self.total_steps
-
     def stage_index(self, step: int | None = None) -> int:
+        """Index of the stage in force at `step` (default: the next step). This is the rule that switches stages."""
         step = self.step if step is None else step
         return self.schedule.stage_index_at(step / self.total_steps)
+
+    def stage_start_step(self, stage: int | str) -> int:
+        """First step (0-based `next_batch` call) drawn from `stage` (an index, negative counts from the end, or a
+        name), by exactly the rule `stage_index` switches with. A stage too short to get a step of its own starts
+        where the next one does; a stage that starts after the budget gives `total_steps` or more.
+
+        Pin the LR decay to the data's decay stage with it: `TrainConfig(decay_start_step=
+        sampler.stage_start_step(-1))` (divided by grad_accum when one optimizer step draws several batches).
+        """
+        index = self._stage_position(stage)
+        if index == 0:
+            return 0
+        # stage_index is non-decreasing in the step: start at the exact-arithmetic boundary, then settle on the
+        # first step the float rule actually puts in this stage (or a later one)
+        step = max(0, math.ceil(self.schedule.boundaries[index] * self.total_steps))
+        while step > 0 and self.stage_index(step - 1) >= index:
+            step -= 1
+        while self.stage_index(step) < index:
+            step += 1
+        return step
+
+    def _stage_position(self, stage: int | str) -> int:
+        names = [s.name for s in self.schedule.stages]
+        if isinstance(stage, str):
+            if stage not in names:
+                raise ValueError(f"no stage named {stage!r} in the mixture schedule; stages: {names}")
+            return names.index(stage)
+        if not -len(names) <= stage < len(names):
+            raise ValueError(f"stage index {stage} out of range for the {len(names)} stages {names}")
+        return stage % len(names)
 
     def sources_for_step(self, step: int) -> list[str]:
         """The source of every row of step `step`: a pure function of (seed, step, schedule)."""
@@ -175,11 +201,13 @@ class MixtureSampler:
     def expected_epochs(self) -> dict[str, float]:
         """Epochs each source will reach by the end of the budget, if the schedule is followed."""
         result = dict.fromkeys(self.names, 0.0)
-        for stage in self.schedule.stages:
+        starts = [self.stage_start_step(i) for i in range(len(self.schedule.stages))]
+        ends = [*starts[1:], self.total_steps]
+        for stage, start, end in zip(self.schedule.stages, starts, ends, strict=True):
+            steps = max(0, min(end, self.total_steps) - start)
             for name, weight in stage.normalized_weights.items():
                 if self.num_windows.get(name):
-                    sequences = stage.fraction * self.total_steps * self.batch_size * weight
-                    result[name] += sequences / self.num_windows[name]
+                    result[name] += steps * self.batch_size * weight / self.num_windows[name]
         return result
 
     # ---- checkpointing -----------------------------------------------------------------------
@@ -264,7 +292,7 @@ class MixtureSampler:
         moved = f"; at step {step} the stage changes from {before!r} to {now!r}" if before != now else ""
         warnings.warn(
             f"total_tokens changed from {saved_total_tokens} to {self.total_tokens}: stage boundaries move "
-            f"to steps {[round(b * self.total_steps) for b in self.schedule.boundaries]}{moved}",
+            f"to steps {[self.stage_start_step(i) for i in range(len(self.schedule.stages))]}{moved}",
             stacklevel=3,
         )
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 from stdlib_corpus import build_tokenized_dir
 
 from curation.token_shards import TokenSource, open_token_sources
-from mixtures import MixtureSampler, MixtureSchedule, SamplerStateError, ScheduleError, val_windows
+from mixtures import MixtureSampler, MixtureSchedule, SamplerStateError, ScheduleError, Stage, val_windows
 
 SEQ_LEN = 64
 
@@ -140,6 +139,28 @@ def test_stage_switches_at_the_right_step(sources):
     assert expected["code"] == pytest.approx(sampler.epochs_by_source()["code"], rel=1e-9)
 
 
+@pytest.mark.parametrize("fractions", [(0.8, 0.2), (0.75, 0.25), (0.9, 0.1), (0.3, 0.5, 0.2), (0.7, 1e-4, 0.2999)])
+def test_stage_start_step_is_where_the_sampler_switches(sources, fractions):
+    schedule = MixtureSchedule(
+        tuple(Stage(f"s{i}", {"code": 1.0, "prose": float(i)}, f) for i, f in enumerate(fractions))
+    )
+    for steps in range(1, 400):
+        sampler = make(sources, schedule=schedule, steps=steps, batch_size=1)
+        in_force = [sampler.stage_index(s) for s in range(steps + 2)]
+        for i in range(len(fractions)):
+            first = next(s for s, index in enumerate(in_force) if index >= i)
+            assert sampler.stage_start_step(i) == first == sampler.stage_start_step(f"s{i}"), (steps, i)
+        assert sampler.stage_start_step(-1) == sampler.stage_start_step(len(fractions) - 1)
+    # the stream itself: the first batch of the last stage is drawn at stage_start_step(-1)
+    sampler = make(sources, schedule=schedule, steps=57, batch_size=1)
+    stages = [b.stage for b in sampler]
+    assert stages.index(schedule.stages[-1].name) == sampler.stage_start_step(-1)
+    with pytest.raises(ValueError, match="no stage named 'decay'"):
+        sampler.stage_start_step("decay")
+    with pytest.raises(ValueError, match="out of range"):
+        sampler.stage_start_step(len(fractions))
+
+
 def test_incompatible_state_is_refused_or_warned(sources):
     sampler = make(sources)
     for _ in range(3):
@@ -182,11 +203,3 @@ def test_val_windows(val_sources):
     assert few.shape == (10, SEQ_LEN + 1)
     assert np.array_equal(few[0], all_windows[0]) and np.array_equal(few[-1], all_windows[-1])
     assert val_windows(TokenSource("none", "val", []), SEQ_LEN).shape == (0, SEQ_LEN + 1)
-
-
-def test_sampler_speed_is_not_the_bottleneck(sources):
-    sampler = make(sources, steps=10_000, batch_size=16, seq_len=256)
-    start = time.perf_counter()
-    for _ in range(200):
-        sampler.next_batch()
-    assert 200 / (time.perf_counter() - start) > 200  # batches/s; a CPU training step takes far longer
