@@ -4,15 +4,15 @@ after a clean stop or a crash; writes are atomic, pruned, and independent of wra
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from byte_sampler import ByteSampler
 
-from training import HeldOutEvaluator, ModelConfig, RunStore, TrainConfig, train
+from training import CheckpointError, HeldOutEvaluator, ModelConfig, ResumeError, RunStore, TrainConfig, train
 from training.checkpoint import (
     canonical_name,
     latest_checkpoint,
@@ -32,42 +32,6 @@ def stdlib_bytes() -> dict[str, np.ndarray]:
     import typing
     code = [Path(typing.__file__).read_bytes(), Path(pathlib.__file__).read_bytes()]
     return {name: np.frombuffer(data, np.uint8).astype(np.int64) for name, data in zip(["typing", "pathlib"], code, strict=True)}
-
-
-@dataclass
-class SampledBatch:
-    tokens: np.ndarray
-    sources: list[str]
-    stage: str
-    step: int
-
-
-class ByteSampler:
-    """Test stand-in for mixtures.MixtureSampler; its whole position is (seed, draws)."""
-
-    def __init__(self, corpora: dict[str, np.ndarray], batch_size: int, seq_len: int, seed: int = 0,
-                 crash_at_draw: int | None = None):
-        self.corpora, self.batch_size, self.seq_len, self.seed = dict(sorted(corpora.items())), batch_size, seq_len, seed
-        self.draws, self.crash_at_draw = 0, crash_at_draw
-
-    def next_batch(self) -> SampledBatch:
-        if self.draws == self.crash_at_draw:
-            raise RuntimeError("simulated node failure")
-        rng = np.random.default_rng([self.seed, self.draws])
-        names = list(self.corpora)
-        sources = [names[i] for i in rng.integers(len(names), size=self.batch_size)]
-        rows = []
-        for name in sources:
-            start = int(rng.integers(0, len(self.corpora[name]) - self.seq_len - 1))
-            rows.append(self.corpora[name][start:start + self.seq_len + 1])
-        self.draws += 1
-        return SampledBatch(np.stack(rows), sources, "stable", self.draws - 1)
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "draws": self.draws}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.draws = state["seed"], state["draws"]
 
 
 MODEL = ModelConfig.preset("tiny", qk_norm=True)
@@ -138,10 +102,32 @@ def test_resume_refuses_a_different_model_and_a_silent_restart(tmp_path):
     cfg = TrainConfig(total_steps=4, batch_size=2, seq_len=16, warmup_steps=0, checkpoint_every=2, progress_bar=False,
                       threads=1)
     train(run, MODEL, cfg, ByteSampler(corpora, 2, 16), stop_after=2)
-    with pytest.raises(ValueError, match="another model config"):
-        train(run, ModelConfig.preset("tiny", n_layers=3), cfg, ByteSampler(corpora, 2, 16))
-    with pytest.raises(ValueError, match="already has checkpoints"):
+    # refused before the run is touched: its status stays
+    with pytest.raises(ResumeError, match="'r' already has checkpoints.*use a new run id"):
         train(run, MODEL, TrainConfig(**{**cfg.to_dict(), "resume": False}), ByteSampler(corpora, 2, 16))
+    assert RunStore(tmp_path).get("r").status == "interrupted"
+    # a failed resume marks the run failed, with the error in its summary
+    with pytest.raises(ResumeError, match="run 'r': its checkpoint .*step_00000002 was trained with another model"):
+        train(run, ModelConfig.preset("tiny", n_layers=3), cfg, ByteSampler(corpora, 2, 16))
+    failed = RunStore(tmp_path).get("r")
+    assert failed.status == "failed" and failed.summary["step"] == 2
+    assert failed.summary["error"].startswith("ResumeError: run 'r': its checkpoint")
+    # and the right call continues it
+    assert train(run, MODEL, cfg, ByteSampler(corpora, 2, 16))["step"] == 4
+    done = RunStore(tmp_path).get("r")
+    assert done.status == "completed" and "error" not in done.summary
+
+
+def test_unreadable_checkpoint_files_name_the_file_and_the_fix(tmp_path):
+    path = save_checkpoint(tmp_path, 3, Transformer(MODEL), None, sampler_state={})
+    (path / "model.pt").write_bytes(b"truncated")
+    with pytest.raises(CheckpointError, match=r"model.pt: cannot be loaded .*delete .*step_00000003"):
+        load_checkpoint(path, Transformer(MODEL))
+    (path / "state.json").unlink()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        read_checkpoint(path)
+    with pytest.raises(ValueError):  # every training error is a ValueError, which the CLI prints plainly
+        read_checkpoint(path)
 
 
 def test_save_is_atomic_pruned_and_restores_rng(tmp_path):
@@ -158,7 +144,7 @@ def test_save_is_atomic_pruned_and_restores_rng(tmp_path):
     assert latest_checkpoint(root).name == "step_00000003"
 
     # a sampler state that is not plain JSON is refused and leaves nothing behind
-    with pytest.raises(TypeError, match="not plain JSON"):
+    with pytest.raises(CheckpointError, match="step_00000004: checkpoint state is not plain JSON"):
         save_checkpoint(root, 4, model, None, sampler_state={"order": np.arange(3)})
     assert not (root / "step_00000004").exists() and not list(root.glob(".tmp-*"))
 
@@ -169,7 +155,7 @@ def test_save_is_atomic_pruned_and_restores_rng(tmp_path):
     assert ckpt.step == 5 and ckpt.sampler_state == {"draws": 5}
     assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
     assert random.random() == expected[2]
-    assert read_checkpoint(path).state["lr_schedule"] == {"position": 5}
+    assert read_checkpoint(path).step == 5
 
 
 class DataParallelLike(nn.Module):

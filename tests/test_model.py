@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training import ConfigError, TrainConfig
 from training.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds sync (and stalls on a busy machine)
@@ -105,6 +106,17 @@ def test_nope_layer_ignores_the_order_of_the_prefix():
     assert not torch.allclose(rope(x, cos, sin)[:, -1], rope(x[:, perm], cos, sin)[:, -1], atol=1e-4)
     with pytest.raises(ValueError, match="nope_layers"):
         tiny(nope_layers=[5])
+
+
+def test_configs_share_dict_round_trip_and_presets():
+    for cls, name in ((ModelConfig, "demo"), (TrainConfig, "demo")):
+        config = cls.preset(name, seed=3) if cls is TrainConfig else cls.preset(name, vocab_size=512)
+        assert cls.from_dict(config.to_dict()) == config and type(config) is cls
+        with pytest.raises(ConfigError, match=rf"unknown {cls.__name__} fields \['bogus'\]"):
+            cls.from_dict({**config.to_dict(), "bogus": 1})
+        with pytest.raises(ConfigError, match=rf"unknown {cls.__name__} preset 'huge'; choose from .*'tiny'"):
+            cls.preset("huge")
+    assert ModelConfig.preset("tiny").d_model == 64 and TrainConfig.preset("tiny").total_steps == 60
 
 
 def test_tied_embeddings_share_one_tensor():

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 import json
 import pydoc_data.topics
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from byte_sampler import ByteSampler
 
 from training import HeldOutEvaluator, ModelConfig, NonFiniteLossError, RunStore, TrainConfig, train
 from training.lr_schedule import decay_start_step, lr_at
@@ -23,40 +23,9 @@ def stdlib_corpora() -> dict[str, np.ndarray]:
     return {"code": np.frombuffer(code, np.uint8).astype(np.int64), "docs": np.frombuffer(docs, np.uint8).astype(np.int64)}
 
 
-@dataclass
-class SampledBatch:
-    tokens: np.ndarray
-    sources: list[str]
-    stage: str
-    step: int
-
-
-class ByteSampler:
-    """Test stand-in for mixtures.MixtureSampler: random windows from the first 90% of each source.
-
-    Its whole position is (seed, draws): batch k is drawn from default_rng([seed, k]), so restoring the two
-    numbers restores the data order exactly."""
-
-    def __init__(self, corpora: dict[str, np.ndarray], batch_size: int, seq_len: int, seed: int = 0):
-        self.corpora = {name: data[: int(len(data) * 0.9)] for name, data in sorted(corpora.items())}
-        self.batch_size, self.seq_len, self.seed, self.draws = batch_size, seq_len, seed, 0
-
-    def next_batch(self) -> SampledBatch:
-        rng = np.random.default_rng([self.seed, self.draws])
-        names = list(self.corpora)
-        sources = [names[i] for i in rng.integers(len(names), size=self.batch_size)]
-        rows = []
-        for name in sources:
-            start = int(rng.integers(0, len(self.corpora[name]) - self.seq_len - 1))
-            rows.append(self.corpora[name][start:start + self.seq_len + 1])
-        self.draws += 1
-        return SampledBatch(np.stack(rows), sources, "stable", self.draws - 1)
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "draws": self.draws}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.draws = state["seed"], state["draws"]
+def train_split(corpora: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first 90% of each source; `held_out` reads the rest."""
+    return {name: data[: int(len(data) * 0.9)] for name, data in corpora.items()}
 
 
 def held_out(corpora: dict[str, np.ndarray], seq_len: int, n: int = 8) -> HeldOutEvaluator:
@@ -74,7 +43,7 @@ def test_loss_goes_down_on_real_text_and_everything_is_logged(tmp_path):
     tcfg = TrainConfig.preset("tiny", total_steps=150, log_every=10, eval_every=75, checkpoint_every=75,
                               progress_bar=False, threads=1)
     run = RunStore(tmp_path).create("tiny-bytes", config={"note": "test"}, tags={"mix": "code+docs"})
-    summary = train(run, mcfg, tcfg, ByteSampler(corpora, tcfg.batch_size, tcfg.seq_len), held_out(corpora, 64))
+    summary = train(run, mcfg, tcfg, ByteSampler(train_split(corpora), tcfg.batch_size, tcfg.seq_len), held_out(corpora, 64))
 
     metrics = run.metrics()
     assert [m["step"] for m in metrics] == list(range(10, 151, 10))
@@ -134,7 +103,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
                               progress_bar=False, log_every=1, threads=1)
     run = RunStore(tmp_path).create("diverges", config={})
     with pytest.raises(NonFiniteLossError, match=r"step \d+: loss .*update was not applied.*lower TrainConfig.lr"):
-        train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(corpora, tcfg.batch_size, tcfg.seq_len))
+        train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(train_split(corpora), tcfg.batch_size, tcfg.seq_len))
     reloaded = RunStore(tmp_path).get("diverges")
     assert reloaded.status == "failed" and "NonFiniteLossError" in reloaded.summary["error"]
 
@@ -143,4 +112,4 @@ def test_mismatched_batch_shape_is_reported(tmp_path):
     tcfg = TrainConfig.preset("tiny", total_steps=2, warmup_steps=0, progress_bar=False, threads=1)
     run = RunStore(tmp_path).create("shape", config={})
     with pytest.raises(ValueError, match="build the sampler with the same sizes"):
-        train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(stdlib_corpora(), 4, tcfg.seq_len))
+        train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(train_split(stdlib_corpora()), 4, tcfg.seq_len))

@@ -8,22 +8,27 @@ from training.checkpoint import (
     save_checkpoint,
 )
 from training.config import TRAIN_PRESETS, TrainConfig
+from training.errors import CheckpointError, ConfigError, NonFiniteLossError, ResumeError, TrainingError
 from training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model
 from training.lr_schedule import decay_start_step, lr_at
 from training.model import MODEL_PRESETS, ModelConfig, Transformer
 from training.run_record import RunRecord, RunStore
-from training.trainer import NonFiniteLossError, Sampler, train
+from training.trainer import Sampler, train
 
 __all__ = [
     "MODEL_PRESETS",
     "TRAIN_PRESETS",
+    "CheckpointError",
+    "ConfigError",
     "HeldOutEvaluator",
     "ModelConfig",
     "NonFiniteLossError",
+    "ResumeError",
     "RunRecord",
     "RunStore",
     "Sampler",
     "TrainConfig",
+    "TrainingError",
     "Transformer",
     "decay_start_step",
     "evaluate_checkpoint",

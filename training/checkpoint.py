@@ -5,8 +5,8 @@ One directory per step, `<checkpoint_dir>/step_{N:08d}/`:
     model.pt      plain model state dict, canonical names (no `module.` / `_orig_mod.` wrapper prefixes)
     optimizer.pt  optimizer state keyed by parameter *name*, not by position, so another layout can load it
     rng.pt        torch (and cuda) generator states
-    state.json    step, LR-schedule position, trainer counters, the sampler's state_dict, numpy/python RNG
-                  states, model and train configs (human-readable; written last)
+    state.json    step (the LR schedule is a pure function of it), trainer counters, the sampler's state_dict,
+                  numpy/python RNG states, model and train configs (human-readable; written last)
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a crash never leaves a
 half-written `step_*` directory; only the newest `keep_last` are kept.
@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+from training.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -64,7 +66,8 @@ def load_optimizer_state_by_name(model: nn.Module, optimizer: torch.optim.Optimi
         group_names = [names[id(p)] for p in group["params"]]
         missing = [n for n in group_names if n not in hyper_by_name]
         if missing:
-            raise ValueError(f"checkpoint optimizer has no state for parameters {missing[:5]}")
+            raise CheckpointError(f"optimizer.pt has no state for parameters {missing[:5]}: it was saved for "
+                                  "another model; resume with the run's model config")
         saved_group = hyper_by_name[group_names[0]]
         new_groups.append({**saved_group, "params": current_group["params"], "param_names": group_names})
         for name in group_names:
@@ -143,7 +146,6 @@ def save_checkpoint(
         state = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
-            "lr_schedule": {"position": step},
             "trainer": trainer_state or {},
             "sampler": sampler_state,
             "rng": rng_plain,
@@ -152,8 +154,8 @@ def save_checkpoint(
         try:
             text = json.dumps(state, indent=1) + "\n"
         except TypeError as exc:
-            raise TypeError(f"checkpoint state is not plain JSON ({exc}); sampler.state_dict() must return "
-                            "only dicts, lists, str, int, float, bool and None") from exc
+            raise CheckpointError(f"{final}: checkpoint state is not plain JSON ({exc}); sampler.state_dict() "
+                                  "must return only dicts, lists, str, int, float, bool and None") from exc
         (tmp / "state.json").write_text(text)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -201,10 +203,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     meta = path / "state.json"
     if not meta.exists():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no state.json)")
-    state = json.loads(meta.read_text())
+        raise CheckpointError(f"{path}: not a complete checkpoint (no state.json); pass a step_* directory that "
+                              "has one, e.g. training.latest_checkpoint(run.checkpoint_dir)")
+    try:
+        state = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta}: unreadable ({exc}); delete {path} to fall back to the previous checkpoint") from exc
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{meta}: checkpoint format {state.get('format')!r} unsupported (expected {CHECKPOINT_FORMAT})")
+        raise CheckpointError(f"{meta}: checkpoint format {state.get('format')!r} unsupported (expected "
+                              f"{CHECKPOINT_FORMAT}); it was written by another mixlab version")
     return Checkpoint(path=path, step=int(state["step"]), state=state)
 
 
@@ -217,16 +224,27 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Copy weights (and optimizer state, RNG states) from a checkpoint into live objects."""
     ckpt = read_checkpoint(path)
-    weights = torch.load(ckpt.path / "model.pt", map_location="cpu", weights_only=True)
+    weights = _load_tensors(ckpt.path / "model.pt")
     target = {canonical_name(k): k for k in model.state_dict()}
     missing = sorted(set(target) - set(weights))
     unexpected = sorted(set(weights) - set(target))
     if missing or unexpected:
-        raise ValueError(f"{ckpt.path}: model mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise CheckpointError(f"{ckpt.path}: model mismatch; missing {missing[:5]}, unexpected {unexpected[:5]}: "
+                              "build the model from the checkpoint's model_config (training.load_model does)")
     model.load_state_dict({target[k]: v for k, v in weights.items()})
     if optimizer is not None:
-        saved = torch.load(ckpt.path / "optimizer.pt", map_location="cpu", weights_only=True)
-        load_optimizer_state_by_name(model, optimizer, saved)
+        try:
+            load_optimizer_state_by_name(model, optimizer, _load_tensors(ckpt.path / "optimizer.pt"))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{ckpt.path}: {exc}") from exc
     if restore_rng:
-        _set_rng_state(torch.load(ckpt.path / "rng.pt", weights_only=True), ckpt.state["rng"])
+        _set_rng_state(_load_tensors(ckpt.path / "rng.pt"), ckpt.state["rng"])
     return ckpt
+
+
+def _load_tensors(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing, truncated or not a torch file: say which and what to do
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {exc}); delete {path.parent} to "
+                              "resume from the previous checkpoint") from exc

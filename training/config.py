@@ -5,15 +5,53 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Self
 
 import torch
+
+from training.errors import ConfigError
 
 Schedule = Literal["wsd", "cosine", "constant"]
 
 
+class ConfigDict:
+    """`to_dict`, `from_dict` (unknown fields are an error) and named `preset`s, shared by the config dataclasses."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Self:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> Self:
+        """A named recipe from `PRESETS` with overrides, e.g. `TrainConfig.preset("demo", total_steps=500)`."""
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown {cls.__name__} preset {name!r}; choose from {sorted(cls.PRESETS)}")
+        return cls.from_dict({**cls.PRESETS[name], **overrides})
+
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # pairs with ModelConfig.preset("tiny"): seconds on a CPU, for tests and smoke runs
+    "tiny": dict(total_steps=60, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=10, log_every=5,
+                 eval_every=30, checkpoint_every=30),
+    # pairs with ModelConfig.preset("demo"): a few minutes on 2 CPU cores (~1.2M tokens)
+    "demo": dict(total_steps=600, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=50, log_every=10,
+                 eval_every=100, checkpoint_every=100),
+}
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigDict):
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = TRAIN_PRESETS
+
     # how long: total_steps wins; otherwise token_budget / tokens_per_step, rounded up
     total_steps: int | None = None
     token_budget: int | None = None
@@ -27,8 +65,11 @@ class TrainConfig:
     min_lr: float = 0.0
     warmup_steps: int = 100
     schedule: Schedule = "wsd"
-    decay_fraction: float = 0.2  # = MixtureSchedule.stable_decay's default, so data and LR decay start together
-    decay_start_step: int | None = None  # explicit WSD decay start; overrides decay_fraction
+    # decay_fraction = MixtureSchedule.stable_decay's default, and the decay starts at the step where that
+    # schedule's decay stage does; for any other schedule pin decay_start_step to the sampler's:
+    # MixtureSampler.stage_start_step(-1) (divided by grad_accum, which draws grad_accum batches per step)
+    decay_fraction: float = 0.2
+    decay_start_step: int | None = None  # explicit WSD decay start (optimizer step); overrides decay_fraction
     # AdamW
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -51,23 +92,23 @@ class TrainConfig:
         positive = ["batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every"]
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.total_steps is None and self.token_budget is None:
-            raise ValueError("TrainConfig needs total_steps or token_budget")
+            raise ConfigError("TrainConfig needs total_steps or token_budget")
         if self.schedule not in ("wsd", "cosine", "constant"):
-            raise ValueError(f"TrainConfig.schedule must be 'wsd', 'cosine' or 'constant', got {self.schedule!r}")
+            raise ConfigError(f"TrainConfig.schedule must be 'wsd', 'cosine' or 'constant', got {self.schedule!r}")
         if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+            raise ConfigError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.min_lr > self.lr:
-            raise ValueError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}")
+            raise ConfigError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}")
         if self.warmup_steps < 0 or self.keep_last_checkpoints < 1:
-            raise ValueError("TrainConfig.warmup_steps must be >= 0 and keep_last_checkpoints >= 1")
+            raise ConfigError("TrainConfig.warmup_steps must be >= 0 and keep_last_checkpoints >= 1")
         steps = self.steps
         if self.warmup_steps > steps:
-            raise ValueError(f"TrainConfig.warmup_steps={self.warmup_steps} exceeds the run's {steps} steps")
+            raise ConfigError(f"TrainConfig.warmup_steps={self.warmup_steps} exceeds the run's {steps} steps")
         if self.decay_start_step is not None and not self.warmup_steps <= self.decay_start_step <= steps:
-            raise ValueError(f"TrainConfig.decay_start_step={self.decay_start_step} must lie in "
-                             f"[warmup_steps={self.warmup_steps}, total steps={steps}]")
+            raise ConfigError(f"TrainConfig.decay_start_step={self.decay_start_step} must lie in "
+                              f"[warmup_steps={self.warmup_steps}, total steps={steps}]")
 
     @property
     def tokens_per_step(self) -> int:
@@ -87,31 +128,3 @@ class TrainConfig:
 
     def resolved_threads(self) -> int:
         return self.threads or os.cpu_count() or 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> TrainConfig:
-        """A named recipe (see TRAIN_PRESETS) with overrides, e.g. `preset("demo", total_steps=500)`."""
-        if name not in TRAIN_PRESETS:
-            raise ValueError(f"unknown train preset {name!r}; choose from {sorted(TRAIN_PRESETS)}")
-        return cls.from_dict({**TRAIN_PRESETS[name], **overrides})
-
-
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    # pairs with ModelConfig.preset("tiny"): seconds on a CPU, for tests and smoke runs
-    "tiny": dict(total_steps=60, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=10, log_every=5,
-                 eval_every=30, checkpoint_every=30),
-    # pairs with ModelConfig.preset("demo"): a few minutes on 2 CPU cores (~1.2M tokens)
-    "demo": dict(total_steps=600, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=50, log_every=10,
-                 eval_every=100, checkpoint_every=100),
-}

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from training.checkpoint import load_checkpoint, read_checkpoint
+from training.errors import CheckpointError, ConfigError
 from training.model import ModelConfig, Transformer
 
 
@@ -27,10 +28,11 @@ class HeldOutEvaluator:
 
     def __init__(self, windows: dict[str, np.ndarray], token_bytes: np.ndarray, batch_size: int = 16):
         if not windows:
-            raise ValueError("HeldOutEvaluator needs at least one source of windows")
+            raise ConfigError("HeldOutEvaluator needs at least one source of windows: give it a source's val split "
+                              "with at least one window of seq_len + 1 tokens")
         for source, w in windows.items():
             if w.ndim != 2 or w.shape[1] < 2:
-                raise ValueError(f"eval windows for {source!r} must be [N, T+1] with T >= 1, got {w.shape}")
+                raise ConfigError(f"eval windows for {source!r} must be [N, T+1] with T >= 1, got {w.shape}")
         self.windows = {s: np.ascontiguousarray(w, dtype=np.int64) for s, w in windows.items()}
         self.token_bytes = np.asarray(token_bytes, dtype=np.int64)
         self.batch_size = batch_size
@@ -78,7 +80,8 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     """Rebuild the model a checkpoint was trained with and load its weights; returns (model, step)."""
     meta = read_checkpoint(checkpoint)
     if meta.model_config is None:
-        raise ValueError(f"{checkpoint}: checkpoint has no model_config")
+        raise CheckpointError(f"{checkpoint}: checkpoint has no model_config, so the model cannot be rebuilt; "
+                              "load its weights with training.load_checkpoint into a model you build yourself")
     model = Transformer(ModelConfig.from_dict(meta.model_config))
     load_checkpoint(checkpoint, model, restore_rng=False)
     return model.to(device), meta.step

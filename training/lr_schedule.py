@@ -9,7 +9,11 @@ from training.config import TrainConfig
 
 
 def decay_start_step(cfg: TrainConfig) -> int:
-    """First step of the decay phase. For WSD, align the mixture's decay (annealing) data stage with this step."""
+    """First step of the decay phase (0-based: the step whose update gets the first decayed LR).
+
+    For WSD this is `cfg.decay_start_step` when set (pin it to the sampler's `stage_start_step(-1)`), else the
+    step where `MixtureSchedule.stable_decay(decay_fraction=cfg.decay_fraction)` switches to its decay stage.
+    """
     total = cfg.steps
     if cfg.schedule == "constant":
         return total
@@ -17,7 +21,20 @@ def decay_start_step(cfg: TrainConfig) -> int:
         return cfg.warmup_steps
     if cfg.decay_start_step is not None:
         return cfg.decay_start_step
-    return max(cfg.warmup_steps, total - round(cfg.decay_fraction * total))
+    return max(cfg.warmup_steps, _first_step_at(1.0 - cfg.decay_fraction, total))
+
+
+def _first_step_at(boundary: float, total: int) -> int:
+    """First step s with s / total past `boundary`, compared exactly as `MixtureSchedule.stage_index_at` does
+    (a step belongs to the earlier stage while `s / total < boundary - 1e-12`); a test holds the two together."""
+    if total <= 0:
+        return 0
+    step = min(total, max(0, math.ceil(boundary * total)))
+    while step > 0 and not ((step - 1) / total < boundary - 1e-12):
+        step -= 1
+    while step < total and step / total < boundary - 1e-12:
+        step += 1
+    return step
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -9,16 +9,35 @@ below as small local branches.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from training.config import ConfigDict
+from training.errors import ConfigError
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # unit tests: trains in well under a second per step on one core
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=176, max_seq_len=128),
+    # the CPU demo: ~3M non-embedding params, learns visibly within a few minutes on 2 cores
+    "demo": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=688, max_seq_len=256),
+    # longer CPU runs or a single GPU: ~25M non-embedding params
+    "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=1376, max_seq_len=1024),
+    # SmolLM3-3B's shape (hidden 2048, 36 layers, GQA 16/4, NoPE every 4th layer); for counting, not for CPU
+    "smollm3-3b": dict(
+        vocab_size=128256, d_model=2048, n_layers=36, n_heads=16, n_kv_heads=4, ffn_hidden=11008,
+        max_seq_len=4096, rope_theta=50000.0, nope_layers=[i for i in range(36) if (i + 1) % 4 == 0],
+    ),
+}
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigDict):
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = MODEL_PRESETS
+
     vocab_size: int = 256
     d_model: int = 256
     n_layers: int = 4
@@ -36,52 +55,19 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         bad = [i for i in self.nope_layers if not 0 <= i < self.n_layers]
         if bad:
-            raise ValueError(f"nope_layers {bad} outside 0..{self.n_layers - 1}")
+            raise ConfigError(f"nope_layers {bad} outside 0..{self.n_layers - 1}")
         self.nope_layers = sorted(set(int(i) for i in self.nope_layers))
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A named shape (see MODEL_PRESETS) with overrides, e.g. `preset("demo", vocab_size=8192)`."""
-        if name not in MODEL_PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose from {sorted(MODEL_PRESETS)}")
-        return cls.from_dict({**MODEL_PRESETS[name], **overrides})
-
-
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # unit tests: trains in well under a second per step on one core
-    "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=176, max_seq_len=128),
-    # the CPU demo: ~3M non-embedding params, learns visibly within a few minutes on 2 cores
-    "demo": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=688, max_seq_len=256),
-    # longer CPU runs or a single GPU: ~25M non-embedding params
-    "small": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, ffn_hidden=1376, max_seq_len=1024),
-    # SmolLM3-3B's shape (hidden 2048, 36 layers, GQA 16/4, NoPE every 4th layer); for counting, not for CPU
-    "smollm3-3b": dict(
-        vocab_size=128256, d_model=2048, n_layers=36, n_heads=16, n_kv_heads=4, ffn_hidden=11008,
-        max_seq_len=4096, rope_theta=50000.0, nope_layers=[i for i in range(36) if (i + 1) % 4 == 0],
-    ),
-}
 
 
 class RMSNorm(nn.Module):
@@ -197,7 +183,7 @@ class Transformer(nn.Module):
         plus z-loss); reduction="none" gives per-token cross-entropy [B, T] in nats, which held-out eval needs."""
         T = idx.shape[1]
         if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+            raise ConfigError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
         x = self.tok_emb(idx)
         for layer in self.layers:
             x = layer(x, self.rope_cos, self.rope_sin)

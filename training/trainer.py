@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
 from training.config import TrainConfig
+from training.errors import ConfigError, NonFiniteLossError, ResumeError
 from training.evaluate import HeldOutEvaluator
 from training.lr_schedule import decay_start_step, lr_at
 from training.model import ModelConfig, Transformer
@@ -34,15 +35,16 @@ class Batch(Protocol):
 
 
 class Sampler(Protocol):
-    """What the trainer needs from mixtures.MixtureSampler (or any stand-in)."""
+    """What the trainer needs from mixtures.MixtureSampler (or any stand-in).
+
+    Optional, used when present: `tokens_by_source() -> dict[str, int]` (the sampler's own count, the one the
+    run logs), `stage_start_step(stage) -> int` (checks that the LR decay starts with the last data stage) and
+    `total_tokens` (checks the sampler's budget against the trainer's).
+    """
 
     def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient; the bad update was not applied."""
 
 
 @dataclass
@@ -51,7 +53,7 @@ class _Progress:
 
     tokens: int = 0
     train_time_s: float = 0.0  # time spent in training steps (not eval/checkpointing), over all resumes
-    tokens_by_source: dict[str, int] | None = None
+    tokens_by_source: dict[str, int] | None = None  # counted here only for samplers that keep no count
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "train_time_s": self.train_time_s, "tokens_by_source": self.tokens_by_source}
@@ -66,20 +68,13 @@ def _seed_everything(seed: int) -> None:
 def _batch_tensor(batch: Batch, cfg: TrainConfig, vocab_size: int, device: torch.device) -> torch.Tensor:
     tokens = np.asarray(batch.tokens)
     if tokens.shape != (cfg.batch_size, cfg.seq_len + 1):
-        raise ValueError(f"sampler gave a batch of shape {tokens.shape}; TrainConfig expects "
-                         f"[batch_size={cfg.batch_size}, seq_len+1={cfg.seq_len + 1}]: build the sampler with the same sizes")
+        raise ConfigError(f"sampler gave a batch of shape {tokens.shape}; TrainConfig expects "
+                          f"[batch_size={cfg.batch_size}, seq_len+1={cfg.seq_len + 1}]: build the sampler with the "
+                          "same sizes")
     if tokens.min() < 0 or tokens.max() >= vocab_size:
-        raise ValueError(f"sampler gave token ids in [{tokens.min()}, {tokens.max()}] but vocab_size={vocab_size}: "
-                         "set ModelConfig.vocab_size to the tokenizer's vocabulary size")
+        raise ConfigError(f"sampler gave token ids in [{tokens.min()}, {tokens.max()}] but vocab_size={vocab_size}: "
+                          "set ModelConfig.vocab_size to the tokenizer's vocabulary size")
     return torch.from_numpy(tokens.astype(np.int64, copy=False)).to(device, non_blocking=True)
-
-
-def _sampler_tokens_by_source(sampler: Sampler) -> dict[str, int] | None:
-    """The sampler's own count when it keeps one (a method or a state entry); it knows packing we can't see."""
-    counter = getattr(sampler, "tokens_by_source", None)
-    if callable(counter):
-        return dict(counter())
-    return sampler.state_dict().get("tokens_by_source")
 
 
 def _check_sampler_budget(sampler: Sampler, cfg: TrainConfig) -> None:
@@ -92,12 +87,40 @@ def _check_sampler_budget(sampler: Sampler, cfg: TrainConfig) -> None:
                       "line up with the LR schedule", stacklevel=3)
 
 
-def _check_resume_configs(path: Path, model_config: ModelConfig, cfg: TrainConfig) -> None:
+def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
+    """With WSD the LR decay starts exactly where the sampler's last (decay) data stage starts, as SmolLM3 anneals
+    on its best data. Exact: one step apart is a misalignment too."""
+    stage_start_step = getattr(sampler, "stage_start_step", None)
+    if cfg.schedule != "wsd" or not callable(stage_start_step):
+        return
+    data_start = stage_start_step(-1)  # in batches drawn; an optimizer step draws grad_accum of them
+    if data_start == 0:
+        return  # one mixture for the whole run: nothing to line up
+    lr_start = decay_start_step(cfg)
+    if data_start == lr_start * cfg.grad_accum:
+        return
+    if data_start % cfg.grad_accum:
+        where = (f"inside optimizer step {data_start // cfg.grad_accum} (batch {data_start}, grad_accum="
+                 f"{cfg.grad_accum}); choose a budget or stage fractions that put it on a step boundary and ")
+    else:
+        where = f"at step {data_start // cfg.grad_accum}; "
+    warnings.warn(f"the sampler's last data stage starts {where}the LR decay at step {lr_start}: set "
+                  f"TrainConfig.decay_start_step = sampler.stage_start_step(-1) // grad_accum "
+                  f"(= {data_start // cfg.grad_accum})", stacklevel=3)
+
+
+def _resume(
+    path: Path, run: RunRecord, model: Transformer, optimizer: torch.optim.Optimizer, sampler: Sampler,
+    model_config: ModelConfig, cfg: TrainConfig,
+) -> _Progress:
+    """Load the checkpoint at `path` into the live model, optimizer, RNGs and sampler; returns the counters."""
     saved = read_checkpoint(path)
-    if saved.model_config is not None and saved.model_config != model_config.to_dict():
-        diff = {k: (v, model_config.to_dict().get(k)) for k, v in saved.model_config.items() if model_config.to_dict().get(k) != v}
-        raise ValueError(f"{path}: the run's checkpoint was trained with another model config "
-                         f"(field: (checkpoint, now)) {diff}; use a new run id for a different model")
+    now_model = model_config.to_dict()
+    if saved.model_config is not None and saved.model_config != now_model:
+        diff = {k: (v, now_model.get(k)) for k, v in saved.model_config.items() if now_model.get(k) != v}
+        raise ResumeError(f"run {run.run_id!r}: its checkpoint {path} was trained with another model config "
+                          f"(field: (checkpoint, now)) {diff}; resume with the run's model config, or use a new "
+                          "run id for a different model")
     if saved.train_config is not None:
         ignore = {"progress_bar", "threads", "device", "eval_every", "checkpoint_every", "keep_last_checkpoints", "log_every"}
         now = cfg.to_dict()
@@ -105,16 +128,17 @@ def _check_resume_configs(path: Path, model_config: ModelConfig, cfg: TrainConfi
         if diff:
             warnings.warn(f"resuming {path} with changed TrainConfig (field: (checkpoint, now)) {diff}; "
                           "the continuation will not reproduce an uninterrupted run", stacklevel=3)
-
-
-def _warn_if_misaligned(step: int, cfg: TrainConfig) -> bool:
-    """The data's "decay" stage should start with the LR decay (SmolLM3 anneals on its best data)."""
-    start = decay_start_step(cfg)
-    if cfg.schedule == "wsd" and abs(step - start) > max(1, cfg.steps // 100):
-        warnings.warn(f"the sampler's decay stage starts at step {step} but the LR decay at step {start}; "
-                      "set TrainConfig.decay_fraction / decay_start_step to the mixture's decay stage",
-                      stacklevel=3)
-    return True
+    if saved.sampler_state is None:
+        raise ResumeError(f"run {run.run_id!r}: checkpoint {path} has no sampler state, so the data order cannot "
+                          "continue; use a new run id to train from scratch")
+    ckpt = load_checkpoint(path, model, optimizer)
+    try:
+        sampler.load_state_dict(ckpt.sampler_state)
+    except (ValueError, KeyError) as exc:
+        raise ResumeError(f"run {run.run_id!r}: the sampler cannot continue from {path}: {exc}. Build the sampler "
+                          "as the run did (same schedule, token shards, seed, seq_len, batch_size), or use a new "
+                          "run id") from exc
+    return _Progress(**{k: v for k, v in ckpt.trainer_state.items() if k in _Progress.__dataclass_fields__})
 
 
 def train(
@@ -131,42 +155,37 @@ def train(
     Resumes from the run's latest checkpoint when train_config.resume: weights, optimizer, RNG, the sampler's
     position and the run's logs (truncated to the checkpoint's step) all continue as if never interrupted.
     stop_after=N stops cleanly after step N with a checkpoint, as a preemption would (status "interrupted").
+    Any error once the run is touched (resuming included) marks it "failed" with the error in its summary; the
+    errors raised on purpose are `training.TrainingError`s (ValueErrors) that say what to do.
     """
     cfg = train_config
+    total = cfg.steps
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ConfigError(f"run {run.run_id!r}: TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len="
+                          f"{model_config.max_seq_len}; shorten seq_len or raise max_seq_len")
+    latest = latest_checkpoint(run.checkpoint_dir)
+    if latest is not None and not cfg.resume:  # refused before touching the run: its status stays as it was
+        raise ResumeError(f"run {run.run_id!r} already has checkpoints ({latest}) and TrainConfig.resume is off: "
+                          "use a new run id, or delete the run directory to start it over")
     device = cfg.resolved_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.resolved_threads())
-    total = cfg.steps
-    if cfg.seq_len > model_config.max_seq_len:
-        raise ValueError(f"TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len={model_config.max_seq_len}")
-
     _check_sampler_budget(sampler, cfg)
+    _check_decay_alignment(sampler, cfg)
     _seed_everything(cfg.seed)
     model = Transformer(model_config).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     configs = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
+    sampler_counts = callable(getattr(sampler, "tokens_by_source", None))
 
     step, progress, resumed_from = 0, _Progress(), None
-    latest = latest_checkpoint(run.checkpoint_dir)
-    if latest is not None and not cfg.resume:
-        raise ValueError(f"run {run.run_id!r} already has checkpoints ({latest}) and TrainConfig.resume is off: "
-                         "use a new run id, or delete the run directory to start it over")
-    if latest is not None:
-        _check_resume_configs(latest, model_config, cfg)
-        ckpt = load_checkpoint(latest, model, optimizer)
-        if ckpt.sampler_state is None:
-            raise ValueError(f"{latest}: checkpoint has no sampler state; cannot resume the data order")
-        sampler.load_state_dict(ckpt.sampler_state)
-        step, resumed_from = ckpt.step, str(latest)
-        progress = _Progress(**{k: v for k, v in ckpt.trainer_state.items() if k in _Progress.__dataclass_fields__})
-    run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
+    last_loss, eval_rows = float("nan"), []
+    call_tokens = 0  # tokens trained by this call (0 when resuming an already finished run)
+    bar = None
 
-    run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
-                       "decay_start_step": decay_start_step(cfg), "device": str(device)})
-    run.status = "running"
-    run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
-                        "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total})
-    run.save()
+    def tokens_by_source() -> dict[str, int]:
+        """One count: the sampler's when it keeps one (it knows packing we can't see), else ours."""
+        return dict(sampler.tokens_by_source() if sampler_counts else progress.tokens_by_source or {})
 
     def checkpoint(at: int) -> Path:
         return save_checkpoint(run.checkpoint_dir, at, model, optimizer, sampler_state=sampler.state_dict(),
@@ -178,14 +197,24 @@ def train(
             run.log_eval(at, row["source"], **{k: v for k, v in row.items() if k != "source"})
         return rows
 
-    last_loss, eval_rows = float("nan"), []
-    call_tokens = 0  # tokens trained by this call (0 when resuming an already finished run)
-    window_tokens, window_time = 0, 0.0
-    own_count: dict[str, int] = dict(progress.tokens_by_source or {})
-    stage, warned_decay = "", False
-    bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar, unit="step", dynamic_ncols=True, desc=run.run_id)
-    model.train()
     try:
+        if latest is not None:
+            step = read_checkpoint(latest).step  # what the run has, should the resume fail
+            progress = _resume(latest, run, model, optimizer, sampler, model_config, cfg)
+            resumed_from = str(latest)
+        run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
+        run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
+                           "decay_start_step": decay_start_step(cfg), "device": str(device)})
+        run.status = "running"
+        run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
+                            "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total})
+        run.save()
+
+        window_tokens, window_time = 0, 0.0
+        stage = ""
+        bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar, unit="step", dynamic_ncols=True,
+                   desc=run.run_id)
+        model.train()
         while step < total and (stop_after is None or step < stop_after):
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -199,20 +228,17 @@ def train(
                 _, loss = model(tokens[:, :-1], tokens[:, 1:])
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
-                if stage and batch.stage != stage and batch.stage == "decay" and not warned_decay:
-                    warned_decay = _warn_if_misaligned(step, cfg)
                 stage, sources = batch.stage, sources + list(batch.sources)
             last_loss = loss_sum.item() / cfg.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
                          if cfg.grad_clip > 0 else float("nan"))
             if not math.isfinite(last_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
-                latest = latest_checkpoint(run.checkpoint_dir)
                 raise NonFiniteLossError(
-                    f"step {step + 1}: loss {last_loss}, grad norm {grad_norm} at lr {lr:.3g} (stage {stage!r}, "
-                    f"sources {sorted(set(sources))}); the update was not applied. Last checkpoint: "
-                    f"{latest or 'none'}. Rerun (it resumes from there) with a lower TrainConfig.lr, longer "
-                    "warmup_steps or grad_clip > 0, or set ModelConfig.qk_norm / z_loss; if it recurs at the same "
-                    "step, inspect that batch's data.")
+                    f"run {run.run_id!r} step {step + 1}: loss {last_loss}, grad norm {grad_norm} at lr {lr:.3g} "
+                    f"(stage {stage!r}, sources {sorted(set(sources))}); the update was not applied. Last "
+                    f"checkpoint: {latest_checkpoint(run.checkpoint_dir) or 'none'}. Rerun (it resumes from there) "
+                    "with a lower TrainConfig.lr, longer warmup_steps or grad_clip > 0, or set ModelConfig.qk_norm "
+                    "/ z_loss; if it recurs at the same step, inspect that batch's data.")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -223,16 +249,16 @@ def train(
             progress.train_time_s += dt
             call_tokens += n
             window_tokens, window_time = window_tokens + n, window_time + dt
-            for source in sources:
-                own_count[source] = own_count.get(source, 0) + cfg.seq_len
-            progress.tokens_by_source = own_count
+            if not sampler_counts:
+                own = progress.tokens_by_source = progress.tokens_by_source or {}
+                for source in sources:
+                    own[source] = own.get(source, 0) + cfg.seq_len
             bar.update(1)
 
             if step % cfg.log_every == 0 or step == total:
                 tok_s = window_tokens / window_time if window_time > 0 else 0.0
-                by_source = _sampler_tokens_by_source(sampler) or own_count
                 run.log_metrics(step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=progress.tokens,
-                                tokens_per_s=tok_s, stage=stage, tokens_by_source=dict(by_source))
+                                tokens_per_s=tok_s, stage=stage, tokens_by_source=tokens_by_source())
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}", stage=stage)
                 window_tokens, window_time = 0, 0.0
             if evaluator is not None and (step % cfg.eval_every == 0 or step == total):
@@ -247,14 +273,15 @@ def train(
         run.save()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     run.status = "completed" if step >= total else "interrupted"
     run.summary.pop("error", None)
     run.summary.update({
         "step": step,
         "tokens": progress.tokens,
-        "tokens_by_source": dict(progress.tokens_by_source or {}),
+        "tokens_by_source": tokens_by_source(),
         "final_loss": last_loss if call_tokens else run.summary.get("final_loss"),
         "tokens_per_s": progress.tokens / progress.train_time_s if progress.train_time_s else None,
         "train_time_s": progress.train_time_s,

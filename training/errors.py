@@ -1,0 +1,26 @@
+"""Errors a training run raises on purpose. All are ValueErrors whose message names the run or file and says what
+to do, so a command line can print them without a traceback."""
+
+from __future__ import annotations
+
+
+class TrainingError(ValueError):
+    """Base of every error the training package raises on purpose."""
+
+
+class ConfigError(TrainingError):
+    """A ModelConfig/TrainConfig (or what the sampler and evaluator hand the trainer) that cannot work."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint directory that cannot be read, written or loaded into this model."""
+
+
+class ResumeError(TrainingError):
+    """A run that cannot continue from its checkpoint as asked (other model, other data order, resume off)."""
+
+
+class NonFiniteLossError(TrainingError, RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the bad update was not applied.
+
+    Also a RuntimeError, as it was before the typed errors: existing `except RuntimeError` handlers still see it."""
