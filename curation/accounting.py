@@ -13,6 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupFilter
@@ -103,17 +104,18 @@ def _quantiles(values: list[float]) -> dict[str, float]:
 
 
 def shard_summary(layout: SourceLayout) -> tuple[list[ShardFile], dict[str, int], dict[str, Any]]:
-    """Shard files with checksums, language counts and per-document metadata summaries."""
+    """Shard files (file size, UTF-8 text bytes, checksum), language counts and per-document metadata summaries."""
     shards, languages = [], Counter()
     scores: list[float] = []
     chars: list[int] = []
     clusters: list[int] = []
     origins: Counter = Counter()
     for path in sorted(layout.output.glob("*.parquet")):
-        table = pq.read_table(path, columns=["metadata"])
+        table = pq.read_table(path, columns=["text", "metadata"])
         meta = table.column("metadata").to_pylist()
+        text_bytes = pc.sum(pc.binary_length(table.column("text"))).as_py() or 0
         shards.append(ShardFile(path=path.relative_to(layout.curated_dir).as_posix(), docs=table.num_rows,
-                                bytes=path.stat().st_size, sha256=sha256_file(path)))
+                                bytes=path.stat().st_size, sha256=sha256_file(path), text_bytes=text_bytes))
         for m in meta:
             languages[m["language"] or "unknown"] += 1
             if m["language_score"] is not None:
@@ -143,7 +145,7 @@ def build_source_entry(pipelines: SourcePipelines, layout: SourceLayout, origin:
         name=pipelines.source,
         kind=pipelines.kind,
         docs=sum(s.docs for s in shards),
-        bytes=sum(s.bytes for s in shards),
+        bytes=sum(s.text_bytes or 0 for s in shards),  # text, not file sizes: budgets are in text bytes
         shards=shards,
         steps=steps,
         quarantined=quarantined,

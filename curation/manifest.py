@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: ShardFile.text_bytes; SourceEntry.bytes is UTF-8 text bytes; TokenizerInfo.held_out
 MANIFEST_NAME = "manifest.json"
 
 
@@ -52,10 +52,11 @@ class ShardFile:
 
     path: str
     docs: int
-    bytes: int
+    bytes: int  # size of the file on disk (compressed, for Parquet): never a measure of how much text it holds
     sha256: str
     tokens: int | None = None
-    split: str | None = None  # for token shards: "train" or "val"
+    split: str | None = None  # for token shards: "train" or "val"; None for curated shards
+    text_bytes: int | None = None  # curated shards: UTF-8 bytes of the documents' text; None for token shards
 
 
 @dataclass
@@ -64,8 +65,8 @@ class SourceEntry:
 
     name: str
     kind: str  # web | code | math | chat | ...
-    docs: int = 0
-    bytes: int = 0
+    docs: int = 0  # documents in the curated shards (= the last step's kept)
+    bytes: int = 0  # UTF-8 bytes of the text of those documents (sum of the shards' text_bytes), not file sizes
     tokens: dict[str, int] = field(default_factory=dict)  # split -> tokens
     shards: list[ShardFile] = field(default_factory=list)
     token_shards: list[ShardFile] = field(default_factory=list)
@@ -87,7 +88,7 @@ class SourceEntry:
                 problems.append(
                     f"{self.name}: step {step.name!r}: in {step.docs_in} != kept {step.kept} + dropped {step.dropped_total}"
                 )
-        if self.steps and self.shards and self.steps[-1].kept != self.docs:
+        if self.steps and self.steps[-1].kept != self.docs:
             problems.append(f"{self.name}: last step kept {self.steps[-1].kept} but shards hold {self.docs} docs")
         return problems
 
@@ -99,6 +100,9 @@ class TokenizerInfo:
     sha256: str
     eos_token: str
     kind: str = "bpe"
+    # the validation split the tokenizer was trained without (`TokenizeConfig.val_settings()`); None for a
+    # tokenizer brought from elsewhere, which may have seen anything
+    held_out: dict[str, Any] | None = None
 
 
 @dataclass
@@ -185,14 +189,34 @@ class ShardManifest:
         """Everything that does not add up, across all sources (empty list: consistent)."""
         return [problem for src in self.sources.values() for problem in src.check_accounting()]
 
+    def check_file(self, record: ShardFile | TokenizerInfo, *, owner: str | None = None, checksum: bool = True) -> str | None:
+        """The problem with one file the manifest lists (missing, or changed since it was recorded), or None.
+
+        The message names the file and the command that writes it again; `owner` (a source name) is added
+        to say whose file it is. `checksum=False` only checks that the file exists.
+        """
+        path = self.resolve(record.path)
+        if isinstance(record, TokenizerInfo):
+            what, fix = "tokenizer", "re-train it with `mixlab tokenize`"
+        elif record.split is not None:
+            what, fix = "token shard", "re-run `mixlab tokenize`"
+        else:
+            what, fix = "curated shard", "re-run `mixlab curate`"
+        if owner is not None:
+            what = f"{what} of {owner!r}"
+        if not path.is_file():
+            return f"{path}: {what} listed in the manifest is missing; {fix}"
+        if checksum and sha256_file(path) != record.sha256:
+            return f"{path}: checksum mismatch with the manifest (the {what} changed after it was written); {fix}"
+        return None
+
     def verify_checksums(self) -> list[str]:
-        """Shard files whose bytes changed since curation wrote the manifest."""
-        bad = []
-        for src in self.sources.values():
-            for shard in [*src.shards, *src.token_shards]:
-                path = self.resolve(shard.path)
-                if not path.exists():
-                    bad.append(f"{path}: missing")
-                elif sha256_file(path) != shard.sha256:
-                    bad.append(f"{path}: checksum mismatch")
-        return bad
+        """Every listed file (curated shards, token shards, tokenizer) that is missing or changed since written."""
+        problems = [
+            self.check_file(shard, owner=src.name)
+            for src in self.sources.values()
+            for shard in [*src.shards, *src.token_shards]
+        ]
+        if self.tokenizer is not None:
+            problems.append(self.check_file(self.tokenizer))
+        return [p for p in problems if p is not None]

@@ -3,33 +3,37 @@
 Writing goes through datatrove's own `DocumentTokenizer`, so the files are exactly what datatrove writes and
 nanotron's Nanoset reads: `.ds` (uint16 tokens, uint32 when the vocabulary needs it, every document ending
 with EOS), `.ds.index` (uint64 end offset of each document) and `.ds.metadata` (`tokenizer|token_size`, then
-the token count). Documents are held out for `val` in the order of a hash of their id (see `select_val_ids`),
-so the split is stable across re-runs and independent of shard layout and worker count. mixlab only renames the files (one token shard per
-curated shard, `tokens/<source>/<split>/00000.ds`) and writes an exact tokenizer id into the metadata
-instead of an absolute path, so that shards stay valid when the work directory moves and a reader can tell
-which tokenizer made them.
+the token count). Documents are held out for `val` by `curation.splits.split_source` (a share of each
+source's text bytes, in the order of a hash of the document ids), so the split is stable across re-runs,
+independent of shard layout and worker count, and the same one the tokenizer was trained without. mixlab
+only renames the files (one token shard per curated shard, `tokens/<source>/<split>/00000.ds`) and writes an
+exact tokenizer id into the metadata instead of an absolute path, so that shards stay valid when the work
+directory moves and a reader can tell which tokenizer made them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from tqdm.auto import tqdm
 
 from curation.console import quiet_datatrove_console
-from curation.manifest import ManifestError, ShardFile, ShardManifest, SourceEntry, TokenizerInfo, sha256_file
+from curation.manifest import ManifestError, ShardFile, ShardManifest, TokenizerInfo, sha256_file
+from curation.splits import (
+    SPLITS,
+    TokenizeConfig,
+    select_val_ids,  # noqa: F401  (re-exported: the split rule lives in curation.splits)
+    split_source,
+)
 from curation.tokenizer import (
     EOS_TOKEN,
     TOKENIZER_DIR,
@@ -42,8 +46,6 @@ from curation.tokenizer import (
 logger = logging.getLogger("mixlab.token_shards")
 
 TOKENS_DIR = "tokens"
-SPLITS = ("train", "val")
-ID_HASH_SALT = b"mixlab-val-split-v1"
 
 
 class TokenShardError(ValueError):
@@ -56,37 +58,6 @@ def token_size_for_vocab(vocab_size: int) -> int:
 
 
 # ---- train/val routing ---------------------------------------------------------------------------
-def id_hash(doc_id: str) -> int:
-    """A stable 64-bit hash of a document id (Python's hash() changes between processes)."""
-    return int.from_bytes(
-        hashlib.blake2b(str(doc_id).encode(), digest_size=8, key=ID_HASH_SALT).digest(), "little"
-    )
-
-
-def select_val_ids(
-    ids: Sequence[str], sizes: Sequence[int], val_fraction: float, min_val_docs: int, max_val_fraction: float
-) -> frozenset[str]:
-    """Held-out documents of one source: taken in id-hash order (a stable pseudo-random order) until they
-    hold `val_fraction` of the source's text and at least `min_val_docs` documents, skipping any document
-    that would push validation past `max_val_fraction` of the text, and always leaving one for training.
-
-    Budgets are in bytes of text, not documents: in a small source one long document could otherwise
-    take most of its tokens out of training.
-    """
-    total = sum(sizes)
-    target, ceiling = val_fraction * total, max_val_fraction * total
-    chosen: list[str] = []
-    held = 0
-    for i in sorted(range(len(ids)), key=lambda i: id_hash(ids[i])):
-        if (held >= target and len(chosen) >= min_val_docs) or len(chosen) + 1 >= len(ids):
-            break
-        if held + sizes[i] > ceiling:
-            continue
-        chosen.append(ids[i])
-        held += sizes[i]
-    return frozenset(chosen)
-
-
 class SplitRouter(BaseFilter):
     """Keep the documents of one split: validation is the chosen ids of the document's source.
 
@@ -190,9 +161,6 @@ class TokenShard:
         start = int(self.doc_ends[i - 1]) if i > 0 else 0
         return self.tokens[start : int(self.doc_ends[i])]
 
-    def max_token_id(self) -> int:
-        return int(self.tokens.max())
-
 
 class TokenSource:
     """All token shards of one source and split, seen as one flat token stream (documents back to back)."""
@@ -225,16 +193,9 @@ class TokenSource:
         expected_tokenizer = tokenizer_id(manifest.tokenizer)
         shards = []
         for record in (s for s in entry.token_shards if s.split == split):
+            if problem := manifest.check_file(record, owner=source, checksum=verify_checksums):
+                raise TokenShardError(problem)
             path = manifest.resolve(record.path)
-            if not path.exists():
-                raise TokenShardError(
-                    f"{path}: token shard listed in the manifest is missing; re-run `mixlab tokenize`"
-                )
-            if verify_checksums and sha256_file(path) != record.sha256:
-                raise TokenShardError(
-                    f"{path}: checksum mismatch with the manifest (the file changed after tokenization); "
-                    "re-run `mixlab tokenize`"
-                )
             shards.append(
                 TokenShard(path, vocab_size=manifest.tokenizer.vocab_size, tokenizer=expected_tokenizer)
             )
@@ -316,48 +277,32 @@ def open_token_sources(
 
 
 # ---- writing -------------------------------------------------------------------------------------
-@dataclass
-class TokenizeConfig:
-    """How curated shards become token shards."""
-
-    val_fraction: float = 0.02
-    min_val_docs: int = 8  # enough held-out documents per source for a stable per-source loss...
-    max_val_fraction: float = 0.2  # ...but never more than this share of a small source's text
-    # the Rust tokenizer already uses every core inside one worker; >1 starts a process pool, so a calling
-    # script needs an `if __name__ == "__main__":` guard
-    workers: int = 1
-    batch_size: int = 1000  # documents per encode_batch call
-    verify_checksums: bool = True
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.max_val_fraction <= 1.0:
-            raise ValueError(f"max_val_fraction must be in [0, 1], got {self.max_val_fraction}")
-        if self.min_val_docs < 0 or self.workers < 1 or self.batch_size < 1:
-            raise ValueError("min_val_docs must be >= 0, workers and batch_size >= 1")
-
-
 def tokenize_manifest(
     curated_dir: str | Path,
     tokenizer_path: str | Path | None = None,
-    *,
-    val_fraction: float = 0.02,
-    min_val_docs: int = 8,
-    workers: int = 1,
-    sources: Iterable[str] | None = None,
     config: TokenizeConfig | None = None,
+    *,
+    sources: Iterable[str] | None = None,
     show_progress: bool = True,
 ) -> ShardManifest:
     """Tokenize every (or the named) curated source into `<curated>/tokens/<source>/{train,val}/*.ds`,
     record tokens per split and token shards in the manifest, save it and return it.
 
-    `tokenizer_path=None` uses the tokenizer recorded in the manifest; another tokenizer.json is copied
-    into `<curated>/tokenizer/` and recorded, so the manifest always names the tokenizer its shards use.
+    `tokenizer_path=None` uses the tokenizer recorded in the manifest, which must have been trained without
+    the validation split of `config` (pass the same `TokenizeConfig` to `TokenizerConfig(held_out=...)`);
+    another tokenizer.json is copied into `<curated>/tokenizer/` and recorded, so the manifest always names
+    the tokenizer its shards use. `config=None` is `TokenizeConfig()`.
     """
-    config = config or TokenizeConfig(val_fraction=val_fraction, min_val_docs=min_val_docs, workers=workers)
+    config = config or TokenizeConfig()
     manifest = ShardManifest.load(curated_dir)
     info = _resolve_tokenizer(manifest, tokenizer_path)
+    if info.held_out is not None and info.held_out != config.val_settings():
+        raise TokenizerError(
+            f"{manifest.resolve(info.path)}: the tokenizer was trained without the validation split "
+            f"{info.held_out}, but this tokenization holds out {config.val_settings()}, so the tokenizer has seen "
+            "validation text; train it again with TokenizerConfig(held_out=<this TokenizeConfig>) "
+            "(`mixlab tokenize` does both with the same --val-fraction)"
+        )
     tok_path = manifest.resolve(info.path).resolve()
     names = list(sources) if sources is not None else sorted(manifest.sources)
     for name in names:
@@ -366,16 +311,15 @@ def tokenize_manifest(
             raise ManifestError(
                 f"{manifest.root}: source {name!r} has no curated shards; run `mixlab curate` first"
             )
-        _check_curated_shards(manifest, entry, config.verify_checksums)
+        for shard in entry.shards:
+            if problem := manifest.check_file(shard, owner=name, checksum=config.verify_checksums):
+                raise TokenShardError(problem)
 
     # one datatrove task per curated shard, across all sources: task r reads shard r
     tasks = [(name, i, shard) for name in names for i, shard in enumerate(manifest.sources[name].shards)]
     val_ids = {}
     for name in names:
-        ids, sizes = _read_ids_and_sizes(manifest, manifest.sources[name])
-        val_ids[name] = select_val_ids(
-            ids, sizes, config.val_fraction, config.min_val_docs, config.max_val_fraction
-        )
+        val_ids[name] = split_source(manifest, name, config).val_ids
         manifest.sources[name].token_shards = []
         manifest.sources[name].tokens = dict.fromkeys(SPLITS, 0)
         shutil.rmtree(manifest.resolve(f"{TOKENS_DIR}/{name}"), ignore_errors=True)
@@ -413,22 +357,17 @@ def tokenize_manifest(
 
 
 def _resolve_tokenizer(manifest: ShardManifest, tokenizer_path: str | Path | None) -> TokenizerInfo:
-    if tokenizer_path is None:
-        if manifest.tokenizer is None:
+    source = None if tokenizer_path is None else Path(tokenizer_path)
+    source = source / TOKENIZER_FILE if source is not None and source.is_dir() else source
+    recorded = manifest.tokenizer
+    if source is None or (recorded is not None and source.resolve() == manifest.resolve(recorded.path).resolve()):
+        if recorded is None:
             raise ManifestError(
                 f"{manifest.root}: no tokenizer in the manifest; train one first (`mixlab tokenize`)"
             )
-        path = manifest.resolve(manifest.tokenizer.path)
-        if not path.exists():
-            raise TokenizerError(f"{path}: the manifest's tokenizer is missing; re-run `mixlab tokenize`")
-        if sha256_file(path) != manifest.tokenizer.sha256:
-            raise TokenizerError(
-                f"{path}: checksum differs from the manifest's (the tokenizer changed after training); "
-                "re-train it with `mixlab tokenize`"
-            )
-        return manifest.tokenizer
-    source = Path(tokenizer_path)
-    source = source / TOKENIZER_FILE if source.is_dir() else source
+        if problem := manifest.check_file(recorded):
+            raise TokenizerError(problem)
+        return recorded
     tokenizer = load_tokenizer(source)
     eos = manifest.tokenizer.eos_token if manifest.tokenizer else EOS_TOKEN
     if tokenizer.token_to_id(eos) is None:
@@ -445,40 +384,6 @@ def _resolve_tokenizer(manifest: ShardManifest, tokenizer_path: str | Path | Non
         kind=manifest.tokenizer.kind if manifest.tokenizer else "bpe",
     )
     return manifest.tokenizer
-
-
-def _check_curated_shards(manifest: ShardManifest, entry: SourceEntry, verify_checksums: bool) -> None:
-    for shard in entry.shards:
-        path = manifest.resolve(shard.path)
-        if not path.exists():
-            raise TokenShardError(
-                f"{path}: curated shard of {entry.name!r} listed in the manifest is missing; "
-                "re-run `mixlab curate`"
-            )
-        if verify_checksums and sha256_file(path) != shard.sha256:
-            raise TokenShardError(
-                f"{path}: checksum mismatch with the manifest (changed after curation); "
-                "re-run `mixlab curate`"
-            )
-
-
-def _read_ids_and_sizes(manifest: ShardManifest, entry: SourceEntry) -> tuple[list[str], list[int]]:
-    """Every document id of a source and the UTF-8 size of its text, streamed shard by shard."""
-    ids: list[str] = []
-    sizes: list[int] = []
-    for shard in entry.shards:
-        path = manifest.resolve(shard.path)
-        parquet = pq.ParquetFile(path)
-        missing = {"id", "text"} - set(parquet.schema_arrow.names)
-        if missing:
-            raise TokenShardError(
-                f"{path}: no {sorted(missing)} column, so documents cannot be split into train/val stably; "
-                "re-run `mixlab curate`"
-            )
-        for batch in parquet.iter_batches(batch_size=4096, columns=["id", "text"]):
-            ids.extend(str(i) for i in batch.column(0).to_pylist())
-            sizes.extend(pc.fill_null(pc.binary_length(batch.column(1)), 0).to_pylist())
-    return ids, sizes
 
 
 def _tokenize_split(

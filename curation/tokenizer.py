@@ -1,8 +1,9 @@
 """Train the byte-level BPE tokenizer on curated shards, and the facts about it that later stages need.
 
 The tokenizer is trained on the curated Parquet shards named in the manifest (never on the raw corpus: the
-vocabulary should fit what the model will actually see), with a per-source byte budget so that a large web
-source cannot crowd out code or a small language. The pre-tokenizer is the Llama-3 one SmolLM3 inherited
+vocabulary should fit what the model will actually see), without the documents held out for validation (the
+same `curation.splits` rule and settings that tokenization uses), with a per-source budget of UTF-8 text
+bytes so that a large web source cannot crowd out code or a small language. The pre-tokenizer is the Llama-3 one SmolLM3 inherited
 (letters, 1-3 digit groups, punctuation runs, whitespace) followed by a byte-level mapping, so every string
 round-trips exactly and every token id has a well-defined UTF-8 byte length, which the evaluator needs for
 bits-per-byte.
@@ -23,6 +24,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from curation.manifest import ManifestError, ShardManifest, TokenizerInfo, sha256_file
+from curation.splits import SourceSplit, TokenizeConfig, split_source
 
 logger = logging.getLogger("mixlab.tokenizer")
 
@@ -49,8 +51,11 @@ class TokenizerConfig:
 
     vocab_size: int = 8192
     min_frequency: int = 2
-    # bytes of text read per source at most: keeps every source represented and training time bounded
+    # UTF-8 bytes of text read per source at most: keeps every source represented and training time bounded
     max_bytes_per_source: int = 32 * 2**20
+    # the validation split to leave out: give the same TokenizeConfig to `tokenize_manifest`, which refuses a
+    # tokenizer trained without a different split (it would have seen validation text)
+    held_out: TokenizeConfig = field(default_factory=TokenizeConfig)
     eos_token: str = EOS_TOKEN
     # EOS first so that it gets id 0; chat markers reserved now so that later SFT does not change the vocabulary
     special_tokens: tuple[str, ...] = (EOS_TOKEN, "<|im_start|>", "<|im_end|>", "<|pad|>")
@@ -77,8 +82,9 @@ class SourceSample:
     """What one source contributed to tokenizer training."""
 
     docs_read: int = 0
+    docs_held_out: int = 0  # validation documents, never used
     docs_used: int = 0
-    bytes_used: int = 0
+    bytes_used: int = 0  # UTF-8 bytes of the documents used
 
 
 @dataclass
@@ -134,44 +140,49 @@ def new_bpe_tokenizer():
 
 
 def iter_training_texts(
-    manifest: ShardManifest, config: TokenizerConfig, stats: dict[str, SourceSample]
+    manifest: ShardManifest,
+    config: TokenizerConfig,
+    stats: dict[str, SourceSample],
+    splits: dict[str, SourceSplit] | None = None,
 ) -> Iterator[str]:
-    """Stream texts from each source's shards, source after source, each capped at the byte budget.
+    """Stream the training texts of each source's shards, source after source, each capped at the byte budget.
 
-    A source larger than its budget is sampled systematically (every k-th document over all of its
-    shards) instead of truncated, so that its last shards are represented as well as its first.
+    Validation documents (`splits`, by default `split_source(manifest, name, config.held_out)` on shards
+    checked against the manifest) are skipped.
+    A source whose training text exceeds its budget is sampled systematically (every k-th document over all
+    of its shards, k from UTF-8 text bytes) instead of truncated, so that its last shards are represented as
+    well as its first.
     """
     names = list(config.sources) if config.sources is not None else sorted(manifest.sources)
     for name in names:
         source = manifest.source(name)
+        split = (splits or {}).get(name)
+        if split is None:
+            _check_shards(manifest, name)
+            split = split_source(manifest, name, config.held_out)
         sample = stats.setdefault(name, SourceSample())
-        total_bytes = source.bytes or sum(shard.bytes for shard in source.shards)
-        keep_fraction = min(1.0, config.max_bytes_per_source / total_bytes) if total_bytes else 1.0
+        keep_fraction = min(1.0, config.max_bytes_per_source / split.train_bytes) if split.train_bytes else 1.0
         credit = 1.0  # systematic sampling: a document is kept each time the credit reaches one
         for shard in source.shards:
             path = manifest.resolve(shard.path)
-            if not path.exists():
-                raise TokenizerError(
-                    f"{path}: shard listed in the manifest is missing; re-run `mixlab curate`"
-                )
             parquet = pq.ParquetFile(path)
-            if config.text_column not in parquet.schema_arrow.names:
+            if config.text_column not in parquet.schema_arrow.names or "id" not in parquet.schema_arrow.names:
                 raise TokenizerError(
-                    f"{path}: no {config.text_column!r} column (has {parquet.schema_arrow.names}); "
+                    f"{path}: no `id` or {config.text_column!r} column (has {parquet.schema_arrow.names}); "
                     "curated shards must be written by `mixlab curate`"
                 )
-            for batch in parquet.iter_batches(
-                batch_size=config.read_batch_docs, columns=[config.text_column]
-            ):
-                for text in batch.column(0).to_pylist():
+            for batch in parquet.iter_batches(batch_size=config.read_batch_docs, columns=["id", config.text_column]):
+                for doc_id, text in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
                     sample.docs_read += 1
+                    if str(doc_id) in split.val_ids:
+                        sample.docs_held_out += 1
+                        continue
                     credit += keep_fraction
                     if not text or credit < 1.0:
                         continue
                     credit -= 1.0
-                    size = len(text.encode("utf-8"))
                     sample.docs_used += 1
-                    sample.bytes_used += size
+                    sample.bytes_used += len(text.encode("utf-8"))
                     yield text
                     if sample.bytes_used >= config.max_bytes_per_source:
                         break
@@ -183,6 +194,12 @@ def iter_training_texts(
             logger.warning("source %s contributed no text to the tokenizer", name)
 
 
+def _check_shards(manifest: ShardManifest, name: str) -> None:
+    for shard in manifest.source(name).shards:
+        if problem := manifest.check_file(shard, owner=name):
+            raise TokenizerError(problem)
+
+
 def train_tokenizer(
     curated_dir: str | Path,
     config: TokenizerConfig | None = None,
@@ -190,7 +207,11 @@ def train_tokenizer(
     show_progress: bool = True,
 ) -> TokenizerInfo:
     """Train a byte-level BPE on the curated shards, save it to `<curated>/tokenizer/tokenizer.json`,
-    and record it in the manifest (which is saved). Returns the recorded `TokenizerInfo`."""
+    and record it in the manifest (which is saved). Returns the recorded `TokenizerInfo`.
+
+    The validation documents of `config.held_out` are left out and the settings recorded, so that
+    `tokenize_manifest` can refuse a different split (whose validation text the tokenizer would have seen).
+    """
     from tokenizers import pre_tokenizers, trainers
 
     config = config or TokenizerConfig()
@@ -212,12 +233,13 @@ def train_tokenizer(
         show_progress=False,
     )
     samples: dict[str, SourceSample] = {}
-    budget = sum(
-        min(config.max_bytes_per_source, src.bytes or sum(shard.bytes for shard in src.shards))
-        for name, src in manifest.sources.items()
-        if config.sources is None or name in config.sources
-    )
-    texts = iter_training_texts(manifest, config, samples)
+    names = list(config.sources) if config.sources is not None else sorted(manifest.sources)
+    splits = {}
+    for name in names:
+        _check_shards(manifest, name)
+        splits[name] = split_source(manifest, name, config.held_out)
+    budget = sum(min(config.max_bytes_per_source, split.train_bytes) for split in splits.values())
+    texts = iter_training_texts(manifest, config, samples, splits)
     if show_progress:
         texts = _byte_progress(texts, budget)
     start = time.perf_counter()
@@ -251,6 +273,7 @@ def train_tokenizer(
         sha256=sha256_file(path),
         eos_token=config.eos_token,
         kind="bpe-bytelevel",
+        held_out=config.held_out.val_settings(),
     )
     manifest.tokenizer = info
     manifest.save()

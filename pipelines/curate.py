@@ -39,7 +39,7 @@ from pipelines.web import web_pipeline
 
 log = logging.getLogger("mixlab.curate")
 
-CURATION_VERSION = 1  # bump when a step changes what it writes: every source is then re-curated
+CURATION_VERSION = 2  # bump when a step changes what it writes: every source is then re-curated
 FINGERPRINT = "fingerprint.json"
 TIMING = "timing.json"
 

@@ -74,10 +74,11 @@ def write_source(root: Path, name: str, kind: str, docs: list[dict], shards: int
                 docs=len(part),
                 bytes=path.stat().st_size,
                 sha256=sha256_file(path),
+                text_bytes=sum(len(d["text"].encode()) for d in part),
             )
         )
     entry.docs = len(docs)
-    entry.bytes = sum(len(d["text"].encode()) for d in docs)
+    entry.bytes = sum(s.text_bytes for s in entry.shards)
     return entry
 
 

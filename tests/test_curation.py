@@ -16,6 +16,8 @@ from curation.extract import QuarantiningTrafilatura
 from curation.filters import CodeQualityFilter
 from curation.lid import BundledLanguageFilter
 from curation.manifest import SCHEMA_VERSION, ManifestError, ShardManifest
+from curation.splits import TokenizeConfig, split_source
+from curation.tokenizer import TokenizerConfig, iter_training_texts
 from pipelines.corpus import Downloads, default_cache_dir, iter_raw_documents, source_specs
 from pipelines.curate import curate
 
@@ -53,6 +55,33 @@ def test_accounting_adds_up_for_every_source(raw_corpus: Path, curated_manifest:
         assert entry.steps[-1].name == "minhash_dedup"
         assert entry.docs == entry.steps[-1].kept > 0
         assert sum(entry.languages.values()) == entry.docs
+
+
+def test_manifest_bytes_are_utf8_text_bytes(curated_dir: Path, curated_manifest: ShardManifest) -> None:
+    """`bytes` of a source is its documents' UTF-8 text (what budgets are in), not its compressed Parquet."""
+    for name, entry in curated_manifest.sources.items():
+        for shard in entry.shards:
+            path = curated_manifest.resolve(shard.path)
+            texts = pq.read_table(path, columns=["text"]).column(0).to_pylist()
+            assert shard.text_bytes == sum(len(t.encode("utf-8")) for t in texts)
+            assert shard.bytes == path.stat().st_size
+        assert entry.bytes == sum(s.text_bytes for s in entry.shards) == sum(
+            len(r["text"].encode("utf-8")) for r in curated_rows(curated_dir, name))
+
+
+def test_tokenizer_sample_reaches_every_curated_shard(curated_manifest: ShardManifest) -> None:
+    """A budget of a quarter of a source's text reaches both curated shards. (When compressed file sizes
+    stood in for text bytes, the budget of these sources filled up inside their first shard.)"""
+    held_out = TokenizeConfig()
+    for name in ("math", "code-python"):
+        shards = curated_manifest.source(name).shards
+        assert len(shards) == 2
+        budget = split_source(curated_manifest, name, held_out).train_bytes // 4
+        config = TokenizerConfig(max_bytes_per_source=budget, sources=(name,), held_out=held_out)
+        used = set(iter_training_texts(curated_manifest, config, {}))
+        for shard in shards:
+            texts = set(pq.read_table(curated_manifest.resolve(shard.path), columns=["text"]).column(0).to_pylist())
+            assert used & texts, (name, shard.path)
 
 
 def test_checksums_verify_and_catch_a_changed_shard(curated_dir: Path, tmp_path: Path) -> None:
@@ -228,5 +257,5 @@ def test_manifest_schema_mismatch_is_a_clear_error(curated_dir: Path, tmp_path: 
     data = json.loads((curated_dir / "manifest.json").read_text())
     data["schema_version"] = SCHEMA_VERSION + 1
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"schema_version 2 is not supported.*re-run curation"):
+    with pytest.raises(ManifestError, match=rf"schema_version {SCHEMA_VERSION + 1} is not supported.*re-run curation"):
         ShardManifest.load(tmp_path)

@@ -14,6 +14,7 @@ from stdlib_corpus import build_curated_dir, build_tokenized_dir
 from curation.manifest import ManifestError, ShardManifest, sha256_file
 from curation.token_shards import (
     ShardMetadata,
+    TokenizeConfig,
     TokenShard,
     TokenShardError,
     TokenSource,
@@ -22,7 +23,7 @@ from curation.token_shards import (
     token_size_for_vocab,
     tokenize_manifest,
 )
-from curation.tokenizer import load_tokenizer, tokenizer_id, tokenizer_path
+from curation.tokenizer import TokenizerError, load_tokenizer, tokenizer_id, tokenizer_path
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,7 @@ def test_changed_token_shard_is_refused(tokenized_copy: Path):
     with pytest.raises(TokenShardError, match=rf"{path}: checksum mismatch.*mixlab tokenize"):
         TokenSource.from_manifest(manifest, "prose", "train")
     path.unlink()
-    with pytest.raises(TokenShardError, match=rf"{path}: token shard listed in the manifest is missing"):
+    with pytest.raises(TokenShardError, match=rf"{path}: token shard of 'prose' listed in the manifest is missing.*mixlab tokenize"):
         TokenSource.from_manifest(manifest, "prose", "train")
 
 
@@ -168,3 +169,22 @@ def test_tokenizing_needs_a_tokenizer(tmp_path: Path):
     root = build_curated_dir(tmp_path)
     with pytest.raises(ManifestError, match="no tokenizer"):
         tokenize_manifest(root, show_progress=False)
+
+
+def test_changed_or_missing_tokenizer_is_named_with_the_fix(tokenized_copy: Path):
+    manifest = ShardManifest.load(tokenized_copy)
+    path = manifest.resolve(manifest.tokenizer.path)
+    path.write_text(path.read_text().replace("<|endoftext|>", "<|endoftext|> "))
+    assert any(p.startswith(f"{path}: checksum mismatch") for p in manifest.verify_checksums())
+    with pytest.raises(TokenizerError, match=rf"{path}: checksum mismatch.*tokenizer.*mixlab tokenize"):
+        tokenize_manifest(tokenized_copy, show_progress=False)
+    path.unlink()
+    with pytest.raises(TokenizerError, match=rf"{path}: tokenizer listed in the manifest is missing"):
+        tokenize_manifest(tokenized_copy, show_progress=False)
+
+
+def test_tokenize_config_is_the_only_way_to_set_the_split(tokenized_copy: Path):
+    with pytest.raises(TypeError):
+        tokenize_manifest(tokenized_copy, val_fraction=0.5, show_progress=False)  # type: ignore[call-arg]
+    manifest = tokenize_manifest(tokenized_copy, None, TokenizeConfig(), sources=["code"], show_progress=False)
+    assert manifest.sources["code"].tokens["val"] > 0

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from stdlib_corpus import build_curated_dir
+from stdlib_corpus import build_curated_dir, stdlib_code_docs, write_source
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from curation.manifest import ShardManifest, sha256_file
+from curation.splits import TokenizeConfig, split_source
+from curation.token_shards import TokenSource, tokenize_manifest
 from curation.tokenizer import (
     EOS_TOKEN,
     TokenizerConfig,
     TokenizerError,
     byte_symbol_table,
+    iter_training_texts,
     load_tokenizer,
     token_byte_lengths,
     tokenizer_path,
@@ -115,3 +119,64 @@ def test_byte_lengths_refuse_a_non_byte_level_tokenizer(tmp_path: Path):
     word_level.save(str(path))
     with pytest.raises(TokenizerError, match="not a byte-level tokenizer"):
         token_byte_lengths(path)
+
+
+def shard_of_text(manifest: ShardManifest, source: str) -> dict[str, int]:
+    """Which shard of `source` each text is in."""
+    where = {}
+    for index, shard in enumerate(manifest.source(source).shards):
+        for text in pq.read_table(manifest.resolve(shard.path), columns=["text"]).column(0).to_pylist():
+            where[text] = index
+    return where
+
+
+def test_byte_budget_sample_spreads_over_all_shards(tmp_path: Path):
+    """A source 4x its budget: every shard contributes about a quarter, not the first shard all of it."""
+    root = tmp_path / "curated"
+    manifest = ShardManifest()
+    manifest.sources["code"] = write_source(root, "code", "code", stdlib_code_docs(), shards=4)
+    manifest.save(root)
+    entry = manifest.sources["code"]
+    assert entry.bytes == sum(s.text_bytes for s in entry.shards) > sum(s.bytes for s in entry.shards)
+    held_out = TokenizeConfig()
+    budget = split_source(manifest, "code", held_out).train_bytes // 4
+    stats: dict = {}
+    texts = list(iter_training_texts(manifest, TokenizerConfig(max_bytes_per_source=budget), stats))
+    where = shard_of_text(manifest, "code")
+    per_shard = Counter(where[t] for t in texts)
+    assert set(per_shard) == {0, 1, 2, 3}, per_shard
+    assert max(per_shard.values()) <= 2 * min(per_shard.values())
+    assert 0.8 * budget <= stats["code"].bytes_used <= budget + 12_000  # at most one document over
+
+
+def test_validation_documents_never_reach_the_tokenizer(tmp_path: Path):
+    root = build_curated_dir(tmp_path / "curated")
+    split = TokenizeConfig(val_fraction=0.1)
+    config = TokenizerConfig(vocab_size=600, held_out=split)
+    manifest = ShardManifest.load(root)
+    stats: dict = {}
+    stream = set(iter_training_texts(manifest, config, stats))
+    for name in manifest.sources:
+        val_ids = split_source(manifest, name, split).val_ids
+        assert val_ids and stats[name].docs_held_out == len(val_ids)
+        rows = [
+            row
+            for shard in manifest.source(name).shards
+            for row in pq.read_table(manifest.resolve(shard.path), columns=["id", "text"]).to_pylist()
+        ]
+        assert not {r["text"] for r in rows if r["id"] in val_ids} & stream
+        assert {r["text"] for r in rows if r["id"] not in val_ids} <= stream  # under budget: all the rest
+
+    # the documents tokenization holds out are exactly the ones the tokenizer was trained without
+    info = train_tokenizer(root, config, show_progress=False)
+    assert info.held_out == split.val_settings()
+    tokenize_manifest(root, None, split, show_progress=False)
+    tokenizer = load_tokenizer(tokenizer_path(root))
+    for name in manifest.sources:
+        val = TokenSource.from_manifest(root, name, "val")
+        decoded = {tokenizer.decode(val.document(i)[:-1].tolist()) for i in range(val.num_docs)}
+        assert decoded and not decoded & stream
+
+    # a different split would put text the tokenizer saw into validation: refused, with the fix
+    with pytest.raises(TokenizerError, match=r"trained without the validation split.*held_out="):
+        tokenize_manifest(root, None, TokenizeConfig(val_fraction=0.05), show_progress=False)
