@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 from byte_sampler import ByteSampler
 
-from training import HeldOutEvaluator, ModelConfig, NonFiniteLossError, RunStore, TrainConfig, train
+from training import (
+    ConfigError,
+    HeldOutEvaluator,
+    ModelConfig,
+    NonFiniteLossError,
+    RunStore,
+    TrainConfig,
+    TrainingError,
+    train,
+)
 from training.lr_schedule import decay_start_step, lr_at
 
 
@@ -106,10 +115,14 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
         train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(train_split(corpora), tcfg.batch_size, tcfg.seq_len))
     reloaded = RunStore(tmp_path).get("diverges")
     assert reloaded.status == "failed" and "NonFiniteLossError" in reloaded.summary["error"]
+    assert issubclass(NonFiniteLossError, TrainingError) and issubclass(NonFiniteLossError, RuntimeError)
 
 
 def test_mismatched_batch_shape_is_reported(tmp_path):
     tcfg = TrainConfig.preset("tiny", total_steps=2, warmup_steps=0, progress_bar=False, threads=1)
     run = RunStore(tmp_path).create("shape", config={})
-    with pytest.raises(ValueError, match="build the sampler with the same sizes"):
+    with pytest.raises(ConfigError, match="build the sampler with the same sizes"):
         train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(train_split(stdlib_corpora()), 4, tcfg.seq_len))
+    assert RunStore(tmp_path).get("shape").status == "failed"
+    with pytest.raises(ConfigError, match="run 'shape': TrainConfig.seq_len=64 exceeds ModelConfig.max_seq_len=32"):
+        train(run, ModelConfig.preset("tiny", max_seq_len=32), tcfg, ByteSampler(stdlib_corpora(), 8, 64))

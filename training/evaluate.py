@@ -61,7 +61,6 @@ class HeldOutEvaluator:
         rows.append(_row("all", total_nats, total_tokens, total_bytes))
         return rows
 
-    __call__ = evaluate
 
 
 def _row(source: str, nats: float, tokens: int, nbytes: int) -> dict[str, Any]:
