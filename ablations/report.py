@@ -1,8 +1,8 @@
 """A run report a person can read: loss curve, per-source eval, the mixture over training, and the
 curation funnel that produced the data. Written as `report.html` plus PNG plots next to it.
 
-The report reads only files (a run directory and, optionally, a shard manifest), so it works on any
-finished or running run and never imports the trainer.
+The report reads only files (a run directory through `RunRecord`, and optionally a shard manifest), so
+it works on any finished or running run, whichever backend wrote it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 from curation import ShardManifest  # noqa: E402
-from training.run_record import RunRecord  # noqa: E402
+from training import RunRecord  # noqa: E402
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
@@ -279,7 +279,7 @@ def build_report(run_dir: str | Path, out_dir: str | Path, manifest_dir: str | P
                     "source": n,
                     "kind": s.kind,
                     "docs": s.docs,
-                    "MB": round(s.bytes / 1e6, 2),
+                    "MB text": round(s.bytes / 1e6, 2),
                     "train tokens": s.tokens.get("train", 0),
                     "val tokens": s.tokens.get("val", 0),
                     "quarantined": s.quarantined,

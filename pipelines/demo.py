@@ -28,12 +28,13 @@ DECAY_WEIGHTS: dict[str, float] = {
 }
 
 
-def demo_schedule(available: set[str] | None = None, decay_fraction: float = 0.2) -> MixtureSchedule:
-    """The demo's two-stage schedule, restricted to the sources that were actually curated."""
+def demo_schedule(available: set[str] | None = None) -> MixtureSchedule:
+    """The demo's two-stage schedule, restricted to the sources that were actually curated. The decay
+    stage's share is `MixtureSchedule.stable_decay`'s; the LR decay is aligned to it in `pretrain`."""
     def keep(weights: dict[str, float]) -> dict[str, float]:
         return {k: v for k, v in weights.items() if available is None or k in available}
 
-    return MixtureSchedule.stable_decay(keep(STABLE_WEIGHTS), keep(DECAY_WEIGHTS), decay_fraction=decay_fraction)
+    return MixtureSchedule.stable_decay(keep(STABLE_WEIGHTS), keep(DECAY_WEIGHTS))
 
 
 @dataclass
@@ -48,8 +49,8 @@ class DemoConfig:
     train_preset: str = "demo"
     steps: int | None = None  # None: the train preset's
     run_id: str = "demo"
-    tasks: int = 2
-    workers: int = 2
+    tasks: int | None = None  # None: curate()'s default
+    workers: int | None = None
     seed: int = 0
     sources: tuple[str, ...] | None = None  # None: all corpus sources
     extra_train: dict = field(default_factory=dict)
@@ -58,10 +59,11 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the path of the report."""
     from ablations import build_report
-    from curation import TokenizerConfig, tokenize_manifest, train_tokenizer
+    from curation import TokenizeConfig, TokenizerConfig, tokenize_manifest, train_tokenizer
     from pipelines.corpus import fetch_corpus
     from pipelines.curate import curate
     from pipelines.pretrain import PretrainJob, pretrain
+    from pipelines.summary import curation_lines, token_lines
     from training import ModelConfig, TrainConfig
 
     work = Path(config.workdir)
@@ -77,18 +79,17 @@ def run_demo(config: DemoConfig) -> Path:
     timings["corpus"] = time.perf_counter() - t
 
     t = stage("curation (datatrove: extract, language ID, quality, MinHash dedup)")
-    manifest = curate(work / "raw", curated, tasks=config.tasks, workers=config.workers)
+    parallelism = {k: v for k, v in (("tasks", config.tasks), ("workers", config.workers)) if v is not None}
+    manifest = curate(work / "raw", curated, **parallelism)
     timings["curate"] = time.perf_counter() - t
-    for name, src in sorted(manifest.sources.items()):
-        first = src.steps[0].docs_in if src.steps else src.docs
-        print(f"  {name:12s} {first:6d} docs in → {src.docs:6d} kept ({src.bytes / 1e6:.1f} MB), quarantined {src.quarantined}")
+    print("\n".join(curation_lines(manifest)))
 
     t = stage("tokenizer (byte-level BPE) and token shards")
-    train_tokenizer(curated, TokenizerConfig(vocab_size=config.vocab_size))
-    manifest = tokenize_manifest(curated, val_fraction=config.val_fraction)
+    held_out = TokenizeConfig(val_fraction=config.val_fraction)  # the tokenizer never sees these documents
+    train_tokenizer(curated, TokenizerConfig(vocab_size=config.vocab_size, held_out=held_out))
+    manifest = tokenize_manifest(curated, config=held_out)
     timings["tokenize"] = time.perf_counter() - t
-    for name, src in sorted(manifest.sources.items()):
-        print(f"  {name:12s} train {src.tokens.get('train', 0):>9,d} tokens, val {src.tokens.get('val', 0):>7,d}")
+    print("\n".join(token_lines(manifest)))
 
     available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
     schedule = demo_schedule(available)

@@ -73,3 +73,23 @@ def test_train_eval_report_and_resume(tokenized_dir, tmp_path, capsys):
     steps = [m["step"] for m in RunRecord.load(runs / "e2e").metrics()]
     assert steps == sorted(set(steps)) and steps[-1] == 50
     assert json.loads((runs / "e2e" / "run.json").read_text())["status"] == "completed"
+
+
+def test_cli_errors_say_what_is_wrong_without_a_traceback(tmp_path, capsys):
+    assert main(["eval", "--run", str(tmp_path / "missing-run")]) == 2
+    assert "no run.json" in capsys.readouterr().err
+    (tmp_path / "curated").mkdir()
+    assert main(["mix", "--curated", str(tmp_path / "curated")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixlab mix: error:") and "mixlab curate" in err
+
+
+def test_eval_refuses_shards_made_by_another_tokenizer(tokenized_dir, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert main(_train_args(tokenized_dir, runs, "tok", 12)) == 0
+    other = tmp_path / "retokenized"
+    shutil.copytree(tokenized_dir, other)
+    assert main(["tokenize", "--curated", str(other), "--vocab-size", "500"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run", str(runs / "tok"), "--curated", str(other)]) == 2
+    assert "tokenizer" in capsys.readouterr().err

@@ -69,3 +69,12 @@ def test_mixture_shares_merges_intervals_without_losing_tokens():
     shares = mixture_shares(metrics, max_points=3)
     assert shares["step"].to_list() == [4, 8, 10]
     assert shares["web"].to_list() == pytest.approx([0.25] * 3)
+
+
+def test_re_evaluating_a_step_replaces_its_rows(tmp_path):
+    run = RunStore(tmp_path).create("r", {})
+    run.log_eval(10, "web", loss=2.0)
+    run.log_eval(10, "code", loss=1.0)
+    run.log_eval(10, "web", loss=1.5)
+    assert [(e["source"], e["loss"]) for e in run.evals()] == [("web", 1.5), ("code", 1.0)]
+    assert RunStore(tmp_path).evals_frame().height == 2

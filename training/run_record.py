@@ -124,7 +124,11 @@ class RunRecord:
         return _read_jsonl(self.path / "metrics.jsonl")
 
     def evals(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.path / "evals.jsonl")
+        """One row per (step, source): evaluating the same checkpoint again replaces the earlier row."""
+        latest: dict[tuple[int, str], dict[str, Any]] = {}
+        for row in _read_jsonl(self.path / "evals.jsonl"):
+            latest[(row["step"], row["source"])] = row
+        return list(latest.values())
 
     def metrics_frame(self) -> pl.DataFrame:
         rows = self.metrics()

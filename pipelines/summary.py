@@ -1,0 +1,21 @@
+"""Console summaries of a manifest, shared by the CLI and the recipes."""
+
+from __future__ import annotations
+
+from curation import ShardManifest
+
+
+def curation_lines(manifest: ShardManifest) -> list[str]:
+    """One line per source: documents read, kept, text size, quarantined."""
+    lines = []
+    for name, src in sorted(manifest.sources.items()):
+        read = src.steps[0].docs_in if src.steps else src.docs
+        lines.append(f"  {name:14s} {read:7,d} docs read → {src.docs:7,d} kept  {src.bytes / 1e6:7.2f} MB text  "
+                     f"quarantined {src.quarantined}")
+    return lines
+
+
+def token_lines(manifest: ShardManifest) -> list[str]:
+    """One line per tokenized source: train and held-out tokens."""
+    return [f"  {name:14s} train {src.tokens.get('train', 0):>11,d}  val {src.tokens.get('val', 0):>9,d} tokens"
+            for name, src in sorted(manifest.sources.items()) if src.tokens]
