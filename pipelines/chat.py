@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from curation.dedup import MinhashSettings
-from curation.filters import ChatFormatFilter
+from curation.filters import ChatFormatFilter, ChatFormatSettings
 from curation.lid import BundledLanguageFilter
 from curation.stages import SourceLayout, SourcePipelines, assemble_stages
 from curation.text import RegexWordTokenizer
@@ -18,8 +18,7 @@ from curation.text import RegexWordTokenizer
 
 @dataclass
 class ChatRecipe:
-    min_chars: int = 10
-    max_chars: int = 20_000
+    format: ChatFormatSettings = field(default_factory=ChatFormatSettings)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
 
 
@@ -29,7 +28,7 @@ def chat_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "c
     layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
     filters = [
         BundledLanguageFilter(label_only=True),
-        ChatFormatFilter(min_chars=recipe.min_chars, max_chars=recipe.max_chars),
+        ChatFormatFilter(recipe.format),
     ]
     return assemble_stages(layout, "chat", filters, tasks, recipe.minhash, RegexWordTokenizer("chat"),
                            config=asdict(recipe))

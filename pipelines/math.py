@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from curation.dedup import MinhashSettings
-from curation.filters import MathQualityFilter
+from curation.filters import MathQualityFilter, MathQualitySettings
 from curation.lid import BundledLanguageFilter
 from curation.stages import SourceLayout, SourcePipelines, assemble_stages
 from curation.text import RegexWordTokenizer
@@ -18,8 +18,7 @@ from curation.text import RegexWordTokenizer
 
 @dataclass
 class MathRecipe:
-    min_words: int = 20
-    min_alpha_fraction: float = 0.35
+    quality: MathQualitySettings = field(default_factory=MathQualitySettings)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
 
 
@@ -29,7 +28,7 @@ def math_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "m
     layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
     filters = [
         BundledLanguageFilter(label_only=True),
-        MathQualityFilter(min_words=recipe.min_words, min_alpha_fraction=recipe.min_alpha_fraction),
+        MathQualityFilter(recipe.quality),
     ]
     return assemble_stages(layout, "math", filters, tasks, recipe.minhash, RegexWordTokenizer("math"),
                            config=asdict(recipe))

@@ -6,9 +6,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from curation.dedup import MinhashSettings
-from curation.extract import QuarantiningTrafilatura
+from curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura
 from curation.filters import GopherSettings, gopher_filters
-from curation.lid import BundledLanguageFilter
+from curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter
 from curation.stages import SourceLayout, SourcePipelines, assemble_stages
 from curation.text import WarmSpacyTokenizer
 
@@ -19,9 +19,9 @@ class WebRecipe:
     which need blocklists or word lists that cannot be fetched offline)."""
 
     language: str = "en"
-    language_threshold: float = 0.65
-    extract_timeout_s: float = 10.0
-    gopher: GopherSettings | None = None
+    language_threshold: float = LANGUAGE_THRESHOLD
+    extract_timeout_s: float = EXTRACT_TIMEOUT_S
+    gopher: GopherSettings | None = None  # None: GopherSettings(language=language)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
 
     def __post_init__(self) -> None:

@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from curation.extract import EXTRACT_TIMEOUT_S
+from curation.filters import (
+    STOP_WORDS,
+    ChatFormatFilter,
+    ChatFormatSettings,
+    CodeQualityFilter,
+    CodeQualitySettings,
+    GopherSettings,
+    MathQualityFilter,
+    MathQualitySettings,
+    gopher_filters,
+)
+from curation.lid import LANGUAGE_THRESHOLD
 from curation.manifest import SourceEntry, StepStats
+from curation.text import RegexWordTokenizer
+from pipelines.chat import ChatRecipe, chat_pipeline
+from pipelines.code import CodeRecipe, code_pipeline
+from pipelines.math import MathRecipe, math_pipeline
+from pipelines.web import WebRecipe
 
 
 def test_accounting_compares_the_last_step_with_the_shards_even_when_there_are_none() -> None:
@@ -11,3 +33,38 @@ def test_accounting_compares_the_last_step_with_the_shards_even_when_there_are_n
     empty = SourceEntry(name="math", kind="math", docs=0, steps=[StepStats("read", 3, 0, {"quarantine_bad": 3})])
     assert empty.check_accounting() == []
     assert SourceEntry(name="new", kind="web").check_accounting() == []  # no steps: nothing to compare
+
+
+def test_gopher_settings_keep_explicit_values_and_fill_only_unset_ones() -> None:
+    assert GopherSettings(language="de", max_avg_word_length=15).max_avg_word_length == 15
+    assert GopherSettings(language="de").max_avg_word_length == 12  # the German default
+    assert GopherSettings(language="en").max_avg_word_length == 10  # the paper's
+    assert GopherSettings(language="de", min_doc_words=0).min_doc_words == 0  # 0 turns a rule off, not "unset"
+    german = GopherSettings(language="de")
+    assert german.stop_words == STOP_WORDS["de"] and german.min_stop_words == 2
+    assert GopherSettings(language="ja").min_stop_words == 0  # no list: the stop-word rule is skipped
+    assert GopherSettings(language="ja", stop_words=["の", "に"]).min_stop_words == 2
+    with pytest.raises(ValueError, match="needs a stop-word list"):
+        GopherSettings(language="ja", min_stop_words=2)
+    quality = gopher_filters(GopherSettings(language="de", max_avg_word_length=15), RegexWordTokenizer("de"))[1]
+    assert quality.max_avg_word_length == 15
+
+
+def test_filter_defaults_live_in_their_settings(tmp_path: Path) -> None:
+    assert CodeQualityFilter().settings == CodeRecipe().quality == CodeQualitySettings()
+    assert MathQualityFilter().settings == MathRecipe().quality == MathQualitySettings()
+    assert ChatFormatFilter().settings == ChatRecipe().format == ChatFormatSettings()
+    assert CodeQualityFilter(min_lines=3).settings == CodeQualitySettings(min_lines=3)  # keyword overrides
+    assert WebRecipe().language_threshold == LANGUAGE_THRESHOLD
+    assert WebRecipe().extract_timeout_s == EXTRACT_TIMEOUT_S
+
+    def step(pipelines, cls):
+        return next(s for s in pipelines.stages[0].pipeline if isinstance(s, cls))
+
+    code = code_pipeline(tmp_path, tmp_path, recipe=CodeRecipe(quality=CodeQualitySettings(min_lines=9)))
+    assert step(code, CodeQualityFilter).settings.min_lines == 9
+    math = math_pipeline(tmp_path, tmp_path, recipe=MathRecipe(quality=MathQualitySettings(min_words=7)))
+    assert step(math, MathQualityFilter).settings.min_words == 7
+    chat = chat_pipeline(tmp_path, tmp_path, recipe=ChatRecipe(format=ChatFormatSettings(max_chars=99)))
+    assert step(chat, ChatFormatFilter).settings.max_chars == 99
+    assert chat.config["format"]["max_chars"] == 99  # fingerprinted: a changed setting re-curates
