@@ -66,7 +66,8 @@ class Stage:
 
 @dataclass
 class SourcePipelines:
-    """The stages of one source, in order. `accounted` names the stage steps that count documents."""
+    """The stages of one source, in order (which steps count documents is decided by
+    `curation.accounting.step_name`)."""
 
     source: str
     kind: str

@@ -31,28 +31,17 @@ def blank_nlp(language: str):
 class WarmSpacyTokenizer(WordTokenizer):
     """spaCy blank-language word splitting without per-document memory zones.
 
-    The vocabulary grows with the distinct words seen (tens of MB for millions of words); `reset_every`
-    rebuilds the pipeline after that many documents when a very long run needs the memory back.
+    The vocabulary grows with the distinct words seen (tens of MB for millions of words) and is held for
+    the life of the process: a datatrove worker pool lives for one stage.
     """
 
-    def __init__(self, language: str, reset_every: int | None = None, warm: bool = True):
+    def __init__(self, language: str, warm: bool = True):
         super().__init__(language)
-        self.reset_every = reset_every
-        self._uses = 0
         if warm:
             blank_nlp(language)
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_uses"] = 0
-        return state
-
     @property
     def nlp(self):
-        self._uses += 1
-        if self.reset_every and self._uses > self.reset_every:
-            _BLANK_NLP.pop(self.language, None)
-            self._uses = 1
         return blank_nlp(self.language)
 
     def word_tokenize(self, text: str) -> list[str]:
