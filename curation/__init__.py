@@ -1,5 +1,26 @@
-"""Curation: datatrove pipelines from raw sources to Parquet shards with a manifest, then token shards."""
+"""Curation: datatrove pipelines from raw sources to Parquet shards with a manifest, then token shards.
 
+What other packages use comes from here, never from the modules: the manifest (the contract with every later
+stage), the tokenizer and token shards, the train/val split, and the recipe-building API that
+`pipelines/{web,code,math,chat,curate}.py` assemble sources from (steps, their settings, stage layout,
+accounting, console hygiene).
+"""
+
+from curation.accounting import build_source_entry
+from curation.console import quiet_datatrove_console
+from curation.dedup import MinhashSettings
+from curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura
+from curation.filters import (
+    ChatFormatFilter,
+    ChatFormatSettings,
+    CodeQualityFilter,
+    CodeQualitySettings,
+    GopherSettings,
+    MathQualityFilter,
+    MathQualitySettings,
+    gopher_filters,
+)
+from curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter
 from curation.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -11,8 +32,10 @@ from curation.manifest import (
     TokenizerInfo,
     sha256_file,
 )
+from curation.splits import SourceSplit, TokenizeConfig, split_source
+from curation.stages import SourceLayout, SourcePipelines, Stage, assemble_stages
+from curation.text import RegexWordTokenizer, WarmSpacyTokenizer
 from curation.token_shards import (
-    TokenizeConfig,
     TokenShard,
     TokenShardError,
     TokenSource,
@@ -29,6 +52,7 @@ from curation.tokenizer import (
 )
 
 __all__ = [
+    # the manifest
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "ManifestError",
@@ -36,18 +60,43 @@ __all__ = [
     "ShardManifest",
     "SourceEntry",
     "StepStats",
+    "TokenizerInfo",
+    "sha256_file",
+    # tokenizer, train/val split, token shards
+    "SourceSplit",
     "TokenShard",
     "TokenShardError",
     "TokenSource",
     "TokenizeConfig",
     "TokenizerConfig",
     "TokenizerError",
-    "TokenizerInfo",
     "load_tokenizer",
     "open_token_sources",
-    "sha256_file",
+    "split_source",
     "token_byte_lengths",
     "tokenize_manifest",
     "tokenizer_path",
     "train_tokenizer",
+    # building curation recipes
+    "EXTRACT_TIMEOUT_S",
+    "LANGUAGE_THRESHOLD",
+    "BundledLanguageFilter",
+    "ChatFormatFilter",
+    "ChatFormatSettings",
+    "CodeQualityFilter",
+    "CodeQualitySettings",
+    "GopherSettings",
+    "MathQualityFilter",
+    "MathQualitySettings",
+    "MinhashSettings",
+    "QuarantiningTrafilatura",
+    "RegexWordTokenizer",
+    "SourceLayout",
+    "SourcePipelines",
+    "Stage",
+    "WarmSpacyTokenizer",
+    "assemble_stages",
+    "build_source_entry",
+    "gopher_filters",
+    "quiet_datatrove_console",
 ]

@@ -5,10 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from curation.dedup import MinhashSettings
-from curation.filters import CodeQualityFilter, CodeQualitySettings
-from curation.stages import SourceLayout, SourcePipelines, assemble_stages
-from curation.text import RegexWordTokenizer
+from curation import (
+    CodeQualityFilter,
+    CodeQualitySettings,
+    MinhashSettings,
+    RegexWordTokenizer,
+    SourceLayout,
+    SourcePipelines,
+    assemble_stages,
+)
 
 
 @dataclass

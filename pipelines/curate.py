@@ -27,10 +27,14 @@ from datatrove.executor import LocalPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
-from curation.accounting import build_source_entry
-from curation.console import quiet_datatrove_console
-from curation.manifest import ManifestError, ShardManifest
-from curation.stages import SourceLayout, SourcePipelines
+from curation import (
+    ManifestError,
+    ShardManifest,
+    SourceLayout,
+    SourcePipelines,
+    build_source_entry,
+    quiet_datatrove_console,
+)
 from pipelines.chat import chat_pipeline
 from pipelines.code import code_pipeline
 from pipelines.corpus import CORPUS_JSON, REPO_ROOT

@@ -9,11 +9,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from curation.dedup import MinhashSettings
-from curation.filters import MathQualityFilter, MathQualitySettings
-from curation.lid import BundledLanguageFilter
-from curation.stages import SourceLayout, SourcePipelines, assemble_stages
-from curation.text import RegexWordTokenizer
+from curation import (
+    BundledLanguageFilter,
+    MathQualityFilter,
+    MathQualitySettings,
+    MinhashSettings,
+    RegexWordTokenizer,
+    SourceLayout,
+    SourcePipelines,
+    assemble_stages,
+)
 
 
 @dataclass

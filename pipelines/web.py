@@ -5,12 +5,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from curation.dedup import MinhashSettings
-from curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura
-from curation.filters import GopherSettings, gopher_filters
-from curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter
-from curation.stages import SourceLayout, SourcePipelines, assemble_stages
-from curation.text import WarmSpacyTokenizer
+from curation import (
+    EXTRACT_TIMEOUT_S,
+    LANGUAGE_THRESHOLD,
+    BundledLanguageFilter,
+    GopherSettings,
+    MinhashSettings,
+    QuarantiningTrafilatura,
+    SourceLayout,
+    SourcePipelines,
+    WarmSpacyTokenizer,
+    assemble_stages,
+    gopher_filters,
+)
 
 
 @dataclass

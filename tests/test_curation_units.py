@@ -68,3 +68,20 @@ def test_filter_defaults_live_in_their_settings(tmp_path: Path) -> None:
     chat = chat_pipeline(tmp_path, tmp_path, recipe=ChatRecipe(format=ChatFormatSettings(max_chars=99)))
     assert step(chat, ChatFormatFilter).settings.max_chars == 99
     assert chat.config["format"]["max_chars"] == 99  # fingerprinted: a changed setting re-curates
+
+
+def test_recipes_use_only_the_curation_package_interface() -> None:
+    """Stage boundaries: pipelines build sources from what `curation/__init__.py` exports, not its modules."""
+    import ast
+
+    import curation
+
+    root = Path(__file__).resolve().parents[1] / "pipelines"
+    for name in ("web", "code", "math", "chat", "curate", "corpus"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("curation"):
+                assert node.module == "curation", f"pipelines/{name}.py imports {node.module}"
+                assert all(alias.name in curation.__all__ for alias in node.names)
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("curation.") for a in node.names), f"pipelines/{name}.py"
