@@ -428,6 +428,9 @@ def fetch_corpus(
 ) -> dict[str, Any]:
     """Build `out_dir/raw/<source>/*.jsonl.gz` and `out_dir/raw/corpus.json`; returns the corpus.json dict.
 
+    `out_dir` is the WORK directory (`mixlab corpus fetch --out WORKDIR`), not the raw folder: documents go
+    to its `raw/` sub-folder, which is what `curate` reads (it also accepts the work directory itself).
+
     `max_mb` caps the raw text bytes of each source. Idempotent: a source already built with the same
     arguments is left alone, so a re-run with the same arguments does nothing.
     """

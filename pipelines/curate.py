@@ -96,10 +96,25 @@ def ensure_writable_caches(cache_root: Path | None = None) -> None:
 
 
 def _raw_root(raw_dir: Path) -> Path:
-    """Accept the `raw/` folder itself or the work directory that contains it."""
+    """Accept the `raw/` folder itself or the work directory that contains it (what `fetch_corpus` was given)."""
     if not (raw_dir / CORPUS_JSON).exists() and (raw_dir / "raw").is_dir():
         return raw_dir / "raw"
     return raw_dir
+
+
+def _raw_sources(raw_dir: Path) -> tuple[Path, list[str]]:
+    """The raw root and the sources in it (folders holding `*.jsonl.gz`); a clear error when there are none."""
+    raw_root = _raw_root(raw_dir)
+    found = []
+    if raw_root.is_dir():
+        found = sorted(p.name for p in raw_root.iterdir() if p.is_dir() and any(p.glob("*.jsonl.gz")))
+    if not found:
+        what = "does not exist" if not raw_dir.exists() else "holds no raw sources (<source>/*.jsonl.gz)"
+        raise FileNotFoundError(
+            f"{raw_dir}: {what}; build the raw corpus first with `mixlab corpus fetch --out WORKDIR` and "
+            "curate WORKDIR/raw (or WORKDIR)"
+        )
+    return raw_root, found
 
 
 def _fingerprint(pipelines: SourcePipelines, raw_source: Path, tasks: int) -> str:
@@ -150,18 +165,22 @@ def curate(
 ) -> ShardManifest:
     """Curate `raw_dir/<source>` for each source into `curated_dir/<source>/*.parquet`; write the manifest.
 
+    `raw_dir` is the `raw/` folder `fetch_corpus` wrote, or the work directory holding it; a missing or
+    empty one is a FileNotFoundError that says to run `mixlab corpus fetch` first.
     `sources=None` curates every source found in `raw_dir`. Sources already in an existing manifest but
     not curated now keep their entries; token shards of a source that was re-curated are dropped.
     """
     ensure_writable_caches()
-    raw_root = _raw_root(Path(raw_dir))
+    raw_root, found = _raw_sources(Path(raw_dir))
     curated = Path(curated_dir)
     corpus = json.loads((raw_root / CORPUS_JSON).read_text()) if (raw_root / CORPUS_JSON).exists() else {}
-    found = sorted(p.name for p in raw_root.iterdir() if p.is_dir() and any(p.glob("*.jsonl.gz")))
     wanted = list(sources) if sources else found
     missing = [s for s in wanted if s not in found]
     if missing:
-        raise FileNotFoundError(f"{raw_root}: no raw files for {missing}; run `mixlab corpus fetch` first")
+        raise FileNotFoundError(
+            f"{raw_root}: no raw files for {missing} (found {found}); fetch them with "
+            f"`mixlab corpus fetch --out WORKDIR --sources {' '.join(missing)}` first"
+        )
 
     try:
         manifest = ShardManifest.load(curated)

@@ -23,6 +23,7 @@ from curation.manifest import SourceEntry, StepStats
 from curation.text import RegexWordTokenizer
 from pipelines.chat import ChatRecipe, chat_pipeline
 from pipelines.code import CodeRecipe, code_pipeline
+from pipelines.curate import curate
 from pipelines.math import MathRecipe, math_pipeline
 from pipelines.web import WebRecipe
 
@@ -85,3 +86,17 @@ def test_recipes_use_only_the_curation_package_interface() -> None:
                 assert all(alias.name in curation.__all__ for alias in node.names)
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("curation.") for a in node.names), f"pipelines/{name}.py"
+
+
+def test_curate_without_a_raw_corpus_says_to_fetch_it(tmp_path: Path) -> None:
+    missing = tmp_path / "work"
+    with pytest.raises(FileNotFoundError, match=rf"{missing}: does not exist.*mixlab corpus fetch --out WORKDIR"):
+        curate(missing, tmp_path / "curated")
+    missing.mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{missing}: holds no raw sources.*mixlab corpus fetch --out"):
+        curate(missing, tmp_path / "curated")
+    (missing / "raw" / "math").mkdir(parents=True)
+    (missing / "raw" / "math" / "00000.jsonl.gz").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match=r"no raw files for \['chat'\] \(found \['math'\]\)"):
+        curate(missing, tmp_path / "curated", sources=["chat"])
+    assert not (tmp_path / "curated").exists()
