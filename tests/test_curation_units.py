@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+from datatrove.data import Document
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.filters.base_filter import BaseFilter
 
+from curation.console import quiet_datatrove_console
 from curation.extract import EXTRACT_TIMEOUT_S
 from curation.filters import (
     STOP_WORDS,
@@ -100,3 +105,40 @@ def test_curate_without_a_raw_corpus_says_to_fetch_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"no raw files for \['chat'\] \(found \['math'\]\)"):
         curate(missing, tmp_path / "curated", sources=["chat"])
     assert not (tmp_path / "curated").exists()
+
+
+class _KeepAll(BaseFilter):
+    name = "keep all"
+
+    def filter(self, doc: Document) -> bool:
+        return True
+
+
+def _run_datatrove(logging_dir: Path) -> None:
+    docs = [Document(text=f"document {i}", id=str(i)) for i in range(3)]
+    LocalPipelineExecutor([docs, _KeepAll()], tasks=1, workers=1, logging_dir=str(logging_dir)).run()
+
+
+def test_quiet_console_hides_task_logs_and_leaves_loguru_on_the_real_stderr(tmp_path, capsys, monkeypatch):
+    """datatrove re-adds `sys.stderr` (the filter, then) as loguru's sink when a task ends; after the context
+    loguru must write to the real stderr, not keep going through the filter (which drops lines it finds noisy)."""
+    from loguru import logger
+
+    monkeypatch.delenv("MIXLAB_VERBOSE", raising=False)
+    try:
+        with quiet_datatrove_console():
+            _run_datatrove(tmp_path / "quiet")
+        assert "Launching pipeline" not in capsys.readouterr().err  # INFO stays in the run's logs/ folder
+        assert "Launching pipeline" in next((tmp_path / "quiet" / "logs").glob("task_*.log")).read_text()
+        logger.info("an info line after the run")
+        logger.warning("a warning that mentions an empty page")  # the filter would drop it as trafilatura noise
+        err = capsys.readouterr().err
+        assert "an empty page" in err and "an info line" not in err
+
+        monkeypatch.setenv("MIXLAB_VERBOSE", "1")
+        with quiet_datatrove_console():
+            _run_datatrove(tmp_path / "verbose")
+        assert "Launching pipeline" in capsys.readouterr().err
+    finally:
+        logger.remove()
+        logger.add(sys.__stderr__, level="WARNING")  # not pytest's capture stream, which closes after the test
