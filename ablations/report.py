@@ -225,7 +225,11 @@ def build_report(run_dir: str | Path, out_dir: str | Path, manifest_dir: str | P
         f"<p>status: <b>{html.escape(run.status)}</b> · updated {html.escape(run.updated)}</p>"
     )
     if summary:
-        sections.append("<h2>Summary</h2>" + _table(pl.DataFrame([{k: v for k, v in summary.items() if not isinstance(v, dict | list)}])))
+        def show(value) -> str:
+            return f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
+
+        rows = [{"field": k, "value": show(v)} for k, v in summary.items() if not isinstance(v, dict | list)]
+        sections.append("<h2>Summary</h2>" + _table(pl.DataFrame(rows)))
 
     sections.append("<h2>Loss</h2>")
     if metrics:
