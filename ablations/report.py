@@ -199,7 +199,9 @@ def _table(frame: pl.DataFrame, floats: int = 4) -> str:
     for row in frame.iter_rows():
         cells = []
         for value in row:
-            if isinstance(value, float):
+            if value is None:
+                text = "–"
+            elif isinstance(value, float):
                 text = f"{value:.{floats}f}"
             elif isinstance(value, int):
                 text = f"{value:,}"
@@ -287,6 +289,8 @@ def build_report(run_dir: str | Path, out_dir: str | Path, manifest_dir: str | P
                     "train tokens": s.tokens.get("train", 0),
                     "val tokens": s.tokens.get("val", 0),
                     "quarantined": s.quarantined,
+                    "held-out near-dups in train": s.metadata_summary.get("held_out_leakage", {}).get(
+                        "val_near_duplicates_in_train"),
                     "languages": ", ".join(f"{k}:{v}" for k, v in sorted(s.languages.items(), key=lambda kv: -kv[1])[:4]),
                 }
                 for n, s in sorted(manifest.sources.items())

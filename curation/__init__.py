@@ -20,6 +20,7 @@ from curation.filters import (
     MathQualitySettings,
     gopher_filters,
 )
+from curation.leakage import LeakageConfig, LeakageReport, held_out_leakage, record_leakage
 from curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter
 from curation.manifest import (
     MANIFEST_NAME,
@@ -52,6 +53,10 @@ from curation.tokenizer import (
 )
 
 __all__ = [
+    "LeakageConfig",
+    "LeakageReport",
+    "held_out_leakage",
+    "record_leakage",
     # the manifest
     "MANIFEST_NAME",
     "SCHEMA_VERSION",

@@ -63,8 +63,15 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from curation import TokenizeConfig, TokenizerConfig, tokenize_manifest, train_tokenizer
-    from pipelines.summary import token_lines
+    from curation import (
+        TokenizeConfig,
+        TokenizerConfig,
+        held_out_leakage,
+        record_leakage,
+        tokenize_manifest,
+        train_tokenizer,
+    )
+    from pipelines.summary import leakage_lines, token_lines
 
     if args.tokenizer is not None and args.vocab_size is not None:
         raise ValueError("--vocab-size trains a new tokenizer; it cannot be combined with --tokenizer")
@@ -74,6 +81,9 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         info = train_tokenizer(args.curated, TokenizerConfig(held_out=held_out, **_overrides(args, ["vocab_size"])))
         print(f"tokenizer: {info.path} (vocab {info.vocab_size})")
     manifest = tokenize_manifest(args.curated, args.tokenizer, config=held_out)
+    leakage = held_out_leakage(manifest, held_out)
+    record_leakage(manifest, leakage)
+    print("\n".join(leakage_lines(leakage)) or "held-out documents: no near-duplicate in any training split")
     print("\n".join(token_lines(manifest)))
     return 0
 

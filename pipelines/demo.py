@@ -59,11 +59,18 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the path of the report."""
     from ablations import build_report
-    from curation import TokenizeConfig, TokenizerConfig, tokenize_manifest, train_tokenizer
+    from curation import (
+        TokenizeConfig,
+        TokenizerConfig,
+        held_out_leakage,
+        record_leakage,
+        tokenize_manifest,
+        train_tokenizer,
+    )
     from pipelines.corpus import fetch_corpus
     from pipelines.curate import curate
     from pipelines.pretrain import PretrainJob, pretrain
-    from pipelines.summary import curation_lines, token_lines
+    from pipelines.summary import curation_lines, leakage_lines, token_lines
     from training import ModelConfig, TrainConfig
 
     work = Path(config.workdir)
@@ -88,8 +95,11 @@ def run_demo(config: DemoConfig) -> Path:
     held_out = TokenizeConfig(val_fraction=config.val_fraction)  # the tokenizer never sees these documents
     train_tokenizer(curated, TokenizerConfig(vocab_size=config.vocab_size, held_out=held_out))
     manifest = tokenize_manifest(curated, config=held_out)
+    leakage = held_out_leakage(manifest, held_out)
+    record_leakage(manifest, leakage)
     timings["tokenize"] = time.perf_counter() - t
     print("\n".join(token_lines(manifest)))
+    print("\n".join(leakage_lines(leakage)) or "  held-out documents: no near-duplicate in any training split")
 
     available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
     schedule = demo_schedule(available)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from curation import ShardManifest
+from curation import LeakageReport, ShardManifest
 
 
 def curation_lines(manifest: ShardManifest) -> list[str]:
@@ -19,3 +19,9 @@ def token_lines(manifest: ShardManifest) -> list[str]:
     """One line per tokenized source: train and held-out tokens."""
     return [f"  {name:14s} train {src.tokens.get('train', 0):>11,d}  val {src.tokens.get('val', 0):>9,d} tokens"
             for name, src in sorted(manifest.sources.items()) if src.tokens]
+
+
+def leakage_lines(report: LeakageReport) -> list[str]:
+    """Sources whose held-out documents have near-duplicates in training (empty when none do)."""
+    return [f"  {name:14s} {report.leaked[name]} of {report.checked[name]} held-out docs have a near-duplicate in "
+            f"training (e.g. {report.examples[name][0]})" for name in sorted(report.leaked) if report.leaked[name]]
