@@ -111,6 +111,13 @@ def curation_funnel(manifest: ShardManifest) -> pl.DataFrame:
 
 
 # ---- plots ---------------------------------------------------------------------------------
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plot_loss(metrics: list[dict], evals: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 4.2))
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
@@ -140,10 +147,7 @@ def _plot_loss(metrics: list[dict], evals: list[dict], path: Path) -> Path:
     ax.set_title("Training and held-out loss")
     ax.legend(fontsize=7, ncol=3)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_mixture(shares: pl.DataFrame, path: Path) -> Path:
@@ -155,10 +159,7 @@ def _plot_mixture(shares: pl.DataFrame, path: Path) -> Path:
     ax.set_ylabel("share of tokens")
     ax.set_title("Mixture over training (realised token shares per source)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_eval_bars(frame: pl.DataFrame, path: Path) -> Path:
@@ -167,10 +168,7 @@ def _plot_eval_bars(frame: pl.DataFrame, path: Path) -> Path:
     ax.set_ylabel("bits per byte")
     ax.set_title("Held-out bits per byte by source (lower is better)")
     ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_funnel(manifest: ShardManifest, path: Path) -> Path:
@@ -184,10 +182,7 @@ def _plot_funnel(manifest: ShardManifest, path: Path) -> Path:
     ax.set_title("Curation: documents in and kept per source")
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 # ---- HTML ----------------------------------------------------------------------------------

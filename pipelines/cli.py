@@ -63,28 +63,15 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from curation import (
-        TokenizeConfig,
-        TokenizerConfig,
-        held_out_leakage,
-        record_leakage,
-        tokenize_manifest,
-        train_tokenizer,
-    )
+    from curation import TokenizeConfig
     from pipelines.summary import leakage_lines, token_lines
+    from pipelines.tokenize import tokenize_curated
 
-    if args.tokenizer is not None and args.vocab_size is not None:
-        raise ValueError("--vocab-size trains a new tokenizer; it cannot be combined with --tokenizer")
-    # one held-out split for both: the tokenizer must not learn from the documents held out for eval
     held_out = TokenizeConfig(**_overrides(args, ["val_fraction"]))
-    if args.tokenizer is None:
-        info = train_tokenizer(args.curated, TokenizerConfig(held_out=held_out, **_overrides(args, ["vocab_size"])))
-        print(f"tokenizer: {info.path} (vocab {info.vocab_size})")
-    manifest = tokenize_manifest(args.curated, args.tokenizer, config=held_out)
-    leakage = held_out_leakage(manifest, held_out)
-    record_leakage(manifest, leakage)
-    print("\n".join(leakage_lines(leakage)) or "held-out documents: no near-duplicate in any training split")
+    manifest, leakage = tokenize_curated(args.curated, held_out, args.vocab_size, args.tokenizer)
+    print(f"tokenizer: {manifest.tokenizer.path} (vocab {manifest.tokenizer.vocab_size})")
     print("\n".join(token_lines(manifest)))
+    print("\n".join(leakage_lines(leakage)))
     return 0
 
 

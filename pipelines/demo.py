@@ -59,18 +59,12 @@ class DemoConfig:
 def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the path of the report."""
     from ablations import build_report
-    from curation import (
-        TokenizeConfig,
-        TokenizerConfig,
-        held_out_leakage,
-        record_leakage,
-        tokenize_manifest,
-        train_tokenizer,
-    )
+    from curation import TokenizeConfig
     from pipelines.corpus import fetch_corpus
     from pipelines.curate import curate
     from pipelines.pretrain import PretrainJob, pretrain
     from pipelines.summary import curation_lines, leakage_lines, token_lines
+    from pipelines.tokenize import tokenize_curated
     from training import ModelConfig, TrainConfig
 
     work = Path(config.workdir)
@@ -92,14 +86,10 @@ def run_demo(config: DemoConfig) -> Path:
     print("\n".join(curation_lines(manifest)))
 
     t = stage("tokenizer (byte-level BPE) and token shards")
-    held_out = TokenizeConfig(val_fraction=config.val_fraction)  # the tokenizer never sees these documents
-    train_tokenizer(curated, TokenizerConfig(vocab_size=config.vocab_size, held_out=held_out))
-    manifest = tokenize_manifest(curated, config=held_out)
-    leakage = held_out_leakage(manifest, held_out)
-    record_leakage(manifest, leakage)
+    manifest, leakage = tokenize_curated(curated, TokenizeConfig(val_fraction=config.val_fraction), config.vocab_size)
     timings["tokenize"] = time.perf_counter() - t
     print("\n".join(token_lines(manifest)))
-    print("\n".join(leakage_lines(leakage)) or "  held-out documents: no near-duplicate in any training split")
+    print("\n".join(leakage_lines(leakage)))
 
     available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
     schedule = demo_schedule(available)

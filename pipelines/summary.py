@@ -22,6 +22,7 @@ def token_lines(manifest: ShardManifest) -> list[str]:
 
 
 def leakage_lines(report: LeakageReport) -> list[str]:
-    """Sources whose held-out documents have near-duplicates in training (empty when none do)."""
-    return [f"  {name:14s} {report.leaked[name]} of {report.checked[name]} held-out docs have a near-duplicate in "
+    """Sources whose held-out documents have near-duplicates in training, or one line saying none do."""
+    lines = [f"  {name:14s} {report.leaked[name]} of {report.checked[name]} held-out docs have a near-duplicate in "
             f"training (e.g. {report.examples[name][0]})" for name in sorted(report.leaked) if report.leaked[name]]
+    return lines or ["  held-out documents: no near-duplicate in any training split"]
