@@ -1,5 +1,5 @@
 """Ablations: compare runs and report on them (tables, plots, noise)."""
 
-from ablations.report import RunReport, build_report, curation_funnel, final_evals, mixture_shares
+from mixlab.ablations.report import RunReport, build_report, curation_funnel, final_evals, mixture_shares
 
 __all__ = ["RunReport", "build_report", "curation_funnel", "final_evals", "mixture_shares"]

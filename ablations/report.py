@@ -16,9 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
-
-from curation import ShardManifest  # noqa: E402
-from training import RunRecord  # noqa: E402
+from mixlab.curation import ShardManifest  # noqa: E402
+from mixlab.training import RunRecord  # noqa: E402
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}

@@ -34,9 +34,9 @@ def _rate(count: float, seconds: float) -> float:
 
 def prepare(max_mb: float) -> Path:
     """A small real corpus, curated and tokenized once (cached between benchmark runs)."""
-    from curation import TokenizerConfig, tokenize_manifest, train_tokenizer
-    from pipelines.corpus import fetch_corpus
-    from pipelines.curate import curate
+    from mixlab.curation import TokenizerConfig, tokenize_manifest, train_tokenizer
+    from mixlab.pipelines.corpus import fetch_corpus
+    from mixlab.pipelines.curate import curate
 
     fetch_corpus(WORK, max_mb=max_mb, sources=["web-en", "code-python", "math"])
     curated = WORK / "curated"
@@ -54,9 +54,8 @@ def curated_texts(curated: Path, source: str) -> list[str]:
 def bench_curation_filters(curated: Path, repeats: int) -> dict:
     from datatrove.data import Document
     from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
-
-    from curation.filters import GopherSettings, gopher_filters
-    from curation.text import WarmSpacyTokenizer
+    from mixlab.curation.filters import GopherSettings, gopher_filters
+    from mixlab.curation.text import WarmSpacyTokenizer
 
     texts = curated_texts(curated, "web-en") * repeats
     docs = [Document(text=t, id=str(i)) for i, t in enumerate(texts)]
@@ -80,7 +79,7 @@ def bench_curation_filters(curated: Path, repeats: int) -> dict:
 
 
 def bench_tokenization(curated: Path) -> dict:
-    from curation import ShardManifest, load_tokenizer, tokenize_manifest
+    from mixlab.curation import ShardManifest, load_tokenizer, tokenize_manifest
 
     manifest = ShardManifest.load(curated)
     tokenizer = load_tokenizer(manifest.resolve(manifest.tokenizer.path))
@@ -100,10 +99,10 @@ def bench_tokenization(curated: Path) -> dict:
 
 
 def bench_training(curated: Path, steps: int) -> dict:
-    from curation import ShardManifest
-    from mixtures import MixtureSchedule
-    from pipelines.pretrain import build_sampler
-    from training import ModelConfig, RunStore, TrainConfig, Transformer, train
+    from mixlab.curation import ShardManifest
+    from mixlab.mixtures import MixtureSchedule
+    from mixlab.pipelines.pretrain import build_sampler
+    from mixlab.training import ModelConfig, RunStore, TrainConfig, Transformer, train
 
     manifest = ShardManifest.load(curated)
     schedule = MixtureSchedule.constant({"web-en": 0.3, "code-python": 0.4, "math": 0.3})

@@ -6,11 +6,11 @@ stage), the tokenizer and token shards, the train/val split, and the recipe-buil
 accounting, console hygiene).
 """
 
-from curation.accounting import build_source_entry
-from curation.console import quiet_datatrove_console
-from curation.dedup import MinhashSettings
-from curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura
-from curation.filters import (
+from mixlab.curation.accounting import build_source_entry
+from mixlab.curation.console import quiet_datatrove_console
+from mixlab.curation.dedup import MinhashSettings
+from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura
+from mixlab.curation.filters import (
     ChatFormatFilter,
     ChatFormatSettings,
     CodeQualityFilter,
@@ -20,9 +20,9 @@ from curation.filters import (
     MathQualitySettings,
     gopher_filters,
 )
-from curation.leakage import LeakageConfig, LeakageReport, held_out_leakage, record_leakage
-from curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter
-from curation.manifest import (
+from mixlab.curation.leakage import LeakageConfig, LeakageReport, held_out_leakage, record_leakage
+from mixlab.curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter
+from mixlab.curation.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
     ManifestError,
@@ -33,17 +33,17 @@ from curation.manifest import (
     TokenizerInfo,
     sha256_file,
 )
-from curation.splits import SourceSplit, TokenizeConfig, split_source
-from curation.stages import SourceLayout, SourcePipelines, Stage, assemble_stages
-from curation.text import RegexWordTokenizer, WarmSpacyTokenizer
-from curation.token_shards import (
+from mixlab.curation.splits import SourceSplit, TokenizeConfig, split_source
+from mixlab.curation.stages import SourceLayout, SourcePipelines, Stage, assemble_stages
+from mixlab.curation.text import RegexWordTokenizer, WarmSpacyTokenizer
+from mixlab.curation.token_shards import (
     TokenShard,
     TokenShardError,
     TokenSource,
     open_token_sources,
     tokenize_manifest,
 )
-from curation.tokenizer import (
+from mixlab.curation.tokenizer import (
     TokenizerConfig,
     TokenizerError,
     load_tokenizer,

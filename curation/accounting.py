@@ -21,11 +21,10 @@ from datatrove.pipeline.extractors.base import BaseExtractor
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter, LanguageFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.stats import PipelineStats
-
-from curation.filters import ChatFormatFilter, CodeQualityFilter, MathQualityFilter
-from curation.manifest import ShardFile, SourceEntry, StepStats, sha256_file
-from curation.readers import QUARANTINE_PREFIX, RawJsonlReader
-from curation.stages import SourceLayout, SourcePipelines
+from mixlab.curation.filters import ChatFormatFilter, CodeQualityFilter, MathQualityFilter
+from mixlab.curation.manifest import ShardFile, SourceEntry, StepStats, sha256_file
+from mixlab.curation.readers import QUARANTINE_PREFIX, RawJsonlReader
+from mixlab.curation.stages import SourceLayout, SourcePipelines
 
 # The name each counting step gets in the manifest (first match wins).
 STEP_NAMES: list[tuple[type, str]] = [

@@ -9,8 +9,7 @@ from datatrove.io import DataFolderLike
 from datatrove.pipeline.extractors import Trafilatura
 from datatrove.pipeline.extractors.base import ExtractorSandbox
 from datatrove.utils.typeshelper import StatHints
-
-from curation.readers import QUARANTINE_PREFIX, quarantine_document, quarantine_writer
+from mixlab.curation.readers import QUARANTINE_PREFIX, quarantine_document, quarantine_writer
 
 EXTRACT_TIMEOUT_S = 10.0  # a page that takes longer is quarantined as `extract_timeout`
 

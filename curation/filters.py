@@ -11,8 +11,7 @@ from datatrove.data import Document
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.word_tokenizers import WordTokenizer
-
-from curation.text import WarmSpacyTokenizer
+from mixlab.curation.text import WarmSpacyTokenizer
 
 # The most frequent function words of each language (Gopher's "at least 2 stop words" rule).
 # Gopher's list is English; applying it to German would drop every German page.

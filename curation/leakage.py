@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
-
-from curation.manifest import ShardManifest
-from curation.splits import TokenizeConfig, split_source
+from mixlab.curation.manifest import ShardManifest
+from mixlab.curation.splits import TokenizeConfig, split_source
 
 
 @dataclass

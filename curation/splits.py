@@ -15,8 +15,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from curation.manifest import ManifestError, ShardManifest
+from mixlab.curation.manifest import ManifestError, ShardManifest
 
 SPLITS = ("train", "val")
 ID_HASH_SALT = b"mixlab-val-split-v1"

@@ -14,10 +14,9 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.word_tokenizers import WordTokenizer
-
-from curation.dedup import MinhashSettings, minhash_stages
-from curation.readers import RawJsonlReader
-from curation.writers import curated_parquet_writer
+from mixlab.curation.dedup import MinhashSettings, minhash_stages
+from mixlab.curation.readers import RawJsonlReader
+from mixlab.curation.writers import curated_parquet_writer
 
 
 @dataclass(frozen=True)

@@ -24,17 +24,15 @@ from pathlib import Path
 import numpy as np
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from tqdm.auto import tqdm
-
-from curation.console import quiet_datatrove_console
-from curation.manifest import ManifestError, ShardFile, ShardManifest, TokenizerInfo, sha256_file
-from curation.splits import (
+from mixlab.curation.console import quiet_datatrove_console
+from mixlab.curation.manifest import ManifestError, ShardFile, ShardManifest, TokenizerInfo, sha256_file
+from mixlab.curation.splits import (
     SPLITS,
     TokenizeConfig,
     select_val_ids,  # noqa: F401  (re-exported: the split rule lives in curation.splits)
     split_source,
 )
-from curation.tokenizer import (
+from mixlab.curation.tokenizer import (
     EOS_TOKEN,
     TOKENIZER_DIR,
     TOKENIZER_FILE,
@@ -42,6 +40,7 @@ from curation.tokenizer import (
     load_tokenizer,
     tokenizer_id,
 )
+from tqdm.auto import tqdm
 
 logger = logging.getLogger("mixlab.token_shards")
 

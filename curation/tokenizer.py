@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from mixlab.curation.manifest import ManifestError, ShardManifest, TokenizerInfo, sha256_file
+from mixlab.curation.splits import SourceSplit, TokenizeConfig, split_source
 from tqdm.auto import tqdm
-
-from curation.manifest import ManifestError, ShardManifest, TokenizerInfo, sha256_file
-from curation.splits import SourceSplit, TokenizeConfig, split_source
 
 logger = logging.getLogger("mixlab.tokenizer")
 

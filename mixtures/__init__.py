@@ -1,14 +1,14 @@
 """Mixtures: which data the model sees when. A `MixtureSchedule` of weighted stages, and a deterministic,
 resumable `MixtureSampler` that draws training batches from token sources by it."""
 
-from mixtures.sampler import (
+from mixlab.mixtures.sampler import (
     SAMPLER_STATE_VERSION,
     MixtureSampler,
     SampledBatch,
     SamplerStateError,
     val_windows,
 )
-from mixtures.schedule import MixtureSchedule, ScheduleError, Stage
+from mixlab.mixtures.schedule import MixtureSchedule, ScheduleError, Stage
 
 __all__ = [
     "SAMPLER_STATE_VERSION",

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from curation import TokenSource
-from mixtures.schedule import MixtureSchedule
+from mixlab.curation import TokenSource
+from mixlab.mixtures.schedule import MixtureSchedule
 
 SAMPLER_STATE_VERSION = 1
 _SOURCE_CHOICE_STREAM = 0  # third Philox counter word: separates the purposes of random draws

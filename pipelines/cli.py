@@ -42,7 +42,7 @@ def _overrides(args: argparse.Namespace, names: list[str]) -> dict:
 
 # ---- handlers ------------------------------------------------------------------------------------
 def cmd_corpus_fetch(args: argparse.Namespace) -> int:
-    from pipelines.corpus import fetch_corpus
+    from mixlab.pipelines.corpus import fetch_corpus
 
     summary = fetch_corpus(args.out, sources=args.sources, **_overrides(args, ["max_mb"]))
     print(json.dumps(summary, indent=1, default=str))
@@ -50,8 +50,8 @@ def cmd_corpus_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from pipelines.curate import curate
-    from pipelines.summary import curation_lines
+    from mixlab.pipelines.curate import curate
+    from mixlab.pipelines.summary import curation_lines
 
     manifest = curate(args.raw, args.out, sources=args.sources, **_overrides(args, ["tasks", "workers"]))
     print("\n".join(curation_lines(manifest)))
@@ -63,9 +63,9 @@ def cmd_curate(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    from curation import TokenizeConfig
-    from pipelines.summary import leakage_lines, token_lines
-    from pipelines.tokenize import tokenize_curated
+    from mixlab.curation import TokenizeConfig
+    from mixlab.pipelines.summary import leakage_lines, token_lines
+    from mixlab.pipelines.tokenize import tokenize_curated
 
     held_out = TokenizeConfig(**_overrides(args, ["val_fraction"]))
     manifest, leakage = tokenize_curated(args.curated, held_out, args.vocab_size, args.tokenizer)
@@ -76,8 +76,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 def _load_schedule(path: str | None, manifest):
-    from mixtures import MixtureSchedule
-    from pipelines.demo import demo_schedule
+    from mixlab.mixtures import MixtureSchedule
+    from mixlab.pipelines.demo import demo_schedule
 
     if path:
         return MixtureSchedule.from_yaml(path)
@@ -85,7 +85,7 @@ def _load_schedule(path: str | None, manifest):
 
 
 def _train_config(args: argparse.Namespace):
-    from training import TrainConfig
+    from mixlab.training import TrainConfig
 
     return TrainConfig.preset(
         args.train_preset,
@@ -97,7 +97,7 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
-    from pipelines.pretrain import build_sampler, tokenized_manifest
+    from mixlab.pipelines.pretrain import build_sampler, tokenized_manifest
 
     manifest = tokenized_manifest(args.curated)
     schedule = _load_schedule(args.schedule, manifest)
@@ -116,8 +116,8 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.pretrain import PretrainJob, pretrain, tokenized_manifest
-    from training import ModelConfig
+    from mixlab.pipelines.pretrain import PretrainJob, pretrain, tokenized_manifest
+    from mixlab.training import ModelConfig
 
     manifest = tokenized_manifest(args.curated)
     schedule = _load_schedule(args.schedule, manifest)
@@ -131,8 +131,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipelines.pretrain import PretrainError, build_evaluator, check_same_tokenizer, tokenized_manifest
-    from training import RunRecord, evaluate_checkpoint, latest_checkpoint
+    from mixlab.pipelines.pretrain import (
+        PretrainError,
+        build_evaluator,
+        check_same_tokenizer,
+        tokenized_manifest,
+    )
+    from mixlab.training import RunRecord, evaluate_checkpoint, latest_checkpoint
 
     run = RunRecord.load(args.run)
     curated = args.curated or run.config.get("manifest_dir")
@@ -153,7 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ablations import build_report
+    from mixlab.ablations import build_report
 
     out = args.out or Path(args.run).parent.parent / "reports" / Path(args.run).name
     report = build_report(args.run, out, manifest_dir=args.curated)
@@ -162,7 +167,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    from training import RunStore
+    from mixlab.training import RunStore
 
     print(f"{'run':24s} {'status':12s} {'step':>6s} {'train loss':>10s} {'eval loss':>9s} {'eval bpb':>8s}")
     for run in RunStore(args.runs).runs():
@@ -173,7 +178,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import DemoConfig, run_demo
+    from mixlab.pipelines.demo import DemoConfig, run_demo
 
     fields = _overrides(args, ["max_mb", "vocab_size", "steps", "run_id", "workdir"])
     run_demo(DemoConfig(**fields))
@@ -193,10 +198,10 @@ def _training_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from curation import TokenizeConfig, TokenizerConfig
-    from pipelines.corpus import fetch_corpus
-    from pipelines.curate import curate
-    from pipelines.demo import DemoConfig
+    from mixlab.curation import TokenizeConfig, TokenizerConfig
+    from mixlab.pipelines.corpus import fetch_corpus
+    from mixlab.pipelines.curate import curate
+    from mixlab.pipelines.demo import DemoConfig
 
     parser = argparse.ArgumentParser(
         prog="mixlab",

@@ -26,8 +26,7 @@ from typing import Any
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
-
-from curation import (
+from mixlab.curation import (
     ManifestError,
     ShardManifest,
     SourceLayout,
@@ -35,11 +34,11 @@ from curation import (
     build_source_entry,
     quiet_datatrove_console,
 )
-from pipelines.chat import chat_pipeline
-from pipelines.code import code_pipeline
-from pipelines.corpus import CORPUS_JSON, REPO_ROOT
-from pipelines.math import math_pipeline
-from pipelines.web import web_pipeline
+from mixlab.pipelines.chat import chat_pipeline
+from mixlab.pipelines.code import code_pipeline
+from mixlab.pipelines.corpus import CORPUS_JSON, REPO_ROOT
+from mixlab.pipelines.math import math_pipeline
+from mixlab.pipelines.web import web_pipeline
 
 log = logging.getLogger("mixlab.curate")
 

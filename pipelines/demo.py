@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mixtures import MixtureSchedule
+from mixlab.mixtures import MixtureSchedule
 
 log = logging.getLogger("mixlab.demo")
 
@@ -58,14 +58,14 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the path of the report."""
-    from ablations import build_report
-    from curation import TokenizeConfig
-    from pipelines.corpus import fetch_corpus
-    from pipelines.curate import curate
-    from pipelines.pretrain import PretrainJob, pretrain
-    from pipelines.summary import curation_lines, leakage_lines, token_lines
-    from pipelines.tokenize import tokenize_curated
-    from training import ModelConfig, TrainConfig
+    from mixlab.ablations import build_report
+    from mixlab.curation import TokenizeConfig
+    from mixlab.pipelines.corpus import fetch_corpus
+    from mixlab.pipelines.curate import curate
+    from mixlab.pipelines.pretrain import PretrainJob, pretrain
+    from mixlab.pipelines.summary import curation_lines, leakage_lines, token_lines
+    from mixlab.pipelines.tokenize import tokenize_curated
+    from mixlab.training import ModelConfig, TrainConfig
 
     work = Path(config.workdir)
     raw_root, curated, runs, reports = work, work / "curated", work / "runs", work / "reports"

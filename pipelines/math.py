@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from curation import (
+from mixlab.curation import (
     BundledLanguageFilter,
     MathQualityFilter,
     MathQualitySettings,

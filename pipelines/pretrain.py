@@ -13,10 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from curation import ShardManifest, open_token_sources, token_byte_lengths
-from mixtures import MixtureSampler, MixtureSchedule, val_windows
-from training import HeldOutEvaluator, ModelConfig, RunRecord, RunStore, TrainConfig, train
+from mixlab.curation import ShardManifest, open_token_sources, token_byte_lengths
+from mixlab.mixtures import MixtureSampler, MixtureSchedule, val_windows
+from mixlab.training import HeldOutEvaluator, ModelConfig, RunRecord, RunStore, TrainConfig, train
 
 log = logging.getLogger("mixlab.pretrain")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from curation import LeakageReport, ShardManifest
+from mixlab.curation import LeakageReport, ShardManifest
 
 
 def curation_lines(manifest: ShardManifest) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curation import (
+from mixlab.curation import (
     LeakageReport,
     ShardManifest,
     TokenizeConfig,

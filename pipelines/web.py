@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from curation import (
+from mixlab.curation import (
     EXTRACT_TIMEOUT_S,
     LANGUAGE_THRESHOLD,
     BundledLanguageFilter,

@@ -8,16 +8,17 @@ A file lock keeps parallel pytest sessions from building the same directory at o
 from __future__ import annotations
 
 import fcntl
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
-from curation.manifest import ShardManifest
+from mixlab.curation.manifest import ShardManifest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TEST_CACHE = REPO_ROOT / ".cache" / "mixlab-tests"
+# MIXLAB_TEST_CACHE gives a session its own corpus (e.g. two checkouts testing at once)
+TEST_CACHE = Path(os.environ.get("MIXLAB_TEST_CACHE") or REPO_ROOT / ".cache" / "mixlab-tests")
 TEST_WORKDIR = TEST_CACHE / "corpus"
 TEST_MAX_MB = 0.5  # per source: ~45 HTML pages per language, ~30 stdlib files, ~950 math docs, ~3,400 dialogues
 
@@ -36,7 +37,7 @@ def _locked(name: str) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def raw_corpus() -> Path:
     """`raw/` of a small real corpus (all sources) built by `fetch_corpus`; contains `corpus.json`."""
-    from pipelines.corpus import fetch_corpus
+    from mixlab.pipelines.corpus import fetch_corpus
 
     with _locked("corpus"):
         fetch_corpus(TEST_WORKDIR, max_mb=TEST_MAX_MB)
@@ -46,7 +47,7 @@ def raw_corpus() -> Path:
 @pytest.fixture(scope="session")
 def curated_dir(raw_corpus: Path) -> Path:
     """`curated/` of the test corpus: Parquet shards per source and a consistent `manifest.json`."""
-    from pipelines.curate import curate
+    from mixlab.pipelines.curate import curate
 
     curated = TEST_WORKDIR / "curated"
     with _locked("corpus"):

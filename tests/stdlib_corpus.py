@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from curation.manifest import ShardFile, ShardManifest, SourceEntry, sha256_file
+from mixlab.curation.manifest import ShardFile, ShardManifest, SourceEntry, sha256_file
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -93,8 +92,8 @@ def build_curated_dir(root: Path) -> Path:
 
 def build_tokenized_dir(root: Path, vocab_size: int = 1000) -> Path:
     """The curated corpus above with a trained tokenizer and train/val token shards."""
-    from curation.token_shards import tokenize_manifest
-    from curation.tokenizer import TokenizerConfig, train_tokenizer
+    from mixlab.curation.token_shards import tokenize_manifest
+    from mixlab.curation.tokenizer import TokenizerConfig, train_tokenizer
 
     build_curated_dir(root)
     train_tokenizer(root, TokenizerConfig(vocab_size=vocab_size), show_progress=False)

@@ -11,9 +11,16 @@ import pytest
 import torch
 import torch.nn as nn
 from byte_sampler import ByteSampler
-
-from training import CheckpointError, HeldOutEvaluator, ModelConfig, ResumeError, RunStore, TrainConfig, train
-from training.checkpoint import (
+from mixlab.training import (
+    CheckpointError,
+    HeldOutEvaluator,
+    ModelConfig,
+    ResumeError,
+    RunStore,
+    TrainConfig,
+    train,
+)
+from mixlab.training.checkpoint import (
     canonical_name,
     latest_checkpoint,
     list_checkpoints,
@@ -21,7 +28,7 @@ from training.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from training.model import Transformer
+from mixlab.training.model import Transformer
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds sync (and stalls on a busy machine)
 

@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 from conftest import TEST_MAX_MB
-
-from pipelines.corpus import CORPUS_JSON, SOURCES, fetch_corpus, iter_raw_documents
+from mixlab.pipelines.corpus import CORPUS_JSON, SOURCES, fetch_corpus, iter_raw_documents
 
 
 def test_every_source_is_built_with_the_document_contract(raw_corpus: Path) -> None:

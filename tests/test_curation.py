@@ -11,15 +11,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from datatrove.data import Document
-
-from curation.extract import QuarantiningTrafilatura
-from curation.filters import CodeQualityFilter
-from curation.lid import BundledLanguageFilter
-from curation.manifest import SCHEMA_VERSION, ManifestError, ShardManifest
-from curation.splits import TokenizeConfig, split_source
-from curation.tokenizer import TokenizerConfig, iter_training_texts
-from pipelines.corpus import Downloads, default_cache_dir, iter_raw_documents, source_specs
-from pipelines.curate import curate
+from mixlab.curation.extract import QuarantiningTrafilatura
+from mixlab.curation.filters import CodeQualityFilter
+from mixlab.curation.lid import BundledLanguageFilter
+from mixlab.curation.manifest import SCHEMA_VERSION, ManifestError, ShardManifest
+from mixlab.curation.splits import TokenizeConfig, split_source
+from mixlab.curation.tokenizer import TokenizerConfig, iter_training_texts
+from mixlab.pipelines.corpus import Downloads, default_cache_dir, iter_raw_documents, source_specs
+from mixlab.pipelines.curate import curate
 
 
 # ---- helpers ------------------------------------------------------------------------------------

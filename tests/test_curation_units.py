@@ -9,10 +9,9 @@ import pytest
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.filters.base_filter import BaseFilter
-
-from curation.console import quiet_datatrove_console
-from curation.extract import EXTRACT_TIMEOUT_S
-from curation.filters import (
+from mixlab.curation.console import quiet_datatrove_console
+from mixlab.curation.extract import EXTRACT_TIMEOUT_S
+from mixlab.curation.filters import (
     STOP_WORDS,
     ChatFormatFilter,
     ChatFormatSettings,
@@ -23,14 +22,14 @@ from curation.filters import (
     MathQualitySettings,
     gopher_filters,
 )
-from curation.lid import LANGUAGE_THRESHOLD
-from curation.manifest import SourceEntry, StepStats
-from curation.text import RegexWordTokenizer
-from pipelines.chat import ChatRecipe, chat_pipeline
-from pipelines.code import CodeRecipe, code_pipeline
-from pipelines.curate import curate
-from pipelines.math import MathRecipe, math_pipeline
-from pipelines.web import WebRecipe
+from mixlab.curation.lid import LANGUAGE_THRESHOLD
+from mixlab.curation.manifest import SourceEntry, StepStats
+from mixlab.curation.text import RegexWordTokenizer
+from mixlab.pipelines.chat import ChatRecipe, chat_pipeline
+from mixlab.pipelines.code import CodeRecipe, code_pipeline
+from mixlab.pipelines.curate import curate
+from mixlab.pipelines.math import MathRecipe, math_pipeline
+from mixlab.pipelines.web import WebRecipe
 
 
 def test_accounting_compares_the_last_step_with_the_shards_even_when_there_are_none() -> None:
@@ -80,17 +79,17 @@ def test_recipes_use_only_the_curation_package_interface() -> None:
     """Stage boundaries: pipelines build sources from what `curation/__init__.py` exports, not its modules."""
     import ast
 
-    import curation
+    from mixlab import curation
 
     root = Path(__file__).resolve().parents[1] / "pipelines"
     for name in ("web", "code", "math", "chat", "curate", "corpus"):
         tree = ast.parse((root / f"{name}.py").read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("curation"):
-                assert node.module == "curation", f"pipelines/{name}.py imports {node.module}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mixlab.curation"):
+                assert node.module == "mixlab.curation", f"pipelines/{name}.py imports {node.module}"
                 assert all(alias.name in curation.__all__ for alias in node.names)
             elif isinstance(node, ast.Import):
-                assert not any(a.name.startswith("curation.") for a in node.names), f"pipelines/{name}.py"
+                assert not any(a.name.startswith("mixlab.curation.") for a in node.names), f"pipelines/{name}.py"
 
 
 def test_curate_without_a_raw_corpus_says_to_fetch_it(tmp_path: Path) -> None:

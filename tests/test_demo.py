@@ -5,8 +5,7 @@ from __future__ import annotations
 import shutil
 
 from conftest import TEST_MAX_MB, TEST_WORKDIR
-
-from pipelines.demo import DemoConfig, run_demo
+from mixlab.pipelines.demo import DemoConfig, run_demo
 
 
 def test_demo_runs_every_stage_and_prints_the_report_path(curated_dir, tmp_path, capsys):

@@ -7,10 +7,9 @@ import json
 import shutil
 
 import pytest
-
-from curation import ShardManifest
-from pipelines.cli import main
-from training import RunRecord
+from mixlab.curation import ShardManifest
+from mixlab.pipelines.cli import main
+from mixlab.training import RunRecord
 
 
 @pytest.fixture(scope="module")

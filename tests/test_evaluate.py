@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from training import (
+from mixlab.training import (
     HeldOutEvaluator,
     ModelConfig,
     RunStore,

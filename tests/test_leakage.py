@@ -3,10 +3,9 @@ source's training data is found; the clean corpus has none; counts land in the m
 
 from __future__ import annotations
 
+from mixlab.curation import ShardManifest, TokenizeConfig, held_out_leakage, record_leakage
+from mixlab.curation.splits import split_source
 from stdlib_corpus import stdlib_code_docs, stdlib_prose_docs, write_source
-
-from curation import ShardManifest, TokenizeConfig, held_out_leakage, record_leakage
-from curation.splits import split_source
 
 
 def _manifest(root, prose_extra=()):

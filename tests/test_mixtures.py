@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from mixtures import MixtureSchedule, ScheduleError, Stage
+from mixlab.mixtures import MixtureSchedule, ScheduleError, Stage
 
 # shared/ lies beside the checkout (as in CI); SmolLM3's real nanotron config is kept there, not in the repo
 SMOLLM3 = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm3" / "pretraining_3_stages.yaml"

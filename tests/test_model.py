@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from training import ConfigError, TrainConfig
-from training.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
+from mixlab.training import ConfigError, TrainConfig
+from mixlab.training.model import Attention, ModelConfig, Transformer, apply_rope, rope_tables
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds sync (and stalls on a busy machine)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from ablations import build_report, final_evals, mixture_shares
-from curation import ShardFile, ShardManifest, SourceEntry, StepStats
-from training import RunStore
+from mixlab.ablations import build_report, final_evals, mixture_shares
+from mixlab.curation import ShardFile, ShardManifest, SourceEntry, StepStats
+from mixlab.training import RunStore
 
 
 def test_mixture_shares_are_interval_differences_of_cumulative_counts():

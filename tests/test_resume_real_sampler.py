@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from stdlib_corpus import build_tokenized_dir
-
-from curation import TokenSource, open_token_sources, token_byte_lengths, tokenizer_path
-from mixtures import MixtureSampler, MixtureSchedule, val_windows
-from training import (
+from mixlab.curation import TokenSource, open_token_sources, token_byte_lengths, tokenizer_path
+from mixlab.mixtures import MixtureSampler, MixtureSchedule, val_windows
+from mixlab.training import (
     HeldOutEvaluator,
     ModelConfig,
     ResumeError,
@@ -23,8 +21,9 @@ from training import (
     latest_checkpoint,
     train,
 )
-from training.lr_schedule import decay_start_step, lr_at
-from training.trainer import _check_decay_alignment
+from mixlab.training.lr_schedule import decay_start_step, lr_at
+from mixlab.training.trainer import _check_decay_alignment
+from stdlib_corpus import build_tokenized_dir
 
 torch.set_num_threads(1)  # tiny models: a second thread only adds sync (and stalls on a busy machine)
 

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mixlab.curation.token_shards import TokenSource, open_token_sources
+from mixlab.mixtures import (
+    MixtureSampler,
+    MixtureSchedule,
+    SamplerStateError,
+    ScheduleError,
+    Stage,
+    val_windows,
+)
 from stdlib_corpus import build_tokenized_dir
-
-from curation.token_shards import TokenSource, open_token_sources
-from mixtures import MixtureSampler, MixtureSchedule, SamplerStateError, ScheduleError, Stage, val_windows
 
 SEQ_LEN = 64
 

@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from stdlib_corpus import build_curated_dir, build_tokenized_dir
-
-from curation.manifest import ManifestError, ShardManifest, sha256_file
-from curation.token_shards import (
+from mixlab.curation.manifest import ManifestError, ShardManifest, sha256_file
+from mixlab.curation.token_shards import (
     ShardMetadata,
     TokenizeConfig,
     TokenShard,
@@ -23,7 +21,8 @@ from curation.token_shards import (
     token_size_for_vocab,
     tokenize_manifest,
 )
-from curation.tokenizer import TokenizerError, load_tokenizer, tokenizer_id, tokenizer_path
+from mixlab.curation.tokenizer import TokenizerError, load_tokenizer, tokenizer_id, tokenizer_path
+from stdlib_corpus import build_curated_dir, build_tokenized_dir
 
 
 @pytest.fixture(scope="module")

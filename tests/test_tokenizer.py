@@ -9,13 +9,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from stdlib_corpus import build_curated_dir, stdlib_code_docs, write_source
-from tokenizers import Tokenizer, models, pre_tokenizers
-
-from curation.manifest import ShardManifest, sha256_file
-from curation.splits import TokenizeConfig, split_source
-from curation.token_shards import TokenSource, tokenize_manifest
-from curation.tokenizer import (
+from mixlab.curation.manifest import ShardManifest, sha256_file
+from mixlab.curation.splits import TokenizeConfig, split_source
+from mixlab.curation.token_shards import TokenSource, tokenize_manifest
+from mixlab.curation.tokenizer import (
     EOS_TOKEN,
     TokenizerConfig,
     TokenizerError,
@@ -26,6 +23,8 @@ from curation.tokenizer import (
     tokenizer_path,
     train_tokenizer,
 )
+from stdlib_corpus import build_curated_dir, stdlib_code_docs, write_source
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 
 @pytest.fixture(scope="module")

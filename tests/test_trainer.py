@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from byte_sampler import ByteSampler
-
-from training import (
+from mixlab.training import (
     ConfigError,
     HeldOutEvaluator,
     ModelConfig,
@@ -22,7 +21,7 @@ from training import (
     TrainingError,
     train,
 )
-from training.lr_schedule import decay_start_step, lr_at
+from mixlab.training.lr_schedule import decay_start_step, lr_at
 
 
 def stdlib_corpora() -> dict[str, np.ndarray]:

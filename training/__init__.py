@@ -1,19 +1,25 @@
 """Training: a plain Llama-style model, the embedded torch backend, checkpoints, held-out eval, run records."""
 
-from training.checkpoint import (
+from mixlab.training.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
 )
-from training.config import TRAIN_PRESETS, TrainConfig
-from training.errors import CheckpointError, ConfigError, NonFiniteLossError, ResumeError, TrainingError
-from training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model
-from training.lr_schedule import decay_start_step, lr_at
-from training.model import MODEL_PRESETS, ModelConfig, Transformer
-from training.run_record import RunRecord, RunStore
-from training.trainer import Sampler, train
+from mixlab.training.config import TRAIN_PRESETS, TrainConfig
+from mixlab.training.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    ResumeError,
+    TrainingError,
+)
+from mixlab.training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model
+from mixlab.training.lr_schedule import decay_start_step, lr_at
+from mixlab.training.model import MODEL_PRESETS, ModelConfig, Transformer
+from mixlab.training.run_record import RunRecord, RunStore
+from mixlab.training.trainer import Sampler, train
 
 __all__ = [
     "MODEL_PRESETS",

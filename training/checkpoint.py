@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-
-from training.errors import CheckpointError
+from mixlab.training.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")

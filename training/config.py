@@ -8,8 +8,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar, Literal, Self
 
 import torch
-
-from training.errors import ConfigError
+from mixlab.training.errors import ConfigError
 
 Schedule = Literal["wsd", "cosine", "constant"]
 

@@ -13,10 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-
-from training.checkpoint import load_checkpoint, read_checkpoint
-from training.errors import CheckpointError, ConfigError
-from training.model import ModelConfig, Transformer
+from mixlab.training.checkpoint import load_checkpoint, read_checkpoint
+from mixlab.training.errors import CheckpointError, ConfigError
+from mixlab.training.model import ModelConfig, Transformer
 
 
 class HeldOutEvaluator:

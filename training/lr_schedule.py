@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from training.config import TrainConfig
+from mixlab.training.config import TrainConfig
 
 
 def decay_start_step(cfg: TrainConfig) -> int:

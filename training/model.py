@@ -15,9 +15,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from training.config import ConfigDict
-from training.errors import ConfigError
+from mixlab.training.config import ConfigDict
+from mixlab.training.errors import ConfigError
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: trains in well under a second per step on one core

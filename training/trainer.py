@@ -17,15 +17,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from mixlab.training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from mixlab.training.config import TrainConfig
+from mixlab.training.errors import ConfigError, NonFiniteLossError, ResumeError
+from mixlab.training.evaluate import HeldOutEvaluator
+from mixlab.training.lr_schedule import decay_start_step, lr_at
+from mixlab.training.model import ModelConfig, Transformer
+from mixlab.training.run_record import RunRecord
 from tqdm.auto import tqdm
-
-from training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
-from training.config import TrainConfig
-from training.errors import ConfigError, NonFiniteLossError, ResumeError
-from training.evaluate import HeldOutEvaluator
-from training.lr_schedule import decay_start_step, lr_at
-from training.model import ModelConfig, Transformer
-from training.run_record import RunRecord
 
 
 class Batch(Protocol):
