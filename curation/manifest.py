@@ -16,8 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: ShardFile.text_bytes; SourceEntry.bytes is UTF-8 text bytes; TokenizerInfo.held_out
+# 2: ShardFile.text_bytes; SourceEntry.bytes is UTF-8 text bytes; TokenizerInfo.held_out
+# 3: curated shards under data/<source>/ (the folder users load, with its dataset card), not <source>/
+SCHEMA_VERSION = 3
 MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"  # <curated>/data/<source>/*.parquet: what users load; tokens, logs, tokenizer live beside it
 
 
 class ManifestError(ValueError):
@@ -128,9 +131,14 @@ class ShardManifest:
             raise ManifestError(f"{path}: not valid JSON ({err}); re-run `mixlab curate` or restore the file") from err
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
+            why = (
+                " (written by an older mixlab that kept Parquet in <curated>/<source>/ instead of <curated>/data/<source>/)"
+                if isinstance(version, int) and version < SCHEMA_VERSION else ""
+            )
             raise ManifestError(
-                f"{path}: schema_version {version!r} is not supported (this mixlab reads {SCHEMA_VERSION}); "
-                "re-run curation with this version"
+                f"{path}: schema_version {version!r} is not supported (this mixlab reads {SCHEMA_VERSION}){why}; "
+                f"re-run curation with this version: `mixlab curate --raw WORKDIR/raw --out {path.parent}`, "
+                "then `mixlab tokenize`"
             )
         try:
             manifest = cls._from_dict(raw)
@@ -162,7 +170,8 @@ class ShardManifest:
         return data
 
     def save(self, root: str | Path | None = None) -> Path:
-        """Write atomically so that a crash never leaves a half-written manifest."""
+        """Write atomically so that a crash never leaves a half-written manifest, and rewrite the dataset card
+        (`data/README.md`) from it, so that the card is as current as the manifest."""
         root = Path(root) if root is not None else self.root
         if root is None:
             raise ManifestError("ShardManifest.save needs a directory")
@@ -172,6 +181,9 @@ class ShardManifest:
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)
+        from mixlab.curation.datacard import write_dataset_card  # the card reads the manifest: import here
+
+        write_dataset_card(self)
         return path
 
     # ---- queries -------------------------------------------------------------------------

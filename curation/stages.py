@@ -7,6 +7,7 @@ and the Parquet writer. The result is a list of `Stage`s that any datatrove exec
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +16,19 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.word_tokenizers import WordTokenizer
 from mixlab.curation.dedup import MinhashSettings, minhash_stages
+from mixlab.curation.manifest import DATA_DIR
 from mixlab.curation.readers import RawJsonlReader
-from mixlab.curation.writers import curated_parquet_writer
+from mixlab.curation.writers import CURATED_SCHEMA, curated_parquet_writer
 
 
 @dataclass(frozen=True)
 class SourceLayout:
-    """Every path curation uses for one source (`curated/<source>/` holds only the final Parquet)."""
+    """Every path curation uses for one source.
+
+    The final Parquet goes to `curated/data/<source>/`, a folder that holds nothing but what a user loads
+    (`datasets.load_dataset("curated/data")`, DuckDB's `read_parquet('curated/data/*/*.parquet')`); logs,
+    work files, quarantine, tokens and the tokenizer live beside `data/`, never inside it.
+    """
 
     source: str
     raw_dir: Path  # raw/<source>
@@ -29,7 +36,17 @@ class SourceLayout:
 
     @property
     def output(self) -> Path:
-        return self.curated_dir / self.source
+        return self.curated_dir / DATA_DIR / self.source
+
+    @property
+    def legacy_output(self) -> Path | None:
+        """`curated/<source>/` of the layout before `data/` (manifest schema 2) when it still holds that
+        layout's Parquet and nothing else, so that re-curating can remove it; None otherwise."""
+        folder = self.curated_dir / self.source
+        if not folder.is_dir() or folder.resolve() == self.output.resolve():
+            return None
+        files = list(folder.iterdir())
+        return folder if files and all(f.is_file() and f.suffix == ".parquet" for f in files) else None
 
     @property
     def quarantine(self) -> Path:
@@ -95,4 +112,9 @@ def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep]
             Stage("minhash_clusters", mh.clusters, 1, [layout.minhash / "clusters"], max_workers=1),
             Stage("write", [filtered_reader(), mh.filter, writer], tasks, [layout.output]),
         ]
+    # the output folder and the Parquet schema are part of the fingerprint: a source curated into another
+    # layout or schema is curated again, so that every source of data/ keeps one schema and load_dataset /
+    # DuckDB can concatenate them (a schema change re-curates all sources, not only the edited recipe's)
+    config = {**config, "output": layout.output.relative_to(layout.curated_dir).as_posix(),
+              "parquet_schema": hashlib.sha256(CURATED_SCHEMA.to_string().encode()).hexdigest()[:16]}
     return SourcePipelines(layout.source, kind, stages, config)

@@ -39,6 +39,7 @@ from mixlab.curation.tokenizer import (
     TokenizerError,
     load_tokenizer,
     tokenizer_id,
+    write_transformers_config,
 )
 from tqdm.auto import tqdm
 
@@ -289,8 +290,8 @@ def tokenize_manifest(
 
     `tokenizer_path=None` uses the tokenizer recorded in the manifest, which must have been trained without
     the validation split of `config` (pass the same `TokenizeConfig` to `TokenizerConfig(held_out=...)`);
-    another tokenizer.json is copied into `<curated>/tokenizer/` and recorded, so the manifest always names
-    the tokenizer its shards use. `config=None` is `TokenizeConfig()`.
+    another tokenizer.json is copied into `<curated>/tokenizer/` (with the transformers config files) and
+    recorded, so the manifest always names the tokenizer its shards use. `config=None` is `TokenizeConfig()`.
     """
     config = config or TokenizeConfig()
     manifest = ShardManifest.load(curated_dir)
@@ -375,6 +376,7 @@ def _resolve_tokenizer(manifest: ShardManifest, tokenizer_path: str | Path | Non
     if source.resolve() != target.resolve():
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target)
+    write_transformers_config(target.parent, eos)  # the folder loads with AutoTokenizer, EOS = the shards' EOS
     manifest.tokenizer = TokenizerInfo(
         path=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
         vocab_size=tokenizer.get_vocab_size(),

@@ -30,7 +30,15 @@ logger = logging.getLogger("mixlab.tokenizer")
 TOKENIZER_DIR = "tokenizer"
 TOKENIZER_FILE = "tokenizer.json"
 TRAINING_STATS_FILE = "training.json"
+# with tokenizer.json, what `transformers.AutoTokenizer.from_pretrained(<curated>/tokenizer)` reads
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 EOS_TOKEN = "<|endoftext|>"
+# the longest sequence of mixlab's largest model preset (SmolLM3-3B's 4096); transformers warns past it
+MODEL_MAX_LENGTH = 4096
+# names a tokenizer may give its padding / beginning-of-sequence token (mixlab's own has a pad, no BOS)
+PAD_TOKEN_NAMES = ("<|pad|>", "<pad>", "[PAD]", "<|finetune_right_pad_id|>")
+BOS_TOKEN_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
 
 # Llama-3's split pattern (also SmolLM3's tokenizer): contractions, letter runs with one leading non-letter,
 # digits in groups of at most three, punctuation runs, newlines, other whitespace.
@@ -59,6 +67,7 @@ class TokenizerConfig:
     # EOS first so that it gets id 0; chat markers reserved now so that later SFT does not change the vocabulary
     special_tokens: tuple[str, ...] = (EOS_TOKEN, "<|im_start|>", "<|im_end|>", "<|pad|>")
     sources: tuple[str, ...] | None = None  # None: every source in the manifest
+    model_max_length: int = MODEL_MAX_LENGTH  # written to tokenizer_config.json for transformers
     text_column: str = "text"
     read_batch_docs: int = 256
 
@@ -74,6 +83,8 @@ class TokenizerConfig:
             )
         if self.max_bytes_per_source <= 0:
             raise TokenizerError("max_bytes_per_source must be positive")
+        if self.model_max_length <= 0:
+            raise TokenizerError("model_max_length must be positive")
 
 
 @dataclass
@@ -251,6 +262,7 @@ def train_tokenizer(
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / TOKENIZER_FILE
     tokenizer.save(str(path))
+    write_transformers_config(out_dir, config.eos_token, config.model_max_length)
     stats = TokenizerTrainingStats(
         vocab_size_requested=config.vocab_size,
         vocab_size=tokenizer.get_vocab_size(),
@@ -291,6 +303,48 @@ def _byte_progress(texts: Iterator[str], total_bytes: int) -> Iterator[str]:
         for text in texts:
             bar.update(len(text.encode("utf-8")))
             yield text
+
+
+# ---- the transformers view of the tokenizer folder -----------------------------------------------
+def transformers_special_tokens(tokenizer_json: str | Path, eos_token: str) -> dict:
+    """special_tokens_map.json for a tokenizer.json: EOS as given (the token shards end documents with it),
+    pad/BOS when the tokenizer has a special token of a known name, UNK when its model defines one, and the
+    other special tokens (e.g. chat markers) as additional ones, so that decoding can skip them."""
+    spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    specials = [tok["content"] for tok in spec.get("added_tokens", []) if tok.get("special")]
+    if eos_token not in specials and load_tokenizer(tokenizer_json).token_to_id(eos_token) is None:
+        raise TokenizerError(f"{tokenizer_json}: has no EOS token {eos_token!r}; documents could not be separated")
+    pad = next((t for t in PAD_TOKEN_NAMES if t in specials), None)
+    bos = next((t for t in BOS_TOKEN_NAMES if t in specials), None)
+    unk = (spec.get("model") or {}).get("unk_token")
+    named = {"eos_token": eos_token, "bos_token": bos, "pad_token": pad, "unk_token": unk}
+    mapping: dict = {key: value for key, value in named.items() if value is not None}
+    others = [t for t in specials if t not in named.values()]
+    if others:
+        mapping["additional_special_tokens"] = others
+    return mapping
+
+
+def write_transformers_config(folder: str | Path, eos_token: str, model_max_length: int = MODEL_MAX_LENGTH) -> Path:
+    """Write tokenizer_config.json and special_tokens_map.json next to `folder/tokenizer.json`, so that
+    `AutoTokenizer.from_pretrained(folder)` loads it offline, with the EOS id the token shards use and no
+    BOS/EOS added on encode (ids equal `load_tokenizer(folder).encode(text).ids`). Returns the config path."""
+    folder = Path(folder)
+    special = transformers_special_tokens(folder / TOKENIZER_FILE, eos_token)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,  # byte-level BPE: decoding is exact, no space clean-up
+        "add_bos_token": False,
+        "add_eos_token": False,
+        **{key: special.get(key) for key in ("bos_token", "eos_token", "pad_token", "unk_token")},
+    }
+    if "additional_special_tokens" in special:  # the name both transformers 4 and 5 read as a list
+        config["additional_special_tokens"] = special["additional_special_tokens"]
+    (folder / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    path = folder / TOKENIZER_CONFIG_FILE
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return path
 
 
 # ---- using a trained tokenizer -------------------------------------------------------------------

@@ -34,7 +34,6 @@ log = logging.getLogger("mixlab.corpus")
 
 CORPUS_VERSION = 2  # bump when the raw document format or the selection rules change
 CORPUS_JSON = "corpus.json"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WEB_LANGUAGES = ("en", "de", "fr", "es", "ru")
 CHAT_LANGUAGES = {"english": "en", "german": "de", "french": "fr", "spanish": "es", "russian": "ru",
                   "italian": "it", "portuguese": "pt"}
@@ -48,8 +47,12 @@ FILL_TOLERANCE = 0.02  # stop scanning an origin once its share of the cap is th
 
 
 def default_cache_dir() -> Path:
-    """Downloads are shared by every work directory: `$MIXLAB_CACHE` or `<repo>/.cache/mixlab/downloads`."""
-    return Path(os.environ.get("MIXLAB_CACHE") or REPO_ROOT / ".cache" / "mixlab" / "downloads")
+    """Downloads are shared by every work directory, so they live in the user's cache, never in the checkout
+    or the installed package: `$MIXLAB_CACHE`, else `$XDG_CACHE_HOME/mixlab/downloads`, else
+    `~/.cache/mixlab/downloads`."""
+    if explicit := os.environ.get("MIXLAB_CACHE"):
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mixlab" / "downloads"
 
 
 # ---- raw documents -------------------------------------------------------------------------------
@@ -431,8 +434,11 @@ def fetch_corpus(
     `out_dir` is the WORK directory (`mixlab corpus fetch --out WORKDIR`), not the raw folder: documents go
     to its `raw/` sub-folder, which is what `curate` reads (it also accepts the work directory itself).
 
-    `max_mb` caps the raw text bytes of each source. Idempotent: a source already built with the same
-    arguments is left alone, so a re-run with the same arguments does nothing.
+    `max_mb` caps each source's raw text: the UTF-8 bytes of its documents' `text` field (for web sources the
+    raw HTML, before extraction; not the compressed file size), in MB of 10^6 bytes. A source that holds less
+    text than its cap is logged as a warning and its `shortfall_bytes` (cap minus what was taken) recorded in
+    corpus.json (0 when the cap was reached). Idempotent: a source already built with the same arguments is
+    left alone, so a re-run with the same arguments does nothing.
     """
     raw_dir = Path(out_dir) / "raw"
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -454,6 +460,7 @@ def fetch_corpus(
         out = raw_dir / name
         if _source_is_current(corpus["sources"].get(name), args, out):
             log.info("%s: up to date (%d docs), nothing to do", name, corpus["sources"][name]["docs"])
+            _warn_shortfall(name, corpus["sources"][name], max_mb)
             continue
         changed = True
         docs, origins = _take_capped(spec.origins, dl, cap, name)
@@ -475,21 +482,40 @@ def fetch_corpus(
             raise RuntimeError(f"{name}: document ids are not unique")
         shards = _write_shards(docs, out, files_per_source)
         corpus["skipped"].pop(name, None)
+        taken = sum(d.nbytes for d in docs)
         corpus["sources"][name] = {
             "kind": spec.kind,
             "docs": len(docs),
-            "bytes": sum(d.nbytes for d in docs),
+            "bytes": taken,
             "args": args,
+            "shortfall_bytes": shortfall_bytes(taken, cap),
             "origins": origins,
             "shards": shards,
         }
-        log.info("%s: %d docs, %.1f MB", name, len(docs), corpus["sources"][name]["bytes"] / 1e6)
+        log.info("%s: %d docs, %s MB of text", name, len(docs), _mb(taken))
+        _warn_shortfall(name, corpus["sources"][name], max_mb)
     if changed or not corpus_path.exists():
         corpus["cache_dir"] = str(dl.cache_dir)
         tmp = corpus_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(corpus, indent=2) + "\n")
         os.replace(tmp, corpus_path)
     return corpus
+
+
+def shortfall_bytes(taken: int, cap: int) -> int:
+    """How far a source fell short of its cap: 0 when it got within the fill tolerance (a capped source stops
+    there, see `_take_capped`), else the missing bytes, because the source has no more text."""
+    return 0 if taken >= cap * (1 - FILL_TOLERANCE) else cap - taken
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:.3g}"
+
+
+def _warn_shortfall(name: str, entry: dict[str, Any], max_mb: float) -> None:
+    if entry.get("shortfall_bytes"):
+        log.warning("%s: only %s MB of text available, below the %s MB cap", name, _mb(entry["bytes"]),
+                    f"{max_mb:g}")
 
 
 def iter_raw_documents(raw_source_dir: str | Path) -> Iterator[dict[str, Any]]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 from conftest import TEST_MAX_MB
-from mixlab.pipelines.corpus import CORPUS_JSON, SOURCES, fetch_corpus, iter_raw_documents
+from mixlab.pipelines.corpus import CORPUS_JSON, FILL_TOLERANCE, SOURCES, fetch_corpus, iter_raw_documents
 
 
 def test_every_source_is_built_with_the_document_contract(raw_corpus: Path) -> None:
@@ -92,3 +93,39 @@ def test_without_apt_web_en_falls_back_and_other_web_sources_are_skipped(
     assert docs and all(d["metadata"]["origin"] == "stdlib:pydoc" and "<html" in d["text"].lower() for d in docs)
     assert any("falling back" in r.message for r in caplog.records)
     assert any("web-de: SKIPPED" in r.message for r in caplog.records)
+
+
+def test_max_mb_caps_the_utf8_bytes_of_the_raw_text(tmp_path: Path, caplog) -> None:
+    """--max-mb counts what its help says: UTF-8 bytes of the documents' `text`, in MB of 10^6 bytes; a source
+    with more text than that fills its cap (within the fill tolerance) and no shortfall is reported."""
+    with caplog.at_level("WARNING", logger="mixlab.corpus"):
+        corpus = fetch_corpus(tmp_path, max_mb=0.08, sources=["code-python"])
+    entry = corpus["sources"]["code-python"]
+    docs = list(iter_raw_documents(tmp_path / "raw" / "code-python"))
+    text_bytes = sum(len(d["text"].encode("utf-8")) for d in docs)
+    assert text_bytes == entry["bytes"]
+    assert (1 - FILL_TOLERANCE) * 80_000 <= text_bytes <= 80_000
+    characters = sum(len(d["text"]) for d in docs)
+    compressed = sum(p.stat().st_size for p in (tmp_path / "raw" / "code-python").glob("*.jsonl.gz"))
+    assert compressed < text_bytes and characters <= text_bytes  # neither file size nor characters are counted
+    assert sum(len(line) for p in (tmp_path / "raw" / "code-python").glob("*.jsonl.gz")
+               for line in gzip.open(p, "rb")) > text_bytes  # nor the JSON lines with ids and metadata
+    assert entry["shortfall_bytes"] == 0
+    assert not [r for r in caplog.records if "below the" in r.message]
+
+
+def test_a_source_below_its_cap_is_warned_about_and_recorded(tmp_path: Path, caplog) -> None:
+    """chatterbot-corpus holds well under 1 MB of dialogues: the cap cannot be reached."""
+    with caplog.at_level("WARNING", logger="mixlab.corpus"):
+        corpus = fetch_corpus(tmp_path, max_mb=1, sources=["chat"])
+    entry = corpus["sources"]["chat"]
+    assert 0 < entry["bytes"] < 1_000_000
+    assert entry["shortfall_bytes"] == 1_000_000 - entry["bytes"]
+    assert json.loads((tmp_path / "raw" / CORPUS_JSON).read_text())["sources"]["chat"]["shortfall_bytes"] == (
+        entry["shortfall_bytes"])
+    expected = f"chat: only {entry['bytes'] / 1e6:.3g} MB of text available, below the 1 MB cap"
+    assert [r.message for r in caplog.records if "below the" in r.message] == [expected]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mixlab.corpus"):
+        fetch_corpus(tmp_path, max_mb=1, sources=["chat"])  # up to date: nothing rebuilt, still warned
+    assert [r.message for r in caplog.records if "below the" in r.message] == [expected]
