@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from mixlab.curation import ShardManifest
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / ".cache" / "mixlab-bench"
@@ -48,7 +49,9 @@ def prepare(max_mb: float) -> Path:
 
 
 def curated_texts(curated: Path, source: str) -> list[str]:
-    return [t for f in sorted((curated / source).glob("*.parquet")) for t in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+    manifest = ShardManifest.load(curated)
+    return [t for shard in manifest.source(source).shards
+            for t in pq.read_table(manifest.resolve(shard.path), columns=["text"])["text"].to_pylist()]
 
 
 def bench_curation_filters(curated: Path, repeats: int) -> dict:

@@ -75,34 +75,49 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_schedule(path: str | None, manifest):
-    from mixlab.mixtures import MixtureSchedule
-    from mixlab.pipelines.demo import demo_schedule
+# Command-line flags are shorthands for fields of the run config (`--set FIELD=VALUE` sets any field); the same
+# table names the flag in an error about a field.
+FLAG_FIELDS: dict[str, str] = {
+    "curated": "data.curated", "schedule": "mixture", "runs": "runs_dir", "run_id": "run_id",
+    "model_preset": "model.preset", "train_preset": "train.preset", "steps": "train.total_steps",
+    "batch_size": "train.batch_size", "seq_len": "train.seq_len", "lr": "train.lr", "seed": "train.seed",
+    "warmup_steps": "train.warmup_steps", "eval_every": "train.eval_every",
+    "checkpoint_every": "train.checkpoint_every", "threads": "train.threads", "eval_windows": "eval.windows_per_source",
+}
 
-    if path:
-        return MixtureSchedule.from_yaml(path)
-    return demo_schedule({n for n, s in manifest.sources.items() if s.tokens.get("train")})
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """Flags given on the command line as `field=value` overrides, then the `--set`s (the last word wins)."""
+    sets = []
+    for name, path in FLAG_FIELDS.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            sets.append(f"{path}={json.dumps(str(value) if isinstance(value, Path) else value)}")
+    return sets + list(getattr(args, "set", None) or [])
 
 
-def _train_config(args: argparse.Namespace):
-    from mixlab.training import TrainConfig
+def _run_config(args: argparse.Namespace, preview: bool = False):
+    from mixlab.pipelines.pretrain import load_run_config
 
-    return TrainConfig.preset(
-        args.train_preset,
-        **_overrides(args, ["seed", "lr"]),
-        **({"total_steps": args.steps} if args.steps else {}),
-        **({"batch_size": args.batch_size} if args.batch_size else {}),
-        **({"seq_len": args.seq_len} if args.seq_len else {}),
-    )
+    overrides = _flag_overrides(args)
+    if preview:  # `mix` plans a schedule, it names no run
+        overrides = ["run_id=preview", "runs_dir=.", *overrides]
+    return load_run_config(getattr(args, "config", None), overrides)
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
-    from mixlab.pipelines.pretrain import build_sampler, tokenized_manifest
+    from mixlab.pipelines.pretrain import (
+        build_sampler,
+        describe_unused,
+        resolved_schedule,
+        tokenized_manifest,
+        unused_sources,
+    )
 
-    manifest = tokenized_manifest(args.curated)
-    schedule = _load_schedule(args.schedule, manifest)
-    train_config = _train_config(args)
-    sampler = build_sampler(manifest, schedule, train_config)
+    config = _run_config(args, preview=True)
+    manifest = tokenized_manifest(config.curated_dir)
+    schedule = resolved_schedule(config, manifest)
+    sampler = build_sampler(manifest, schedule, config.train)
     print(f"budget: {sampler.total_steps} steps x {sampler.tokens_per_step:,d} tokens = {sampler.total_tokens:,d} tokens")
     for stage in schedule.stages:
         print(f"\nstage {stage.name!r} ({stage.fraction:.0%} of the budget)")
@@ -112,22 +127,47 @@ def cmd_mix(args: argparse.Namespace) -> int:
     for name, epochs in sorted(sampler.expected_epochs().items()):
         warn = "  <- repeated more than 4x" if epochs > 4 else ""
         print(f"  {name:14s} {epochs:6.2f}{warn}")
+    unused = unused_sources(manifest, schedule)
+    if unused:
+        print(f"\nnote: {describe_unused(unused)}")
     return 0
+
+
+def train_summary_lines(summary: dict, status: str, run_path: Path) -> list[str]:
+    """A few lines a person reads at the end of `mixlab train` (`--json` gives the whole summary)."""
+    step, total = summary.get("step", 0), summary.get("total_steps", "?")
+    tokens, seconds = summary.get("tokens") or 0, summary.get("train_time_s") or 0.0
+    speed = f", {tokens / seconds:,.0f} tokens/s" if seconds else ""
+    lines = [f"run {run_path.name}: {status} at step {step}/{total}, {tokens / 1e6:.2f}M tokens in {seconds:.0f} s{speed}"]
+    parts = []
+    if summary.get("final_loss") is not None:
+        parts.append(f"train loss {summary['final_loss']:.4f}")
+    overall = summary.get("eval", {}).get("all")
+    if overall:
+        interval = (f" [{overall['loss_lo']:.3f}, {overall['loss_hi']:.3f}]"
+                    if overall.get("loss_lo") is not None else "")
+        parts.append(f"held-out loss {overall['loss']:.4f}{interval}, {overall['bpb']:.4f} bits/byte")
+    if parts:
+        lines.append("  " + " · ".join(parts))
+    if summary.get("stopped_by"):
+        lines.append(f"  stopped by {summary['stopped_by']} with a checkpoint at step {step}: run the same command "
+                     "again to resume")
+    lines.append(f"  run directory: {run_path}   (report: mixlab report {run_path})")
+    return lines
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mixlab.pipelines.pretrain import PretrainJob, pretrain, tokenized_manifest
-    from mixlab.training import ModelConfig
+    import signal
 
-    manifest = tokenized_manifest(args.curated)
-    schedule = _load_schedule(args.schedule, manifest)
-    train_config = _train_config(args)
-    model_config = ModelConfig.preset(args.model_preset, vocab_size=manifest.tokenizer.vocab_size,
-                                      max_seq_len=train_config.seq_len)
-    run = pretrain(PretrainJob(Path(args.curated), Path(args.runs), args.run_id, schedule, model_config, train_config))
-    print(json.dumps(run.summary, indent=1, default=str))
-    print(f"run: {run.path}")
-    return 0
+    from mixlab.pipelines.pretrain import pretrain
+
+    run = pretrain(_run_config(args))
+    if args.json:
+        print(json.dumps({"status": run.status, "path": str(run.path), **run.summary}, indent=1, default=str))
+    else:
+        print("\n".join(train_summary_lines(run.summary, run.status, run.path)))
+    stopped = run.summary.get("stopped_by")
+    return 128 + signal.Signals[stopped].value if stopped else 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -137,11 +177,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_same_tokenizer,
         tokenized_manifest,
     )
+    from mixlab.pipelines.run_config import EvalConfig
     from mixlab.training import RunRecord, evaluate_checkpoint, latest_checkpoint
 
     run = RunRecord.load(args.run)
     curated = args.curated or run.config.get("manifest_dir")
-    if not curated or "mixture" not in run.config or "train" not in run.config:
+    if not curated or not run.config.get("mixture") or "train" not in run.config:
         raise PretrainError(f"{run.path}: run.json has no mixture/train/manifest_dir; was it made by `mixlab train`?")
     manifest = tokenized_manifest(curated)
     check_same_tokenizer(run.config, manifest, run.path)
@@ -149,19 +190,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if checkpoint is None:
         raise PretrainError(f"{run.checkpoint_dir}: no checkpoint to evaluate; run `mixlab train` first")
     sources = sorted({s for stage in run.config["mixture"]["stages"] for s in stage["weights"]})
-    evaluator = build_evaluator(manifest, sources, run.config["train"]["seq_len"], run.config["eval_windows_per_source"])
+    eval_config = EvalConfig.from_dict(run.config.get("eval") or {})
+    evaluator = build_evaluator(manifest, sources, run.config["train"]["seq_len"], eval_config)
     rows = evaluate_checkpoint(checkpoint, evaluator, run=run if args.log else None)
-    print(f"{'source':14s} {'loss':>8s} {'bpb':>8s} {'tokens':>9s}")
+    print(f"{'source':14s} {'loss':>8s} {'95% interval':>17s} {'bpb':>8s} {'tokens':>9s}")
     for row in rows:
-        print(f"{row['source']:14s} {row['loss']:8.4f} {row['bpb']:8.4f} {row['tokens']:9d}")
+        interval = f"[{row['loss_lo']:.3f}, {row['loss_hi']:.3f}]" if row.get("loss_lo") is not None else ""
+        print(f"{row['source']:14s} {row['loss']:8.4f} {interval:>17s} {row['bpb']:8.4f} {row['tokens']:9d}")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mixlab.ablations import build_report
+    from mixlab.ablations import build_report, select_runs
 
-    out = args.out or Path(args.run).parent.parent / "reports" / Path(args.run).name
-    report = build_report(args.run, out, manifest_dir=args.curated)
+    runs = [Path(r) for r in [*(args.run_dirs or []), *(args.run or [])]]
+    if args.runs:
+        runs += [r.path for r in select_runs(args.runs, pattern=args.filter, status=args.status)]
+    if not runs:
+        raise ValueError("name the runs to report: `mixlab report RUN_DIR [RUN_DIR ...]`, or `--runs DIR` "
+                         "(with --filter GLOB to pick some)")
+    out = args.out or (runs[0].parent.parent / "reports" / (runs[0].name if len(runs) == 1 else "compare"))
+    report = build_report(runs if len(runs) > 1 else runs[0], out, manifest_dir=args.curated)
     print(f"report: {report.html_path.resolve()}")
     return 0
 
@@ -169,32 +218,58 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from mixlab.training import RunStore
 
-    print(f"{'run':24s} {'status':12s} {'step':>6s} {'train loss':>10s} {'eval loss':>9s} {'eval bpb':>8s}")
+    print(f"{'run':24s} {'status':12s} {'step':>9s} {'train loss':>10s} {'eval loss':>9s} {'eval bpb':>8s}")
     for run in RunStore(args.runs).runs():
         final = run.summary.get("eval", {}).get("all", {})
-        print(f"{run.run_id:24s} {run.status:12s} {run.summary.get('step', 0):>6} {run.summary.get('final_loss') or 0:>10.4f} "
+        steps = f"{run.summary.get('step', 0)}/{run.summary.get('total_steps', '?')}"
+        print(f"{run.run_id:24s} {run.display_status():12s} {steps:>9s} {run.summary.get('final_loss') or 0:>10.4f} "
               f"{final.get('loss', float('nan')):>9.4f} {final.get('bpb', float('nan')):>8.4f}")
+    if any(run.display_status() == "stale" for run in RunStore(args.runs).runs()):
+        print("\nstale: the run says \"running\" but its process is gone (killed or crashed); `mixlab train` with the "
+              "same run id resumes it from its last checkpoint")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mixlab.pipelines.demo import DemoConfig, run_demo
 
-    fields = _overrides(args, ["max_mb", "vocab_size", "steps", "run_id", "workdir"])
+    fields = _overrides(args, ["max_mb", "vocab_size", "steps", "run_id", "workdir", "compare_steps"])
     run_demo(DemoConfig(**fields))
     return 0
 
 
 # ---- parser --------------------------------------------------------------------------------------
-def _training_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--curated", required=True, help="curated directory (with manifest.json, tokenized)")
-    p.add_argument("--schedule", help="mixture schedule YAML (default: the demo's stable+decay schedule)")
-    p.add_argument("--train-preset", default="demo", help="TrainConfig preset: tiny | demo (default: demo)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the preset's)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the preset's)")
-    p.add_argument("--seed", type=int, help="seed for data order and init (default: 0)")
+def _training_options(p: argparse.ArgumentParser, runs: bool) -> None:
+    p.add_argument("--config", help="run config (YAML), or a run's run.json to reproduce it; flags and --set "
+                                    "override its fields")
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                   help="override any run config field, e.g. --set train.lr=1e-3 --set model.n_layers=6 (repeatable)")
+    p.add_argument("--curated", help="curated directory (with manifest.json, tokenized)  [data.curated]")
+    p.add_argument("--schedule", help="mixture schedule YAML (default: the demo's stable+decay schedule)  [mixture]")
+    p.add_argument("--train-preset", help="TrainConfig preset, below (default: demo)  [train.preset]")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's)  [train.total_steps]")
+    p.add_argument("--batch-size", type=int, help="sequences per micro-batch  [train.batch_size]")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence  [train.seq_len]")
+    p.add_argument("--lr", type=float, help="peak learning rate  [train.lr]")
+    p.add_argument("--seed", type=int, help="seed for data order and init (default: 0)  [train.seed]")
+    p.add_argument("--warmup-steps", type=int, help="linear LR warmup steps  [train.warmup_steps]")
+    if runs:
+        p.add_argument("--model-preset", help="ModelConfig preset, below (default: demo)  [model.preset]")
+        p.add_argument("--eval-every", type=int, help="evaluate every N steps  [train.eval_every]")
+        p.add_argument("--checkpoint-every", type=int, help="checkpoint every N steps  [train.checkpoint_every]")
+        p.add_argument("--eval-windows", type=int, help="held-out windows per source  [eval.windows_per_source]")
+        p.add_argument("--threads", type=int, help="CPU threads (default: all cores)  [train.threads]")
+        p.add_argument("--runs", help="runs directory (one sub-directory per run)  [runs_dir]")
+        p.add_argument("--run-id", help="name of the run; re-use it to resume  [run_id]")
+        p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+
+
+def _presets_epilog() -> str:
+    from mixlab.pipelines.run_config import preset_sizes
+
+    return ("presets (a named starting point; any field can be changed with --set):\n" + "\n".join(preset_sizes())
+            + "\n\nA run config file has the sections run_id, runs_dir, data, mixture, model, train, eval, backend, "
+              "tags;\nrun.json holds the same document, so `mixlab train --config RUN/run.json` reproduces a run.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = corpus_sub.add_parser("fetch", help="write OUT/raw/<source>/*.jsonl.gz (cached, idempotent)")
     fetch.add_argument("--out", required=True, help="work directory; raw documents go to OUT/raw")
     fetch.add_argument("--max-mb", type=float,
-                       help=f"cap of raw text per source, in MB (default {_default(fetch_corpus, 'max_mb')})")
+                       help="cap per source on the UTF-8 bytes of the raw documents' text (web: the raw HTML, before "
+                            "extraction), in MB of 10^6 bytes; a source with less text is warned about "
+                            f"(default {_default(fetch_corpus, 'max_mb')})")
     fetch.add_argument("--sources", nargs="*", help="source names (default: all: web-en web-de ... code-python math chat)")
     fetch.set_defaults(func=cmd_corpus_fetch)
 
@@ -239,14 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     tok.set_defaults(func=cmd_tokenize)
 
     mix = sub.add_parser("mix", help="show a schedule's per-stage token plan and expected repetition")
-    _training_options(mix)
+    _training_options(mix, runs=False)
     mix.set_defaults(func=cmd_mix)
 
-    tr = sub.add_parser("train", help="train a model on a mixture; re-running resumes from the last checkpoint")
-    _training_options(tr)
-    tr.add_argument("--runs", required=True, help="runs directory (one sub-directory per run)")
-    tr.add_argument("--run-id", required=True, help="name of the run (re-use it to resume)")
-    tr.add_argument("--model-preset", default="demo", help="ModelConfig preset: tiny | demo | small (default demo)")
+    tr = sub.add_parser("train", help="train a model on a mixture; re-running resumes from the last checkpoint",
+                        description="Train (or resume) a run. SIGTERM/SIGINT checkpoint the current step, mark the "
+                                    "run interrupted and exit; the same command resumes it.",
+                        epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _training_options(tr, runs=True)
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("eval", help="held-out loss and bits-per-byte per source of a checkpoint")
@@ -256,9 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--log", action="store_true", help="also append the results to the run's evals.jsonl")
     ev.set_defaults(func=cmd_eval)
 
-    rep = sub.add_parser("report", help="write report.html with plots for a run")
-    rep.add_argument("--run", required=True, help="run directory")
-    rep.add_argument("--out", help="output directory (default: <runs>/../reports/<run_id>)")
+    rep = sub.add_parser("report", help="write a self-contained report.html for one run, or comparing several")
+    rep.add_argument("run_dirs", nargs="*", metavar="RUN", help="run directories (several: one comparison page)")
+    rep.add_argument("--run", action="append", help="a run directory (repeatable; same as RUN)")
+    rep.add_argument("--runs", help="a runs directory: report its runs (all, or those --filter picks)")
+    rep.add_argument("--filter", help="with --runs: a glob on run ids, e.g. 'mix-*'")
+    rep.add_argument("--status", help="with --runs: only runs with this status, e.g. completed")
+    rep.add_argument("--out", help="output directory (default: <runs>/../reports/<run_id> or .../compare)")
     rep.add_argument("--curated", help="curated directory for the data section (default: the run's)")
     rep.set_defaults(func=cmd_report)
 
@@ -268,9 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole loop on a small real corpus (minutes on 2 CPU cores)")
     demo.add_argument("--workdir", type=Path, help=f"where everything is written (default {_default(DemoConfig, 'workdir')})")
-    demo.add_argument("--max-mb", type=float, help=f"raw MB per source (default {_default(DemoConfig, 'max_mb')})")
+    demo.add_argument("--max-mb", type=float,
+                      help=f"cap per source on the raw documents' UTF-8 text, in MB (default {_default(DemoConfig, 'max_mb')})")
     demo.add_argument("--vocab-size", type=int, help=f"BPE vocabulary (default {_default(DemoConfig, 'vocab_size')})")
-    demo.add_argument("--steps", type=int, help="training steps (default: the demo train preset's)")
+    demo.add_argument("--steps", type=int, help=f"training steps of the main run (default {_default(DemoConfig, 'steps')})")
+    demo.add_argument("--compare-steps", type=int,
+                      help="steps of the second run, on a web-heavy mixture, that the report compares with "
+                           f"(default {_default(DemoConfig, 'compare_steps')}; 0: none)")
     demo.add_argument("--run-id", help=f"run name (default {_default(DemoConfig, 'run_id')})")
     demo.set_defaults(func=cmd_demo)
     return parser
@@ -298,7 +383,22 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("MIXLAB_DEBUG"):
             raise
         print(f"mixlab {args.command}: error: {err}", file=sys.stderr)
+        fixes = field_fixes(getattr(err, "fields", ()))
+        if fixes:
+            print(f"  fix with: {fixes}", file=sys.stderr)
         return 2
+
+
+def field_fixes(fields: tuple[str, ...]) -> str:
+    """The flags and `--set` overrides that set the named run config fields."""
+    flags = {path: "--" + name.replace("_", "-") for name, path in FLAG_FIELDS.items()}
+    fixes = []
+    for path in fields:
+        if path.startswith("-"):
+            continue
+        flag = flags.get(path)
+        fixes.append(f"{flag} … or --set {path}=…" if flag else f"--set {path}=…")
+    return "; ".join(fixes)
 
 
 if __name__ == "__main__":

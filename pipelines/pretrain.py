@@ -8,14 +8,22 @@ everything the run did lands in its run directory.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from mixlab.curation import ShardManifest, open_token_sources, token_byte_lengths
 from mixlab.mixtures import MixtureSampler, MixtureSchedule, val_windows
-from mixlab.training import HeldOutEvaluator, ModelConfig, RunRecord, RunStore, TrainConfig, train
+from mixlab.pipelines.run_config import (
+    EvalConfig,
+    RunConfig,
+    apply_overrides,
+    read_run_document,
+    run_config_from_document,
+)
+from mixlab.training import ConfigError, HeldOutEvaluator, RunRecord, RunStore, TrainConfig, train
 
 log = logging.getLogger("mixlab.pretrain")
 
@@ -24,29 +32,45 @@ class PretrainError(ValueError):
     """A run that cannot start or continue as asked; the message names the directory and the fix."""
 
 
-@dataclass
-class PretrainJob:
-    """Everything that defines one pre-training run."""
+def run_document(config: RunConfig, manifest: ShardManifest) -> dict[str, Any]:
+    """What run.json keeps: the run's document plus facts derived when it started (not inputs)."""
+    return {
+        **config.to_dict(),
+        "manifest_dir": str(Path(config.curated_dir).resolve()),
+        # the token ids mean nothing without the tokenizer: eval and resume refuse another one
+        "tokenizer_sha256": manifest.tokenizer.sha256,
+    }
 
-    curated_dir: Path
-    runs_dir: Path
-    run_id: str
-    schedule: MixtureSchedule
-    model: ModelConfig
-    train: TrainConfig
-    eval_windows_per_source: int = 48  # fixed held-out windows per source, scored at every eval
-    tags: dict[str, str] = field(default_factory=dict)
 
-    def config_dict(self, manifest: ShardManifest) -> dict[str, Any]:
-        return {
-            "manifest_dir": str(Path(self.curated_dir).resolve()),
-            # the token ids mean nothing without the tokenizer: eval and resume refuse another one
-            "tokenizer_sha256": manifest.tokenizer.sha256,
-            "mixture": self.schedule.to_dict(),
-            "model": self.model.to_dict(),
-            "train": self.train.to_dict(),
-            "eval_windows_per_source": self.eval_windows_per_source,
-        }
+def load_run_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The run config of `mixlab train`: the file's document (or the defaults), then each `a.b=value` override;
+    `model.vocab_size` comes from the curated directory's tokenizer."""
+    document: dict[str, Any] = read_run_document(config_file) if config_file else {}
+    document = apply_overrides(document, overrides)
+    curated = (document.get("data") or {}).get("curated")
+    vocab_size = tokenized_manifest(curated).tokenizer.vocab_size if curated else None
+    return run_config_from_document(document, vocab_size=vocab_size)
+
+
+def resolved_schedule(config: RunConfig, manifest: ShardManifest) -> MixtureSchedule:
+    """The run's schedule; none given means the demo's stable+decay schedule over the tokenized sources."""
+    if config.schedule is not None:
+        return config.schedule
+    from mixlab.pipelines.demo import demo_schedule
+
+    return demo_schedule({n for n, s in manifest.sources.items() if s.tokens.get("train")})
+
+
+def unused_sources(manifest: ShardManifest, schedule: MixtureSchedule) -> dict[str, int]:
+    """Tokenized sources the schedule leaves out, with their train tokens: curated but never trained on."""
+    return {name: src.tokens.get("train", 0) for name, src in sorted(manifest.sources.items())
+            if src.tokens.get("train") and name not in schedule.sources}
+
+
+def describe_unused(unused: dict[str, int]) -> str:
+    listed = ", ".join(f"{name} ({tokens:,d} train tokens)" for name, tokens in unused.items())
+    return (f"the schedule leaves out curated source(s) {listed}: they are not trained on; give them a weight in a "
+            "stage to use them")
 
 
 def tokenized_manifest(curated_dir: str | Path) -> ShardManifest:
@@ -79,12 +103,10 @@ def build_sampler(manifest: ShardManifest, schedule: MixtureSchedule, train_conf
     )
 
 
-def build_evaluator(
-    manifest: ShardManifest, sources: list[str], seq_len: int, windows_per_source: int, batch_size: int = 16
-) -> HeldOutEvaluator:
+def build_evaluator(manifest: ShardManifest, sources: list[str], seq_len: int, eval_config: EvalConfig) -> HeldOutEvaluator:
     """Fixed held-out windows from the val split of each source; bits-per-byte from the tokenizer's byte table."""
     val = open_token_sources(manifest, split="val", sources=sources)
-    windows = {name: val_windows(src, seq_len, windows_per_source) for name, src in val.items()}
+    windows = {name: val_windows(src, seq_len, eval_config.windows_per_source) for name, src in val.items()}
     too_small = sorted(name for name, w in windows.items() if not len(w))
     if too_small:
         log.warning("no held-out window of %d tokens in %s: not evaluated (raise the val fraction)", seq_len + 1, too_small)
@@ -92,7 +114,7 @@ def build_evaluator(
     if not windows:
         raise PretrainError(f"{manifest.root}: no source has enough held-out tokens for a window of {seq_len + 1}")
     token_bytes: np.ndarray = token_byte_lengths(manifest.resolve(manifest.tokenizer.path))
-    return HeldOutEvaluator(windows, token_bytes, batch_size=batch_size)
+    return HeldOutEvaluator(windows, token_bytes, batch_size=eval_config.batch_size)  # TEMP
 
 
 def align_lr_decay(train_config: TrainConfig, sampler: MixtureSampler) -> TrainConfig:
@@ -102,23 +124,38 @@ def align_lr_decay(train_config: TrainConfig, sampler: MixtureSampler) -> TrainC
     if train_config.schedule != "wsd" or train_config.decay_start_step is not None or len(stages) < 2:
         return train_config
     # the sampler counts batches; an optimizer step draws grad_accum of them
-    return replace(train_config, decay_start_step=sampler.stage_start_step(-1) // train_config.grad_accum)
+    start = sampler.stage_start_step(-1) // train_config.grad_accum
+    if start < train_config.warmup_steps:
+        last = stages[-1]
+        raise ConfigError(
+            f"the mixture's last stage {last.name!r} ({last.fraction:.0%} of the run) starts at step {start}, where the "
+            f"learning-rate decay starts too, but the warmup lasts until step {train_config.warmup_steps}: shorten "
+            "the warmup, lengthen the run, or shrink the last stage's fraction",
+            ["train.warmup_steps", "train.total_steps", f"mixture.stages.{len(stages) - 1}.fraction"])
+    return replace(train_config, decay_start_step=start)
 
 
-def pretrain(job: PretrainJob) -> RunRecord:
+def pretrain(config: RunConfig) -> RunRecord:
     """Train (or resume) the run and return its record; evals land in the record as training goes."""
-    manifest = tokenized_manifest(job.curated_dir)
-    if job.model.vocab_size != manifest.tokenizer.vocab_size:
+    manifest = tokenized_manifest(config.curated_dir)
+    if config.model.vocab_size != manifest.tokenizer.vocab_size:
         raise PretrainError(
-            f"model vocab_size {job.model.vocab_size} != tokenizer vocab_size {manifest.tokenizer.vocab_size} "
+            f"model vocab_size {config.model.vocab_size} != tokenizer vocab_size {manifest.tokenizer.vocab_size} "
             f"({manifest.resolve(manifest.tokenizer.path)}); build the model config from the manifest's tokenizer"
         )
-    run_path = Path(job.runs_dir) / job.run_id
+    config = replace(config, schedule=resolved_schedule(config, manifest))
+    unused = unused_sources(manifest, config.schedule)
+    if unused:
+        log.warning("%s", describe_unused(unused))
+    run_path = Path(config.runs_dir) / config.run_id
     if (run_path / "run.json").exists():
-        check_same_tokenizer(RunRecord.load(run_path).config, manifest, run_path)
-    sampler = build_sampler(manifest, job.schedule, job.train)
-    job = replace(job, train=align_lr_decay(job.train, sampler))
-    evaluator = build_evaluator(manifest, job.schedule.sources, job.train.seq_len, job.eval_windows_per_source)
-    run = RunStore(job.runs_dir).create(job.run_id, job.config_dict(manifest), tags=job.tags)
-    train(run, job.model, job.train, sampler, evaluator)
+        existing = RunRecord.load(run_path)
+        check_same_tokenizer(existing.config, manifest, run_path)
+        if existing.is_live():
+            existing.acquire()  # raises RunLockedError naming the live process, before anything is touched
+    sampler = build_sampler(manifest, config.schedule, config.train)
+    config = replace(config, train=align_lr_decay(config.train, sampler))
+    evaluator = build_evaluator(manifest, config.schedule.sources, config.train.seq_len, config.eval)
+    run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest), tags=config.tags)
+    train(run, config.model, config.train, sampler, evaluator)
     return RunRecord.load(run.path)

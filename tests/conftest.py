@@ -58,3 +58,16 @@ def curated_dir(raw_corpus: Path) -> Path:
 @pytest.fixture(scope="session")
 def curated_manifest(curated_dir: Path) -> ShardManifest:
     return ShardManifest.load(curated_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenized_curated(curated_dir: Path, tmp_path_factory) -> Path:
+    """A private copy of the curated fixture, tokenized with a small vocabulary (for training tests)."""
+    import shutil
+
+    from mixlab.pipelines.cli import main
+
+    work = tmp_path_factory.mktemp("tokenized") / "curated"
+    shutil.copytree(curated_dir, work)
+    assert main(["tokenize", "--curated", str(work), "--vocab-size", "600", "--val-fraction", "0.05"]) == 0
+    return work

@@ -30,6 +30,7 @@ __all__ = [
     "ModelConfig",
     "NonFiniteLossError",
     "ResumeError",
+    "RunLockedError",
     "RunRecord",
     "RunStore",
     "Sampler",

@@ -27,7 +27,10 @@ class ConfigDict:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} fields {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except TypeError as err:  # e.g. a string where a number belongs, compared in __post_init__
+            raise ConfigError(f"{cls.__name__}: {err}; check the types of {sorted(values)}") from err
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> Self:
@@ -88,26 +91,47 @@ class TrainConfig(ConfigDict):
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        positive = ["batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every"]
+        positive = ["batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
+                    "keep_last_checkpoints"]
+        for name in ("total_steps", "token_budget"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"train.{name}={value!r} must be a whole number >= 1", [f"train.{name}"])
         for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{name}={value!r} must be a whole number >= 1", [f"train.{name}"])
+        for name in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "decay_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"train.{name}={value!r} must be a finite number >= 0", [f"train.{name}"])
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr={self.lr!r} must be > 0", ["train.lr"])
         if self.total_steps is None and self.token_budget is None:
-            raise ConfigError("TrainConfig needs total_steps or token_budget")
+            raise ConfigError("the run needs a length: set train.total_steps or train.token_budget",
+                              ["train.total_steps", "train.token_budget"])
         if self.schedule not in ("wsd", "cosine", "constant"):
-            raise ConfigError(f"TrainConfig.schedule must be 'wsd', 'cosine' or 'constant', got {self.schedule!r}")
+            raise ConfigError(f"train.schedule must be 'wsd', 'cosine' or 'constant', got {self.schedule!r}",
+                              ["train.schedule"])
         if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ConfigError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+            raise ConfigError(f"train.decay_fraction must be in [0, 1], got {self.decay_fraction}", ["train.decay_fraction"])
         if self.min_lr > self.lr:
-            raise ConfigError(f"TrainConfig.min_lr={self.min_lr} exceeds lr={self.lr}")
-        if self.warmup_steps < 0 or self.keep_last_checkpoints < 1:
-            raise ConfigError("TrainConfig.warmup_steps must be >= 0 and keep_last_checkpoints >= 1")
+            raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}", ["train.min_lr", "train.lr"])
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"train.threads={self.threads!r} must be a whole number >= 1 (or null: all cores)",
+                              ["train.threads"])
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps!r} must be a whole number >= 0",
+                              ["train.warmup_steps"])
         steps = self.steps
         if self.warmup_steps > steps:
-            raise ConfigError(f"TrainConfig.warmup_steps={self.warmup_steps} exceeds the run's {steps} steps")
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds the run's {steps} steps: shorten the "
+                              "warmup or lengthen the run", ["train.warmup_steps", "train.total_steps"])
         if self.decay_start_step is not None and not self.warmup_steps <= self.decay_start_step <= steps:
-            raise ConfigError(f"TrainConfig.decay_start_step={self.decay_start_step} must lie in "
-                              f"[warmup_steps={self.warmup_steps}, total steps={steps}]")
+            raise ConfigError(f"train.decay_start_step={self.decay_start_step} must lie in "
+                              f"[train.warmup_steps={self.warmup_steps}, train.total_steps={steps}]",
+                              ["train.decay_start_step", "train.warmup_steps", "train.total_steps"])
 
     @property
     def tokens_per_step(self) -> int:

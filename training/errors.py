@@ -9,7 +9,14 @@ class TrainingError(ValueError):
 
 
 class ConfigError(TrainingError):
-    """A ModelConfig/TrainConfig (or what the sampler and evaluator hand the trainer) that cannot work."""
+    """A ModelConfig/TrainConfig (or what the sampler and evaluator hand the trainer) that cannot work.
+
+    `fields` names the config fields that fix it, as dotted run-config paths (`train.warmup_steps`), so that a
+    command line can add the flags or `--set` overrides that set them."""
+
+    def __init__(self, message: str, fields: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)
 
 
 class CheckpointError(TrainingError):
@@ -24,3 +31,7 @@ class NonFiniteLossError(TrainingError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; the bad update was not applied.
 
     Also a RuntimeError, as it was before the typed errors: existing `except RuntimeError` handlers still see it."""
+
+
+class RunLockedError(TrainingError):
+    """Another live process holds the run's lock (it is training the run now)."""

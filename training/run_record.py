@@ -7,18 +7,25 @@ Layout of a run directory (all plain files):
     <runs_root>/<run_id>/metrics.jsonl   one line per logged training step
     <runs_root>/<run_id>/evals.jsonl     one line per (step, eval source)
     <runs_root>/<run_id>/checkpoints/    written by the training backend
+    <runs_root>/<run_id>/run.lock        held (flock) by the process training the run, while it lives
+
+A run whose status says "running" but whose lock nobody holds lost its process (kill -9, a crash, a lost node):
+`RunRecord.display_status()` calls it "stale", and the next `train` of it records that it recovered from it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+from mixlab.training.errors import RunLockedError
 
 RUN_SCHEMA_VERSION = 1
 
@@ -65,6 +72,58 @@ class RunRecord:
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
+
+    # ---- liveness: a lock held by the training process --------------------------------------
+    LOCK_NAME = "run.lock"
+
+    def acquire(self) -> None:
+        """Take the run's lock for this process (released when it exits, however it dies); refuses a run that a
+        live process is training."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / self.LOCK_NAME, "a+")  # noqa: SIM115 - held open for the life of the run
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            owner = self.summary.get("process", {})
+            raise RunLockedError(
+                f"run {self.run_id!r} ({self.path}) is being trained by a live process (pid {owner.get('pid', '?')} "
+                f"on {owner.get('host', '?')}); wait for it, stop it (SIGTERM checkpoints and exits), or use "
+                "another run id") from None
+        self._lock = handle
+        self.summary["process"] = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
+
+    def release(self) -> None:
+        handle = getattr(self, "_lock", None)
+        if handle is not None:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+            self._lock = None
+
+    def is_live(self) -> bool | None:
+        """Whether a process holds the run's lock: True/False on this host; None when the run was started on
+        another host (a lock there cannot be seen from here)."""
+        host = self.summary.get("process", {}).get("host")
+        if host and host != socket.gethostname():
+            return None
+        if getattr(self, "_lock", None) is not None:
+            return True
+        lock = self.path / self.LOCK_NAME
+        if not lock.exists():
+            return False
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    def display_status(self) -> str:
+        """The status as a person should read it: "stale" for a "running" run whose process is gone."""
+        if self.status == "running" and self.is_live() is False:
+            return "stale"
+        return self.status
 
     def save(self) -> None:
         self.updated = _now()

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 import random
+import signal
+import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -56,6 +59,37 @@ class _Progress:
 
     def state_dict(self) -> dict[str, Any]:
         return {"tokens": self.tokens, "train_time_s": self.train_time_s, "tokens_by_source": self.tokens_by_source}
+
+
+class _StopSignals:
+    """SIGTERM / SIGINT during training ask for a clean stop: the loop finishes its step, checkpoints and marks the
+    run "interrupted" (what a preempted cluster job needs). A second signal stops at once (KeyboardInterrupt).
+    Handlers are installed only in the main thread and restored on exit."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
+        self.received = signum
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.received).name if self.received is not None else None
 
 
 def _seed_everything(seed: int) -> None:
@@ -154,14 +188,17 @@ def train(
     Resumes from the run's latest checkpoint when train_config.resume: weights, optimizer, RNG, the sampler's
     position and the run's logs (truncated to the checkpoint's step) all continue as if never interrupted.
     stop_after=N stops cleanly after step N with a checkpoint, as a preemption would (status "interrupted").
+    SIGTERM or SIGINT does the same at the current step (summary["stopped_by"] names the signal).
+    The run's lock (`RunRecord.acquire`) is held while training, so `mixlab runs` can tell a live run from a dead one.
     Any error once the run is touched (resuming included) marks it "failed" with the error in its summary; the
     errors raised on purpose are `training.TrainingError`s (ValueErrors) that say what to do.
     """
     cfg = train_config
     total = cfg.steps
     if cfg.seq_len > model_config.max_seq_len:
-        raise ConfigError(f"run {run.run_id!r}: TrainConfig.seq_len={cfg.seq_len} exceeds ModelConfig.max_seq_len="
-                          f"{model_config.max_seq_len}; shorten seq_len or raise max_seq_len")
+        raise ConfigError(f"run {run.run_id!r}: train.seq_len={cfg.seq_len} exceeds model.max_seq_len="
+                          f"{model_config.max_seq_len}; shorten seq_len or raise max_seq_len",
+                          ["train.seq_len", "model.max_seq_len"])
     latest = latest_checkpoint(run.checkpoint_dir)
     if latest is not None and not cfg.resume:  # refused before touching the run: its status stays as it was
         raise ResumeError(f"run {run.run_id!r} already has checkpoints ({latest}) and TrainConfig.resume is off: "
@@ -191,12 +228,21 @@ def train(
                                trainer_state=progress.state_dict(), configs=configs, keep_last=cfg.keep_last_checkpoints)
 
     def run_eval(at: int) -> list[dict[str, Any]]:
+        if bar is not None:
+            bar.set_description_str(f"{run.run_id}: evaluating step {at}…")
+            bar.refresh()
         rows = evaluator.evaluate(model, device)
+        if bar is not None:
+            bar.set_description_str(run.run_id)
         for row in rows:
             run.log_eval(at, row["source"], **{k: v for k, v in row.items() if k != "source"})
         return rows
 
+    previous_status = run.display_status() if (run.path / "run.json").exists() else None  # "stale": it died
+    run.acquire()  # refuses a run that a live process trains; the lock dies with this process
+    stop = _StopSignals()
     try:
+        stop.__enter__()
         if latest is not None:
             step = read_checkpoint(latest).step  # what the run has, should the resume fail
             progress = _resume(latest, run, model, optimizer, sampler, model_config, cfg)
@@ -204,7 +250,11 @@ def train(
         run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
         run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
                            "decay_start_step": decay_start_step(cfg), "device": str(device)})
+        if latest is not None or previous_status in ("stale", "interrupted", "failed"):
+            restarts = run.summary.setdefault("restarts", [])
+            restarts.append({"step": step, "previous_status": previous_status, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         run.status = "running"
+        run.summary.pop("stopped_by", None)
         run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
                             "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total})
         run.save()
@@ -214,7 +264,7 @@ def train(
         bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar, unit="step", dynamic_ncols=True,
                    desc=run.run_id)
         model.train()
-        while step < total and (stop_after is None or step < stop_after):
+        while step < total and (stop_after is None or step < stop_after) and stop.received is None:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -263,15 +313,22 @@ def train(
             if evaluator is not None and (step % cfg.eval_every == 0 or step == total):
                 eval_rows = run_eval(step)
                 overall = eval_rows[-1]
-                bar.write(f"[{run.run_id}] step {step}: eval loss {overall['loss']:.4f}, bpb {overall['bpb']:.4f}")
-            if step % cfg.checkpoint_every == 0 or step == total or step == stop_after:
+                # progress goes to stderr, with the bar: stdout is for results (`mixlab train --json`)
+                bar.write(f"[{run.run_id}] step {step}: eval loss {overall['loss']:.4f}, bpb {overall['bpb']:.4f}",
+                          file=sys.stderr)
+            if step % cfg.checkpoint_every == 0 or step == total or step == stop_after or stop.received:
                 checkpoint(step)
+        if stop.received is not None and (latest_checkpoint(run.checkpoint_dir) is None
+                                          or read_checkpoint(latest_checkpoint(run.checkpoint_dir)).step != step):
+            checkpoint(step)  # the signal came after this step's checkpoint decision
     except BaseException as exc:
         run.status = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
         run.summary.update({"error": f"{type(exc).__name__}: {exc}", "step": step})
         run.save()
+        run.release()
         raise
     finally:
+        stop.__exit__()
         if bar is not None:
             bar.close()
 
@@ -286,7 +343,10 @@ def train(
         "train_time_s": progress.train_time_s,
         "resumed_from": resumed_from,
     })
+    if stop.received is not None:
+        run.summary["stopped_by"] = stop.name
     if eval_rows:
-        run.summary["eval"] = {r["source"]: {k: r[k] for k in ("loss", "ppl", "bpb", "tokens")} for r in eval_rows}
+        run.summary["eval"] = {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in eval_rows}
     run.save()
+    run.release()
     return dict(run.summary)

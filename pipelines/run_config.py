@@ -1,0 +1,269 @@
+"""One document describes a whole run: data, mixture, model, training, evaluation and backend.
+
+Written as YAML (or built in Python), it is what `mixlab train --config run.yaml` reads, and `run.json` stores the
+same document fully resolved (presets expanded, paths absolute), so `mixlab train --config runs/<id>/run.json`
+reproduces the run. Every field can be overridden with `--set section.field=value`.
+
+    run_id: web-heavy
+    runs_dir: work/runs
+    data:
+      curated: work/curated          # a tokenized curated directory
+    mixture: schedule.yaml           # a schedule file, an inline {stages: [...]}, or null: the demo schedule
+    model: {preset: demo}            # a ModelConfig preset plus any field; vocab_size comes from the tokenizer
+    train: {preset: demo, lr: 1.0e-3, total_steps: 400}
+    eval: {windows_per_source: 48}
+    backend: embedded
+    tags: {recipe: web-heavy}
+
+Paths are relative to the working directory, as on the command line.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from mixlab.mixtures import MixtureSchedule, ScheduleError
+from mixlab.training import ConfigError, ModelConfig, TrainConfig
+from mixlab.training.config import ConfigDict
+
+RUN_CONFIG_FORMAT = "mixlab.run/1"
+SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "model", "train", "eval", "backend", "tags")
+# facts a run records next to its document; not inputs, so a run.json read back as a config drops them
+DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device")
+BACKENDS = ("embedded",)
+DEFAULT_PRESET = "demo"
+
+
+@dataclass
+class EvalConfig(ConfigDict):
+    """Held-out evaluation: fixed windows per source, scored at every `train.eval_every` steps."""
+
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    windows_per_source: int = 48  # windows of seq_len + 1 tokens from each source's val split
+    batch_size: int = 16  # windows per forward pass
+    bootstrap_resamples: int = 1000  # for the confidence interval over windows
+
+    def __post_init__(self) -> None:
+        for name in ("windows_per_source", "batch_size", "bootstrap_resamples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"eval.{name}={value!r} must be a whole number >= 1", [f"eval.{name}"])
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines one pre-training run; `to_dict()` is the document `run.json` keeps.
+
+    `schedule=None` means the demo's stable+decay schedule over the tokenized sources, fixed when the run starts.
+    """
+
+    curated_dir: Path
+    runs_dir: Path
+    run_id: str
+    schedule: MixtureSchedule | None
+    model: ModelConfig
+    train: TrainConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tags: dict[str, str] = field(default_factory=dict)
+    backend: str = "embedded"
+
+    def __post_init__(self) -> None:
+        self.curated_dir, self.runs_dir = Path(self.curated_dir), Path(self.runs_dir)
+        if not self.run_id or "/" in self.run_id or self.run_id in (".", ".."):
+            raise ConfigError(f"run_id={self.run_id!r} must be a plain name (it names a folder of runs_dir)", ["run_id"])
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend={self.backend!r} is not available; choose from {list(BACKENDS)}", ["backend"])
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: shorten the "
+                "sequences or raise the model's maximum (a longer context is a different model)",
+                ["train.seq_len", "model.max_seq_len"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": RUN_CONFIG_FORMAT,
+            "run_id": self.run_id,
+            "runs_dir": str(self.runs_dir.resolve()),
+            "data": {"curated": str(self.curated_dir.resolve())},
+            "mixture": self.schedule.to_dict() if self.schedule is not None else None,
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "eval": self.eval.to_dict(),
+            "backend": self.backend,
+            "tags": dict(self.tags),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---- reading documents -------------------------------------------------------------------------
+class _RunYamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a learning rate written that way is a number here."""
+
+
+_RunYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$"
+               r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """YAML (or JSON, a subset) with exponent floats read as numbers."""
+    return yaml.load(text, Loader=_RunYamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_run_document(path: str | Path) -> dict[str, Any]:
+    """A run document from YAML/JSON: a config file, or a run's `run.json` (its `config`, derived facts dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such run config file; write one (see `mixlab train --help`) or point at a "
+                          "run's run.json", ["--config"])
+    try:
+        data = load_yaml(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML/JSON: {err}", ["--config"]) from err
+    if isinstance(data, Mapping) and "schema_version" in data and "config" in data:  # a run.json
+        data = data["config"]
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: a run config is a mapping with sections {list(SECTIONS)}", ["--config"])
+    return {k: v for k, v in data.items() if k not in DERIVED_KEYS and k != "eval_windows_per_source"}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-3` -> (["train", "lr"], 0.001). Values are YAML (numbers, true/false, null, [lists], {maps});
+    `1e-3`, which YAML 1.1 reads as a string, is a number here too."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE, e.g. --set train.lr=1e-3", ["--set"])
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {err}", ["--set"]) from err
+    return key.strip().split("."), value
+
+
+def apply_overrides(document: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `document` with each `a.b.c=value` set (list items by index: `mixture.stages.1.fraction=0.3`)."""
+    document = copy.deepcopy(document)
+    for text in overrides:
+        keys, value = parse_override(text)
+        if keys[0] not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section {keys[0]!r}; sections: {list(SECTIONS)}", ["--set"])
+        node: Any = document
+        for i, key in enumerate(keys[:-1]):
+            nxt = node[int(key)] if isinstance(node, list) else node.get(key)
+            if nxt is None:
+                nxt = {}
+                if isinstance(node, list):
+                    raise ConfigError(f"--set {text!r}: {'.'.join(keys[:i + 1])} does not exist", ["--set"])
+                node[key] = nxt
+            if not isinstance(nxt, dict | list):
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section", ["--set"])
+            node = nxt
+        if isinstance(node, list):
+            node[int(keys[-1])] = value
+        else:
+            node[keys[-1]] = value
+    return document
+
+
+def _section(document: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = document.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: expected a mapping of fields, got {value!r}", [name])
+    return dict(value)
+
+
+def _from_preset(cls: type[ConfigDict], section: str, values: dict[str, Any], **defaults: Any) -> Any:
+    preset = values.pop("preset", DEFAULT_PRESET)
+    for key, value in defaults.items():
+        values.setdefault(key, value)
+    try:
+        return cls.preset(preset, **values)
+    except ConfigError as err:
+        fields = err.fields or tuple(f"{section}.{k}" for k in values) or (f"{section}.preset",)
+        raise ConfigError(str(err).replace(f"{cls.__name__}.", f"{section}."), fields) from err
+
+
+def _schedule(value: Any) -> MixtureSchedule | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str | Path):
+            return MixtureSchedule.from_yaml(Path(value))
+        if isinstance(value, Mapping):
+            return MixtureSchedule.from_dict(value)
+    except ScheduleError as err:
+        raise ConfigError(f"mixture: {err}", ["mixture"]) from err
+    raise ConfigError(f"mixture: expected a schedule file path or {{stages: [...]}}, got {value!r}", ["mixture"])
+
+
+def run_config_from_document(document: Mapping[str, Any], vocab_size: int | None = None) -> RunConfig:
+    """Resolve a document: presets expanded, `model.vocab_size` from the tokenizer when left out (`vocab_size`)."""
+    unknown = sorted(set(document) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown run config sections {unknown}; sections: {list(SECTIONS)}", unknown)
+    fmt = document.get("format", RUN_CONFIG_FORMAT)
+    if fmt != RUN_CONFIG_FORMAT:
+        raise ConfigError(f"format={fmt!r}: this mixlab reads run configs of format {RUN_CONFIG_FORMAT!r}", ["format"])
+    for name in ("run_id", "runs_dir"):
+        if not document.get(name):
+            raise ConfigError(f"the run config has no {name}: set it in the file, with --{name.replace('_', '-')}, "
+                              f"or --set {name}=...", [name])
+    data = _section(document, "data")
+    if not data.get("curated"):
+        raise ConfigError("the run config has no data.curated (the tokenized curated directory): set it in the "
+                          "file's data: section or with --curated", ["data.curated"])
+    train = _from_preset(TrainConfig, "train", _section(document, "train"))
+    model_defaults = {"vocab_size": vocab_size} if vocab_size else {}
+    model = _from_preset(ModelConfig, "model", _section(document, "model"), **model_defaults)
+    if vocab_size and model.vocab_size != vocab_size:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} but the tokenizer has {vocab_size} tokens: leave "
+                          "model.vocab_size out (it comes from the tokenizer)", ["model.vocab_size"])
+    try:
+        eval_config = EvalConfig.from_dict(_section(document, "eval"))
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("EvalConfig", "eval"), err.fields or ["eval"]) from err
+    tags = {str(k): str(v) for k, v in _section(document, "tags").items()}
+    return RunConfig(
+        curated_dir=Path(data["curated"]), runs_dir=Path(document["runs_dir"]), run_id=str(document["run_id"]),
+        schedule=_schedule(document.get("mixture")), model=model, train=train, eval=eval_config, tags=tags,
+        backend=document.get("backend") or "embedded",
+    )
+
+
+def preset_sizes(vocab_size: int = 8192) -> list[str]:
+    """One line per model and train preset with its size, for `--help`."""
+    from mixlab.training import MODEL_PRESETS, TRAIN_PRESETS
+
+    lines = []
+    for name, values in MODEL_PRESETS.items():
+        cfg = ModelConfig.preset(name, **({} if "vocab_size" in values else {"vocab_size": vocab_size}))
+        embedding = cfg.vocab_size * cfg.d_model
+        block = cfg.n_layers * (2 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+                                + 3 * cfg.d_model * cfg.ffn_hidden)
+        lines.append(f"  model {name:11s} {cfg.n_layers:>2d} layers x {cfg.d_model:>4d} wide, {_count(block)} non-embedding "
+                     f"+ {_count(embedding)} embedding params (vocab {cfg.vocab_size}), context {cfg.max_seq_len}")
+    for name in TRAIN_PRESETS:
+        cfg = TrainConfig.preset(name)
+        lines.append(f"  train {name:11s} {cfg.steps:>5d} steps x {cfg.batch_size} x {cfg.seq_len} tokens = "
+                     f"{_count(cfg.steps * cfg.tokens_per_step)} tokens, lr {cfg.lr:g}, warmup {cfg.warmup_steps}")
+    return lines
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{1 if n / scale < 100 else 0}f}{unit}"
+    return f"{math.floor(n)}"
