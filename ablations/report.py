@@ -1,298 +1,303 @@
-"""A run report a person can read: loss curve, per-source eval, the mixture over training, and the
-curation funnel that produced the data. Written as `report.html` plus PNG plots next to it.
+"""A report a person can read, for one run or several compared on one page: a summary row per run, training
+curves (loss, LR, grad norm), per-source held-out curves with bootstrap intervals, the config keys that differ,
+epochs per source, the mixture (realised vs target) and the curation funnel that produced the data.
 
-The report reads only files (a run directory through `RunRecord`, and optionally a shard manifest), so
-it works on any finished or running run, whichever backend wrote it.
+`report.html` is self-contained (plots embedded as base64 PNG data URIs), so it can be mailed alone; the PNGs are
+also written next to it. The report reads only files (run directories through `RunRecord`, a manifest through
+`ShardManifest`), so it works on any finished or running run, whichever backend wrote it.
 """
 
 from __future__ import annotations
 
+import base64
 import html
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import polars as pl  # noqa: E402
-from mixlab.curation import ShardManifest  # noqa: E402
-from mixlab.training import RunRecord  # noqa: E402
+import polars as pl
+from mixlab.ablations import compare, plots
+from mixlab.ablations.compare import curation_funnel, final_evals, with_interval
+from mixlab.curation import ShardManifest
+from mixlab.training import RunRecord
 
 _CSS = """
-body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222;line-height:1.4}
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.4}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
 td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #eee}
+figure{margin:.8em 0}figcaption{color:#888;font-size:.8em}
 .note{color:#666;font-size:.9em}.bad{color:#b00}
 """
 
 
 @dataclass
 class RunReport:
-    """Paths of what `build_report` wrote."""
+    """What `build_report` wrote: the HTML page, the PNG of each plot (also embedded in the page), the runs."""
 
     html_path: Path
     plots: dict[str, Path]
+    run_ids: list[str] = field(default_factory=list)
 
 
-# ---- data shaping (pure functions: tested directly) ------------------------------------------
-def mixture_shares(metrics: list[dict], max_points: int | None = None) -> pl.DataFrame:
-    """Per logged step, the share of tokens each source got since the previous point.
+class _Page:
+    """Sections of HTML plus the figures, each saved as PNG next to the page and embedded in it."""
 
-    `tokens_by_source` in metrics is cumulative (what the sampler has served so far), so the
-    difference between consecutive points is what the model saw in that interval. `max_points`
-    merges consecutive log intervals so that each point covers enough sequences to be readable."""
-    rows = [m for m in metrics if isinstance(m.get("tokens_by_source"), dict)]
-    if not rows:
-        return pl.DataFrame()
-    if max_points and len(rows) > max_points:
-        stride = -(-len(rows) // max_points)
-        keep = list(range(stride - 1, len(rows), stride))
-        if keep[-1] != len(rows) - 1:
-            keep.append(len(rows) - 1)
-        rows = [rows[i] for i in keep]
-    sources = sorted({s for m in rows for s in m["tokens_by_source"]})
-    previous = dict.fromkeys(sources, 0)
-    out = []
-    for m in rows:
-        current = {s: int(m["tokens_by_source"].get(s, 0)) for s in sources}
-        delta = {s: current[s] - previous[s] for s in sources}
-        total = sum(delta.values())
-        previous = current
-        if total <= 0:
-            continue
-        out.append({"step": m["step"], **{s: delta[s] / total for s in sources}})
-    return pl.DataFrame(out)
+    def __init__(self, out: Path):
+        self.out = out
+        self.sections: list[str] = []
+        self.plots: dict[str, Path] = {}
+
+    def add(self, *parts: str) -> None:
+        self.sections.extend(parts)
+
+    def figure(self, key: str, fig, alt: str, filename: str | None = None) -> None:
+        path = self.out / (filename or f"{key}.png")
+        png = plots.save_figure(fig, path)
+        self.plots[key] = path
+        data = base64.b64encode(png).decode("ascii")
+        self.add(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(alt)}'>"
+                 f"<figcaption>{html.escape(path.name)}</figcaption></figure>")
 
 
-def schedule_table(schedule: dict) -> pl.DataFrame:
-    """Target weights as a table: one row per source, one column per stage (normalised)."""
-    stages = schedule.get("stages", [])
-    sources = sorted({s for st in stages for s in st["weights"]})
-    rows = []
-    for source in sources:
-        row = {"source": source}
-        for st in stages:
-            total = sum(st["weights"].values()) or 1.0
-            row[f"{st['name']} ({st['fraction']:.0%})"] = st["weights"].get(source, 0.0) / total
-        rows.append(row)
-    return pl.DataFrame(rows)
+def _cell(value: Any, floats: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{floats}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return html.escape(str(value))
 
 
-def final_evals(evals: list[dict]) -> pl.DataFrame:
-    """The eval rows of the last evaluated step, one per source."""
-    if not evals:
-        return pl.DataFrame()
-    frame = pl.DataFrame(evals)
-    last = frame["step"].max()
-    return frame.filter(pl.col("step") == last).sort("source")
-
-
-def curation_funnel(manifest: ShardManifest) -> pl.DataFrame:
-    """One row per (source, step): documents in, kept, dropped, and the reasons."""
-    rows = []
-    for name, src in manifest.sources.items():
-        for step in src.steps:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(step.dropped.items(), key=lambda kv: -kv[1]) if v)
-            rows.append(
-                {
-                    "source": name,
-                    "step": step.name,
-                    "docs_in": step.docs_in,
-                    "kept": step.kept,
-                    "dropped": step.dropped_total,
-                    "reasons": reasons,
-                }
-            )
-    return pl.DataFrame(rows)
-
-
-# ---- plots ---------------------------------------------------------------------------------
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _plot_loss(metrics: list[dict], evals: list[dict], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(9, 4.2))
-    train = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    if train:
-        steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, lw=1, alpha=0.8, label="train loss")
-    if evals:
-        frame = pl.DataFrame(evals)
-        for source in sorted(frame["source"].unique()):
-            sub = frame.filter(pl.col("source") == source).sort("step")
-            style = {"lw": 2.2, "color": "black"} if source == "all" else {"lw": 1, "ls": "--"}
-            ax.plot(sub["step"], sub["loss"], marker="o", ms=3, label=f"eval {source}", **style)
-    # shade the data stages so that a loss change at a stage switch is visible
-    stage_starts = []
-    last_stage = None
-    for m in metrics:
-        if m.get("stage") != last_stage:
-            stage_starts.append((m["step"], m.get("stage")))
-            last_stage = m.get("stage")
-    for i, (start, stage) in enumerate(stage_starts):
-        end = stage_starts[i + 1][0] if i + 1 < len(stage_starts) else (metrics[-1]["step"] if metrics else start)
-        ax.axvspan(start, end, color=f"C{i}", alpha=0.06)
-        if stage:
-            ax.text(start, ax.get_ylim()[1], f" {stage}", va="top", fontsize=8, color="#555")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Training and held-out loss")
-    ax.legend(fontsize=7, ncol=3)
-    ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _plot_mixture(shares: pl.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    sources = [c for c in shares.columns if c != "step"]
-    ax.stackplot(shares["step"].to_list(), *[shares[s].to_list() for s in sources], labels=sources, alpha=0.85)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("share of tokens")
-    ax.set_title("Mixture over training (realised token shares per source)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    return _save(fig, path)
-
-
-def _plot_eval_bars(frame: pl.DataFrame, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(9, 3.6))
-    ax.bar(frame["source"].to_list(), frame["bpb"].to_list(), color="C2")
-    ax.set_ylabel("bits per byte")
-    ax.set_title("Held-out bits per byte by source (lower is better)")
-    ax.tick_params(axis="x", rotation=30)
-    return _save(fig, path)
-
-
-def _plot_funnel(manifest: ShardManifest, path: Path) -> Path:
-    names = sorted(manifest.sources)
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    first_in = [manifest.sources[n].steps[0].docs_in if manifest.sources[n].steps else 0 for n in names]
-    kept = [manifest.sources[n].docs for n in names]
-    ax.bar(names, first_in, color="#ccc", label="raw documents")
-    ax.bar(names, kept, color="C0", label="kept after curation")
-    ax.set_ylabel("documents")
-    ax.set_title("Curation: documents in and kept per source")
-    ax.tick_params(axis="x", rotation=30)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
-
-
-# ---- HTML ----------------------------------------------------------------------------------
 def _table(frame: pl.DataFrame, floats: int = 4) -> str:
     if frame.is_empty():
         return "<p class=note>(nothing recorded)</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
-    body = []
-    for row in frame.iter_rows():
-        cells = []
-        for value in row:
-            if value is None:
-                text = "–"
-            elif isinstance(value, float):
-                text = f"{value:.{floats}f}"
-            elif isinstance(value, int):
-                text = f"{value:,}"
-            else:
-                text = html.escape(str(value))
-            cells.append(f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    body = "".join("<tr>" + "".join(f"<td>{_cell(v, floats)}</td>" for v in row) + "</tr>" for row in frame.iter_rows())
+    return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def build_report(run_dir: str | Path, out_dir: str | Path, manifest_dir: str | Path | None = None) -> RunReport:
-    """Write `report.html` and its plots for one run into `out_dir`."""
-    run = RunRecord.load(run_dir)
+def _load_manifest(directory: str | Path | None) -> ShardManifest | None:
+    if directory and Path(directory).exists():
+        return ShardManifest.load(directory)
+    return None
+
+
+def _manifest_dir(run: RunRecord, override: str | Path | None) -> str | Path | None:
+    return override or run.config.get("manifest_dir") or (run.config.get("data") or {}).get("curated")
+
+
+def _last_eval(evals: list[dict], source: str = "all") -> dict[str, Any]:
+    final = final_evals(evals)
+    if final.is_empty():
+        return {}
+    rows = final.filter(pl.col("source") == source).to_dicts()
+    return rows[0] if rows else {}
+
+
+def _summary_rows(runs: list[RunRecord], labels: list[str]) -> pl.DataFrame:
+    rows = []
+    for run, label in zip(runs, labels, strict=True):
+        metrics = run.metrics()
+        final = _last_eval(run.evals())
+        last_loss = metrics[-1].get("loss") if metrics else run.summary.get("final_loss")
+        rows.append({
+            "run": label,
+            "status": run.display_status(),
+            "step": f"{metrics[-1]['step'] if metrics else run.summary.get('step', 0):,} / "
+                    f"{compare.run_total_steps(run):,}",
+            "tokens": metrics[-1].get("tokens") if metrics else run.summary.get("tokens"),
+            "params": run.summary.get("params"),
+            "final train loss": last_loss,
+            "eval step": final.get("step"),
+            "eval loss (all) [95%]": with_interval(final, "loss"),
+            "eval bpb (all) [95%]": with_interval(final, "bpb"),
+            "tags": ", ".join(f"{k}={v}" for k, v in sorted(run.tags.items())),
+        })
+    return pl.DataFrame(rows)
+
+
+def _final_eval_table(runs: list[RunRecord], labels: list[str]) -> pl.DataFrame:
+    """Rows: source; per run a loss and a bpb column, each with its interval."""
+    finals = {label: {r["source"]: r for r in final_evals(run.evals()).to_dicts()} for run, label in
+              zip(runs, labels, strict=True)}
+    sources = sorted({s for f in finals.values() for s in f}, key=lambda s: (s == "all", s))
+    rows = []
+    for source in sources:
+        row: dict[str, Any] = {"source": source}
+        for label, by_source in finals.items():
+            prefix = f"{label}: " if len(finals) > 1 else ""
+            entry = by_source.get(source, {})
+            row[f"{prefix}loss [95%]"] = with_interval(entry, "loss")
+            row[f"{prefix}bpb [95%]"] = with_interval(entry, "bpb")
+            if len(finals) == 1:
+                row["ppl"] = entry.get("ppl")
+                row["eval tokens"] = entry.get("tokens")
+        rows.append(row)
+    return pl.DataFrame(rows)
+
+
+def _epochs_table(runs: list[RunRecord], labels: list[str], manifests: list[ShardManifest | None]) -> pl.DataFrame:
+    served = [compare.served_tokens(run) for run in runs]
+    sources = sorted({s for tokens in served for s in tokens})
+    rows = []
+    for label, tokens, manifest in zip(labels, served, manifests, strict=True):
+        epochs = compare.epochs_per_source(tokens, manifest) if manifest is not None else {}
+        rows.append({"run": label, **{s: epochs.get(s) for s in sources}})
+    return pl.DataFrame(rows, schema={"run": pl.String, **dict.fromkeys(sources, pl.Float64)})
+
+
+def _data_section(page: _Page, manifest: ShardManifest, where: str) -> None:
+    page.add("<h2>Data: curation funnel</h2>", f"<p class=note>From the manifest in {html.escape(where)}.</p>")
+    volumes = compare.source_volumes(manifest)
+    if not volumes.is_empty():
+        page.figure("funnel", plots.curation_volumes(volumes), "curation funnel in documents, bytes and tokens",
+                    "curation.png")
+    sources, steps, shares = compare.drop_shares(manifest)
+    if steps:
+        page.figure("funnel_drops", plots.drop_heatmap(sources, steps, shares),
+                    "share of each curation step's input dropped, per source", "curation_drops.png")
+    problems = manifest.check()
+    page.add("<p>Counts add up for every source.</p>" if not problems
+             else "<p class=bad>Accounting problems:<br>" + "<br>".join(map(html.escape, problems)) + "</p>")
+    page.add(_table(curation_funnel(manifest), floats=3))
+    per_source = pl.DataFrame([
+        {
+            "source": n,
+            "kind": s.kind,
+            "docs": s.docs,
+            "MB text": round(s.bytes / 1e6, 2),
+            "train tokens": s.tokens.get("train", 0),
+            "val tokens": s.tokens.get("val", 0),
+            "quarantined": s.quarantined,
+            "held-out near-dups in train": s.metadata_summary.get("held_out_leakage", {}).get(
+                "val_near_duplicates_in_train"),
+            "languages": ", ".join(f"{k}:{v}" for k, v in sorted(s.languages.items(), key=lambda kv: -kv[1])[:4]),
+        }
+        for n, s in sorted(manifest.sources.items())
+    ])
+    page.add("<h3>Sources</h3>", _table(per_source, floats=2))
+
+
+def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord], out_dir: str | Path,
+                 manifest_dir: str | Path | None = None) -> RunReport:
+    """Takes one run (directory or RunRecord) or a list of them; writes a self-contained `report.html` (plus its
+    PNGs) into `out_dir` comparing them. `manifest_dir` overrides the curated directory each run recorded."""
+    records = compare.load_runs(runs)
+    labels = compare.run_labels(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics, evals = run.metrics(), run.evals()
-    plots: dict[str, Path] = {}
-    sections: list[str] = []
+    page = _Page(out)
+    metrics = [run.metrics() for run in records]
+    evals = [run.evals() for run in records]
+    manifest_dirs = [_manifest_dir(run, manifest_dir) for run in records]
+    loaded: dict[str, ShardManifest | None] = {}
+    for directory in manifest_dirs:
+        if directory is not None and str(directory) not in loaded:
+            loaded[str(directory)] = _load_manifest(directory)
+    manifests = [loaded.get(str(d)) if d is not None else None for d in manifest_dirs]
 
-    summary = run.summary or {}
-    sections.append(
-        f"<h1>mixlab run <code>{html.escape(run.run_id)}</code></h1>"
-        f"<p>status: <b>{html.escape(run.status)}</b> · updated {html.escape(run.updated)}</p>"
-    )
-    if summary:
+    # ---- header and summary
+    if len(records) == 1:
+        run = records[0]
+        page.add(f"<h1>mixlab run <code>{html.escape(run.run_id)}</code></h1>",
+                 f"<p>status: <b>{html.escape(run.display_status())}</b> · updated {html.escape(run.updated)}</p>")
+    else:
+        page.add(f"<h1>mixlab: {len(records)} runs compared</h1>",
+                 "<p>" + " · ".join(f"<code>{html.escape(label)}</code>" for label in labels) + "</p>")
+    page.add("<h2>Summary</h2>", _table(_summary_rows(records, labels)))
+    if len(records) == 1 and records[0].summary:
         def show(value) -> str:
             return f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
 
-        rows = [{"field": k, "value": show(v)} for k, v in summary.items() if not isinstance(v, dict | list)]
-        sections.append("<h2>Summary</h2>" + _table(pl.DataFrame(rows)))
+        fields = [{"field": k, "value": show(v)} for k, v in records[0].summary.items() if not isinstance(v, dict | list)]
+        page.add("<h3>Run details</h3>", _table(pl.DataFrame(fields)))
 
-    sections.append("<h2>Loss</h2>")
-    if metrics:
-        plots["loss"] = _plot_loss(metrics, evals, out / "loss.png")
-        first, last = metrics[0].get("loss"), metrics[-1].get("loss")
-        trend = "went down" if first is not None and last is not None and last < first else "did NOT go down"
-        sections.append(
-            f"<img src='loss.png' alt='loss curve'><p>Training loss {trend}: "
-            f"{first:.3f} at step {metrics[0]['step']} → {last:.3f} at step {metrics[-1]['step']}.</p>"
-        )
+    # ---- config differences
+    if len(records) > 1:
+        page.add("<h2>Config differences</h2>")
+        diff = compare.config_differences({label: run.config for run, label in zip(records, labels, strict=True)})
+        page.add("<p>Only the config keys whose values differ between the runs (flattened run.json config).</p>"
+                 + _table(diff) if not diff.is_empty()
+                 else "<p>No config key differs between the runs (apart from the run id).</p>")
+
+    # ---- training curves
+    page.add("<h2>Training</h2>")
+    if any(metrics):
+        page.figure("loss", plots.training_curves(list(zip(labels, metrics, strict=True))),
+                    "training loss, learning rate and gradient norm")
+        for label, rows in zip(labels, metrics, strict=True):
+            losses = [(m["step"], m["loss"]) for m in rows if isinstance(m.get("loss"), int | float)]
+            if not losses:
+                page.add(f"<p class=bad>{html.escape(label)}: no training loss recorded.</p>")
+                continue
+            (s0, first), (s1, last) = losses[0], losses[-1]
+            trend = "went down" if last < first else "did NOT go down"
+            page.add(f"<p>{html.escape(label)}: training loss {trend}: {first:.3f} at step {s0} → {last:.3f} at step "
+                     f"{s1}.</p>")
     else:
-        sections.append("<p class=bad>No training metrics recorded.</p>")
+        page.add("<p class=bad>No training metrics recorded.</p>")
 
-    sections.append("<h2>Held-out evaluation per source</h2>")
-    final = final_evals(evals)
-    if not final.is_empty():
-        cols = [c for c in ("source", "loss", "bpb", "ppl", "tokens") if c in final.columns]
-        table = final.select(cols)
-        if "bpb" in final.columns:
-            plots["eval"] = _plot_eval_bars(final.filter(pl.col("source") != "all"), out / "eval_bpb.png")
-            sections.append("<img src='eval_bpb.png' alt='bits per byte per source'>")
-        sections.append(f"<p>At step {final['step'][0]}:</p>" + _table(table))
+    # ---- held-out evaluation
+    page.add("<h2>Held-out evaluation per source</h2>")
+    curves = [(label, compare.eval_curves(ev, m)) for label, ev, m in zip(labels, evals, metrics, strict=True)]
+    if any(not frame.is_empty() for _, frame in curves):
+        page.figure("eval_by_step", plots.eval_curves(curves, "step"), "held-out loss and bpb per source vs step")
+        if any(not f.is_empty() and f["train_tokens"].is_not_nan().any() for _, f in curves):
+            page.figure("eval_by_tokens", plots.eval_curves(curves, "train_tokens"),
+                        "held-out loss and bpb per source vs training tokens")
+        finals = [(label, final_evals(ev)) for label, ev in zip(labels, evals, strict=True)]
+        page.figure("eval", plots.final_bpb_bars(finals), "final bits per byte per source", "eval_bpb.png")
+        steps = ", ".join(f"{label}: step {f['step'][0]}" for label, f in finals if not f.is_empty())
+        page.add(f"<p>Last evaluation ({html.escape(steps)}); brackets: 95% bootstrap interval over eval windows.</p>",
+                 _table(_final_eval_table(records, labels)))
     else:
-        sections.append("<p class=note>No evals recorded.</p>")
+        page.add("<p class=note>No evals recorded.</p>")
 
-    sections.append("<h2>Mixture over training</h2>")
-    shares = mixture_shares(metrics, max_points=40)
-    if not shares.is_empty():
-        plots["mixture"] = _plot_mixture(shares, out / "mixture.png")
-        sections.append("<img src='mixture.png' alt='mixture over training'>")
-    schedule = run.config.get("mixture")
-    if schedule and schedule.get("stages"):
-        sections.append("<p>Target weights per stage:</p>" + _table(schedule_table(schedule), floats=3))
+    # ---- epochs per source
+    page.add("<h2>Epochs per source</h2>")
+    if any(m is not None for m in manifests):
+        page.add("<p>Tokens served to the run / the source's train tokens: above 1 the run repeated that source's data."
+                 "</p>", _table(_epochs_table(records, labels, manifests), floats=3))
+    else:
+        page.add("<p class=note>No manifest found (give the curated directory) to relate tokens served to the data."
+                 "</p>")
 
-    manifest_dir = manifest_dir or run.config.get("manifest_dir")
-    if manifest_dir and Path(manifest_dir).exists():
-        manifest = ShardManifest.load(manifest_dir)
-        sections.append("<h2>Data: curation funnel</h2>")
-        plots["funnel"] = _plot_funnel(manifest, out / "curation.png")
-        sections.append("<img src='curation.png' alt='curation funnel'>")
-        problems = manifest.check()
-        sections.append(
-            "<p>Counts add up for every source.</p>"
-            if not problems
-            else "<p class=bad>Accounting problems:<br>" + "<br>".join(map(html.escape, problems)) + "</p>"
-        )
-        sections.append(_table(curation_funnel(manifest)))
-        per_source = pl.DataFrame(
-            [
-                {
-                    "source": n,
-                    "kind": s.kind,
-                    "docs": s.docs,
-                    "MB text": round(s.bytes / 1e6, 2),
-                    "train tokens": s.tokens.get("train", 0),
-                    "val tokens": s.tokens.get("val", 0),
-                    "quarantined": s.quarantined,
-                    "held-out near-dups in train": s.metadata_summary.get("held_out_leakage", {}).get(
-                        "val_near_duplicates_in_train"),
-                    "languages": ", ".join(f"{k}:{v}" for k, v in sorted(s.languages.items(), key=lambda kv: -kv[1])[:4]),
-                }
-                for n, s in sorted(manifest.sources.items())
-            ]
-        )
-        sections.append("<h3>Sources</h3>" + _table(per_source, floats=2))
+    # ---- mixture
+    page.add("<h2>Mixture over training</h2>")
+    panels = []
+    for run, label, rows in zip(records, labels, metrics, strict=True):
+        stages = (run.config.get("mixture") or {}).get("stages") or []
+        targets = (compare.target_segments(stages, compare.run_total_steps(run), compare.stage_first_steps(rows))
+                   if stages else pl.DataFrame())
+        shares = compare.smoothed_mixture_shares(rows)
+        if not shares.is_empty() or not targets.is_empty():
+            panels.append((label, shares, targets))
+    if panels:
+        page.figure("mixture", plots.mixture(panels), "realised mixture vs target weights")
+    schedules = [(label, run.config.get("mixture")) for run, label in zip(records, labels, strict=True)
+                 if (run.config.get("mixture") or {}).get("stages")]
+    distinct = {str(s): s for _, s in schedules}
+    for label, schedule in schedules if len(distinct) > 1 else schedules[:1]:
+        owner = f" of {html.escape(label)}" if len(distinct) > 1 else ""
+        page.add(f"<p>Target weights per stage{owner}:</p>", _table(compare.schedule_table(schedule), floats=3))
 
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>mixlab {html.escape(run.run_id)}</title><style>{_CSS}</style></head><body>{''.join(sections)}</body></html>"
+    # ---- data
+    first = next(((d, m) for d, m in zip(manifest_dirs, manifests, strict=True) if m is not None), None)
+    if first is not None:
+        _data_section(page, first[1], str(first[0]))
+        if len({str(d) for d, m in zip(manifest_dirs, manifests, strict=True) if m is not None}) > 1:
+            page.add("<p class=note>The runs trained on different curated directories; the funnel shows the first.</p>")
+
+    title = records[0].run_id if len(records) == 1 else " vs ".join(labels)
+    html_page = (f"<!doctype html><html><head><meta charset='utf-8'><title>mixlab {html.escape(title)}</title>"
+                 f"<style>{_CSS}</style></head><body>{''.join(page.sections)}</body></html>")
     html_path = out / "report.html"
-    html_path.write_text(page)
-    return RunReport(html_path=html_path, plots=plots)
+    html_path.write_text(html_page)
+    return RunReport(html_path=html_path, plots=page.plots, run_ids=[r.run_id for r in records])

@@ -114,7 +114,8 @@ def build_evaluator(manifest: ShardManifest, sources: list[str], seq_len: int, e
     if not windows:
         raise PretrainError(f"{manifest.root}: no source has enough held-out tokens for a window of {seq_len + 1}")
     token_bytes: np.ndarray = token_byte_lengths(manifest.resolve(manifest.tokenizer.path))
-    return HeldOutEvaluator(windows, token_bytes, batch_size=eval_config.batch_size)  # TEMP
+    return HeldOutEvaluator(windows, token_bytes, batch_size=eval_config.batch_size,
+                            bootstrap_resamples=eval_config.bootstrap_resamples)
 
 
 def align_lr_decay(train_config: TrainConfig, sampler: MixtureSampler) -> TrainConfig:

@@ -89,3 +89,63 @@ def test_bad_windows_are_rejected():
         HeldOutEvaluator({"x": np.zeros(5, dtype=np.int64)}, np.ones(256))
     with pytest.raises(ValueError, match="at least one source"):
         HeldOutEvaluator({}, np.ones(256))
+
+
+def _interval_width(row, name="loss"):
+    return row[f"{name}_hi"] - row[f"{name}_lo"]
+
+
+def test_bootstrap_interval_holds_the_point_is_deterministic_and_json_plain():
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    rng = np.random.default_rng(3)
+    windows = {"a": rng.integers(0, 256, size=(24, 17)), "b": rng.integers(0, 256, size=(10, 17))}
+    evaluator = HeldOutEvaluator(windows, rng.integers(1, 4, size=256), batch_size=8)
+    first, second = evaluator.evaluate(model), evaluator.evaluate(model)
+    assert first == second  # same model, same seed: the same interval
+    for row in first:
+        for name in ("loss", "bpb"):
+            assert row[f"{name}_lo"] <= row[name] <= row[f"{name}_hi"], row
+            assert _interval_width(row, name) > 0, row
+            assert type(row[f"{name}_lo"]) is float and type(row[f"{name}_hi"]) is float
+    # another seed draws other resamples: the interval moves a little, the point estimate does not
+    other = HeldOutEvaluator(windows, evaluator.token_bytes, batch_size=8, bootstrap_seed=1).evaluate(model)
+    assert [r["loss"] for r in other] == [r["loss"] for r in first]
+    assert [r["loss_lo"] for r in other] != [r["loss_lo"] for r in first]
+
+
+def test_bootstrap_interval_shrinks_with_more_windows_and_vanishes_for_identical_ones():
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    rng = np.random.default_rng(4)
+    many = rng.integers(0, 256, size=(160, 17))
+    token_bytes = np.ones(256, dtype=np.int64)
+    few_row = HeldOutEvaluator({"x": many[:10]}, token_bytes).evaluate(model)[0]
+    many_row = HeldOutEvaluator({"x": many}, token_bytes).evaluate(model)[0]
+    # 16x the windows: about 4x narrower; half as wide is a safe bound
+    assert _interval_width(many_row) < 0.5 * _interval_width(few_row)
+
+    same = np.repeat(many[:1], 12, axis=0)
+    row = HeldOutEvaluator({"x": same}, token_bytes).evaluate(model)[0]
+    assert _interval_width(row) == pytest.approx(0.0, abs=1e-9)
+    assert row["loss_lo"] == pytest.approx(row["loss"])
+
+
+def test_all_row_interval_is_stratified_and_bootstrap_can_be_turned_off():
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    rng = np.random.default_rng(5)
+    token_bytes = np.ones(256, dtype=np.int64)
+    # one source of identical windows: all the "all" row's spread must come from the other source
+    windows = {"fixed": np.repeat(rng.integers(0, 256, size=(1, 17)), 30, axis=0),
+               "varied": rng.integers(0, 256, size=(30, 17))}
+    rows = {r["source"]: r for r in HeldOutEvaluator(windows, token_bytes).evaluate(model)}
+    assert _interval_width(rows["fixed"]) == pytest.approx(0.0, abs=1e-9)
+    # the fixed source holds half the tokens, so the aggregate's spread is about half the varied source's
+    assert _interval_width(rows["all"]) == pytest.approx(0.5 * _interval_width(rows["varied"]), rel=0.35)
+    assert rows["all"]["loss_lo"] <= rows["all"]["loss"] <= rows["all"]["loss_hi"]
+
+    plain = HeldOutEvaluator(windows, token_bytes, bootstrap_resamples=0).evaluate(model)
+    assert set(plain[0]) == {"source", "loss", "ppl", "bpb", "tokens", "bytes"}
+    with pytest.raises(ValueError, match="confidence"):
+        HeldOutEvaluator(windows, token_bytes, confidence=1.5)

@@ -58,9 +58,12 @@ def test_build_report_writes_html_and_plots(tmp_path):
     assert "went down" in text
     assert "Counts add up" in text
     assert "duplicate: 2" in text
-    assert set(report.plots) == {"loss", "eval", "mixture", "funnel"}
+    assert "No config key differs" not in text  # one run: nothing to compare, no such section
+    assert set(report.plots) == {"loss", "eval_by_step", "eval", "mixture", "funnel", "funnel_drops"}
     for png in report.plots.values():
         assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    # epochs per source: 300 tokens served / the manifest's (absent) train tokens -> not known
+    assert "Epochs per source" in text
 
 
 def test_mixture_shares_merges_intervals_without_losing_tokens():
