@@ -6,8 +6,15 @@ stage), the tokenizer and token shards, the train/val split, and the recipe-buil
 accounting, console hygiene).
 """
 
-from mixlab.curation.accounting import build_source_entry
-from mixlab.curation.console import quiet_datatrove_console
+from mixlab.curation.accounting import (
+    CountedStep,
+    build_source_entry,
+    count_plain_steps,
+    stage_output_docs,
+    stage_read_docs,
+)
+from mixlab.curation.console import CurationError, DocumentProgress, failed_task_log, quiet_datatrove_console
+from mixlab.curation.datacard import read_front_matter, write_dataset_card
 from mixlab.curation.dedup import MinhashSettings
 from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura
 from mixlab.curation.filters import (
@@ -21,8 +28,9 @@ from mixlab.curation.filters import (
     gopher_filters,
 )
 from mixlab.curation.leakage import LeakageConfig, LeakageReport, held_out_leakage, record_leakage
-from mixlab.curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter
+from mixlab.curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter, CodeLanguageTagger
 from mixlab.curation.manifest import (
+    DATA_DIR,
     MANIFEST_NAME,
     SCHEMA_VERSION,
     ManifestError,
@@ -44,12 +52,14 @@ from mixlab.curation.token_shards import (
     tokenize_manifest,
 )
 from mixlab.curation.tokenizer import (
+    MODEL_MAX_LENGTH,
     TokenizerConfig,
     TokenizerError,
     load_tokenizer,
     token_byte_lengths,
     tokenizer_path,
     train_tokenizer,
+    write_transformers_config,
 )
 
 __all__ = [
@@ -57,7 +67,10 @@ __all__ = [
     "LeakageReport",
     "held_out_leakage",
     "record_leakage",
-    # the manifest
+    # the manifest and its dataset card
+    "DATA_DIR",
+    "read_front_matter",
+    "write_dataset_card",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "ManifestError",
@@ -82,12 +95,15 @@ __all__ = [
     "tokenize_manifest",
     "tokenizer_path",
     "train_tokenizer",
+    "MODEL_MAX_LENGTH",
+    "write_transformers_config",
     # building curation recipes
     "EXTRACT_TIMEOUT_S",
     "LANGUAGE_THRESHOLD",
     "BundledLanguageFilter",
     "ChatFormatFilter",
     "ChatFormatSettings",
+    "CodeLanguageTagger",
     "CodeQualityFilter",
     "CodeQualitySettings",
     "GopherSettings",
@@ -103,5 +119,13 @@ __all__ = [
     "assemble_stages",
     "build_source_entry",
     "gopher_filters",
+    # running recipes: plain steps counted, progress, a quiet console, errors that name the log
+    "CountedStep",
+    "CurationError",
+    "DocumentProgress",
+    "count_plain_steps",
+    "failed_task_log",
     "quiet_datatrove_console",
+    "stage_output_docs",
+    "stage_read_docs",
 ]

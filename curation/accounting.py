@@ -15,16 +15,65 @@ from typing import Any
 
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupFilter
 from datatrove.pipeline.extractors.base import BaseExtractor
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter, LanguageFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.pipeline.readers.base import BaseReader
+from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.stats import PipelineStats
+from datatrove.utils.typeshelper import StatHints
 from mixlab.curation.filters import ChatFormatFilter, CodeQualityFilter, MathQualityFilter
 from mixlab.curation.manifest import ShardFile, SourceEntry, StepStats, sha256_file
 from mixlab.curation.readers import QUARANTINE_PREFIX, RawJsonlReader
 from mixlab.curation.stages import SourceLayout, SourcePipelines
+
+
+class CountedStep(PipelineStep):
+    """Counts documents in and out of a step that does not count them itself (a plain `PipelineStep` or a
+    `(data, rank, world_size)` function), so its drops show in the manifest as `unspecified`.
+
+    A `BaseFilter` subclass is better: its drops carry reasons. `curate` wraps such steps on its own
+    (`count_plain_steps`); the manifest names the step after the wrapped class.
+    """
+
+    type = "🔢 - COUNTED"
+
+    def __init__(self, step: PipelineStep | Any):
+        self.step = step
+        self.name = getattr(step, "name", None) or getattr(step, "__name__", type(step).__name__)
+        super().__init__()
+
+    @property
+    def step_class(self) -> str:
+        return type(self.step).__name__ if isinstance(self.step, PipelineStep) else self.name
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        seen = 0
+
+        def counted_input() -> DocumentsPipeline:
+            nonlocal seen
+            for doc in data or ():
+                seen += 1
+                self.stat_update(StatHints.total)
+                yield doc
+
+        out = 0
+        for doc in self.step(counted_input(), rank, world_size):
+            out += 1
+            self.stat_update(StatHints.forwarded)
+            yield doc
+        if seen > out:
+            self.stat_update(StatHints.dropped, value=seen - out)
+        elif out > seen:
+            self.stat_update("added", value=out - seen)  # a step that makes documents: the accounting says so
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
 
 # The name each counting step gets in the manifest (first match wins).
 STEP_NAMES: list[tuple[type, str]] = [
@@ -43,10 +92,25 @@ STEP_NAMES: list[tuple[type, str]] = [
 
 def step_name(step: PipelineStep) -> str | None:
     """The manifest name of a step that counts documents in and out, or None for pass-through steps."""
+    if isinstance(step, CountedStep):
+        return _snake(step.step_class)
     for cls, name in STEP_NAMES:
         if isinstance(step, cls):
-            return name or re.sub(r"(?<!^)(?=[A-Z])", "_", type(step).__name__).lower()
+            return name or _snake(type(step).__name__)
     return None
+
+
+def count_plain_steps(pipeline: list[PipelineStep]) -> list[PipelineStep]:
+    """The pipeline with every step between its reader and its last step that counts nothing (neither a
+    known counting step nor a writer) wrapped in `CountedStep`: a plain step that drops documents is then
+    counted instead of breaking the accounting. The last step of a stage (a writer, or a MinHash stage that
+    consumes documents and yields none) is left alone."""
+    wrapped = []
+    for index, step in enumerate(pipeline):
+        plain = (0 < index < len(pipeline) - 1 and callable(step) and step_name(step) is None
+                 and not isinstance(step, BaseReader | DiskWriter))
+        wrapped.append(CountedStep(step) if plain else step)
+    return wrapped
 
 
 def merged_stage_stats(logging_dir: Path) -> PipelineStats | None:
@@ -55,6 +119,32 @@ def merged_stage_stats(logging_dir: Path) -> PipelineStats | None:
     if not files:
         return None
     return sum((PipelineStats.from_json(json.loads(f.read_text())) for f in files), start=PipelineStats())
+
+
+def stage_output_docs(pipeline: list[PipelineStep], logging_dir: Path) -> int | None:
+    """Documents kept by the last counting step of a stage (what the next stage reads), summed over its
+    finished ranks; None when no rank has finished or nothing in the stage counts."""
+    merged = merged_stage_stats(logging_dir)
+    counted = [i for i, step in enumerate(pipeline) if step_name(step)]
+    if merged is None or not counted:
+        return None
+    return _count(merged.stats[counted[-1]].stats, "forwarded")
+
+
+def stage_read_docs(logging_dir: Path) -> int:
+    """Documents the first step (the reader) of a stage passed on in its finished ranks (0 when none)."""
+    merged = merged_stage_stats(logging_dir)
+    if merged is None or not merged.stats:
+        return 0
+    return _count(merged.stats[0].stats, "forwarded")
+
+
+def _count(stats: Any, key: str) -> int:
+    """A count from a step's stats; stats loaded from one rank's file may hold a plain number."""
+    if key not in stats:
+        return 0
+    value = stats[key]
+    return int(getattr(value, "total", value))
 
 
 def step_stats(name: str, stats: dict[str, Any]) -> StepStats:

@@ -69,3 +69,25 @@ class BundledLanguageFilter(LanguageFilter):
         if score < self.language_threshold:
             return False, "low_language_score"
         return True
+
+
+class CodeLanguageTagger(BundledLanguageFilter):
+    """Language fields of source code, kept apart: `programming_language` comes from the raw metadata
+    (`programming_language`, or the corpus's `lang_hint`, which for code names the programming language),
+    and `language` is the natural language of the comments and names, tagged by lid.176 (only tags).
+
+    `lang_hint` is removed from code documents: everywhere else it is a natural-language hint, and the
+    writer would otherwise fall back to it for `language`.
+    """
+
+    name = "🌍 Language fields of code (lid.176 + raw metadata)"
+
+    def __init__(self, programming_language: str | None = None):
+        super().__init__(label_only=True)
+        self.programming_language = programming_language  # used when the raw metadata names none
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        meta = doc.metadata
+        hint = meta.pop("lang_hint", None)
+        meta["programming_language"] = meta.get("programming_language") or hint or self.programming_language
+        return super().filter(doc)

@@ -1,5 +1,8 @@
 """The curated Parquet layout: `text`, `id`, and a `metadata` struct with a fixed set of fields.
 
+`language` is a natural language (lid.176's two-letter code, or the corpus's `lang_hint`); the language
+source code is written in is `programming_language`.
+
 A fixed schema matters because datatrove's ParquetWriter otherwise infers it from the first document of
 each file, and a later document with a field more or less (e.g. no `minhash_cluster_size` in a rank
 without duplicates) breaks the file or a reader that concatenates shards.
@@ -18,6 +21,7 @@ METADATA_FIELDS: list[tuple[str, pa.DataType]] = [
     ("language", pa.string()),
     ("language_score", pa.float64()),
     ("lang_hint", pa.string()),
+    ("programming_language", pa.string()),  # code only; `language` is always a natural language
     ("path", pa.string()),
     ("url", pa.string()),
     ("origin", pa.string()),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from datatrove.pipeline.base import PipelineStep
 from mixlab.curation import (
     BundledLanguageFilter,
     ChatFormatFilter,
@@ -28,12 +29,14 @@ class ChatRecipe:
 
 
 def chat_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "chat", tasks: int = 2,
-                  recipe: ChatRecipe | None = None) -> SourcePipelines:
+                  recipe: ChatRecipe | None = None, extra_steps: list[PipelineStep] | None = None) -> SourcePipelines:
+    """`extra_steps` (your own datatrove steps) run after the built-in filters, before MinHash dedup."""
     recipe = recipe or ChatRecipe()
     layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
     filters = [
         BundledLanguageFilter(label_only=True),
         ChatFormatFilter(recipe.format),
+        *(extra_steps or []),
     ]
     return assemble_stages(layout, "chat", filters, tasks, recipe.minhash, RegexWordTokenizer("chat"),
                            config=asdict(recipe))

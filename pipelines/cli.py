@@ -50,15 +50,16 @@ def cmd_corpus_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
-    from mixlab.pipelines.curate import curate
-    from mixlab.pipelines.summary import curation_lines
+    from mixlab.pipelines.curate import curate, load_recipe_specs
 
-    manifest = curate(args.raw, args.out, sources=args.sources, **_overrides(args, ["tasks", "workers"]))
-    print("\n".join(curation_lines(manifest)))
+    parallelism = _overrides(args, ["tasks", "workers"])
+    recipes = load_recipe_specs(args.recipe or [], args.raw, args.out, **_overrides(args, ["tasks"]))
+    manifest = curate(args.raw, args.out, sources=args.sources, recipes=recipes, **parallelism)  # a line per source
     problems = manifest.check()
     for problem in problems:
         print(f"ACCOUNTING: {problem}", file=sys.stderr)
     print(f"manifest: {manifest.root / 'manifest.json'}")
+    print(f"dataset:  {manifest.root / 'data'}  (datasets.load_dataset or DuckDB read it as is)")
     return 1 if problems else 0
 
 
@@ -133,33 +134,11 @@ def cmd_mix(args: argparse.Namespace) -> int:
     return 0
 
 
-def train_summary_lines(summary: dict, status: str, run_path: Path) -> list[str]:
-    """A few lines a person reads at the end of `mixlab train` (`--json` gives the whole summary)."""
-    step, total = summary.get("step", 0), summary.get("total_steps", "?")
-    tokens, seconds = summary.get("tokens") or 0, summary.get("train_time_s") or 0.0
-    speed = f", {tokens / seconds:,.0f} tokens/s" if seconds else ""
-    lines = [f"run {run_path.name}: {status} at step {step}/{total}, {tokens / 1e6:.2f}M tokens in {seconds:.0f} s{speed}"]
-    parts = []
-    if summary.get("final_loss") is not None:
-        parts.append(f"train loss {summary['final_loss']:.4f}")
-    overall = summary.get("eval", {}).get("all")
-    if overall:
-        interval = (f" [{overall['loss_lo']:.3f}, {overall['loss_hi']:.3f}]"
-                    if overall.get("loss_lo") is not None else "")
-        parts.append(f"held-out loss {overall['loss']:.4f}{interval}, {overall['bpb']:.4f} bits/byte")
-    if parts:
-        lines.append("  " + " · ".join(parts))
-    if summary.get("stopped_by"):
-        lines.append(f"  stopped by {summary['stopped_by']} with a checkpoint at step {step}: run the same command "
-                     "again to resume")
-    lines.append(f"  run directory: {run_path}   (report: mixlab report {run_path})")
-    return lines
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     import signal
 
     from mixlab.pipelines.pretrain import pretrain
+    from mixlab.pipelines.summary import train_summary_lines
 
     run = pretrain(_run_config(args))
     if args.json:
@@ -303,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--sources", nargs="*", help="only these sources (default: every raw source)")
     cur.add_argument("--tasks", type=int, help=f"datatrove tasks per pipeline (default {_default(curate, 'tasks')})")
     cur.add_argument("--workers", type=int, help=f"parallel local workers (default {_default(curate, 'workers')})")
+    cur.add_argument("--recipe", action="append", metavar="[SOURCE=]MODULE:FUNCTION",
+                     help="your own recipe builder, (raw_dir, curated_dir, tasks) -> SourcePipelines, e.g. "
+                          "math=my_steps:math_without_apples (repeatable; see the README)")
     cur.set_defaults(func=cmd_curate)
 
     tok = sub.add_parser("tokenize", help="train a BPE tokenizer and write token shards")

@@ -9,40 +9,58 @@ Re-runs are cheap and correct:
 - when a stage has to run anything, every later stage is cleared first (stale MinHash files break
   stage 2), and a changed fingerprint clears the whole source;
 - the accounting merges the per-rank stats of all invocations, not the last invocation's stats.json.
+
+The console gets one line per source (and a progress bar per reading stage on a terminal); datatrove's
+own logs stay in `curated/logs/`. The caller's environment is left as it was: the cache variables
+datatrove and spaCy need are set only while curation runs (`curation_environment`).
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib
 import json
 import logging
 import os
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.readers.base import BaseReader
 from mixlab.curation import (
+    CurationError,
+    DocumentProgress,
     ManifestError,
     ShardManifest,
     SourceLayout,
     SourcePipelines,
     build_source_entry,
+    count_plain_steps,
+    failed_task_log,
     quiet_datatrove_console,
+    stage_output_docs,
+    stage_read_docs,
 )
 from mixlab.pipelines.chat import chat_pipeline
 from mixlab.pipelines.code import code_pipeline
-from mixlab.pipelines.corpus import CORPUS_JSON, REPO_ROOT
+from mixlab.pipelines.corpus import CORPUS_JSON
 from mixlab.pipelines.math import math_pipeline
+from mixlab.pipelines.summary import source_line
 from mixlab.pipelines.web import web_pipeline
 
 log = logging.getLogger("mixlab.curate")
 
-CURATION_VERSION = 2  # bump when a step changes what it writes: every source is then re-curated
+CURATION_VERSION = 3  # bump when a step changes what it writes: every source is then re-curated
+# 3: code keeps its programming language in `programming_language`; `language` is always natural language
+CACHE_DIR = ".cache"  # <curated>/work/.cache: HF_HOME and XDG_CACHE_HOME while curation runs (when unset)
 FINGERPRINT = "fingerprint.json"
 TIMING = "timing.json"
 
@@ -84,14 +102,80 @@ def recipe_for(source: str) -> RecipeBuilder:
     raise ValueError(f"no curation recipe for source {source!r} (expected web-<lang>, code-*, math*, chat*)")
 
 
-def ensure_writable_caches(cache_root: Path | None = None) -> None:
-    """datatrove and spaCy write under ~/.cache unless told otherwise; point them at a writable folder."""
-    root = cache_root or REPO_ROOT / ".cache" / "mixlab"
-    os.environ.setdefault("HF_HOME", str(root / "hf"))
-    os.environ.setdefault("XDG_CACHE_HOME", str(root / "xdg"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for key in ("HF_HOME", "XDG_CACHE_HOME"):
-        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
+def load_recipe_specs(specs: list[str], raw_dir: str | Path, curated_dir: str | Path,
+                      tasks: int = 2) -> dict[str, RecipeBuilder]:
+    """Recipes from `--recipe` specs, by source: `module:function` or `SOURCE=module:function`.
+
+    The function is a `RecipeBuilder`: `(raw_dir, curated_dir, tasks) -> SourcePipelines` (e.g. one that
+    returns `math_pipeline(raw_dir, curated_dir, tasks=tasks, extra_steps=[MyFilter()])`). Each is called
+    once here, so that a bad spec fails before anything runs: the module must import, the attribute must
+    exist and be callable, and it must return a `SourcePipelines`, whose `source` (SOURCE when given)
+    names the raw source it curates. The module is imported like any Python import (the current
+    directory is on the path when run as `mixlab`/`python -m`; set PYTHONPATH otherwise).
+    """
+    raw_root, curated = _raw_root(Path(raw_dir)), Path(curated_dir)
+    recipes: dict[str, RecipeBuilder] = {}
+    for spec in specs:
+        source, _, target = spec.rpartition("=")
+        module_name, sep, attr = target.partition(":")
+        if not sep or not module_name or not attr:
+            raise ValueError(f"--recipe {spec!r}: expected module:function or SOURCE=module:function")
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # a module next to the user, as `python -m` would find it
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"--recipe {spec!r}: cannot import module {module_name!r} ({err}); is it on "
+                             "PYTHONPATH (or in the current directory)?") from err
+        builder = getattr(module, attr, None)
+        if builder is None:
+            raise ValueError(f"--recipe {spec!r}: module {module_name!r} ({module.__file__}) has no {attr!r}")
+        if not callable(builder):
+            raise ValueError(f"--recipe {spec!r}: {module_name}.{attr} is a {type(builder).__name__}, not a "
+                             "function (raw_dir, curated_dir, tasks) -> SourcePipelines")
+        pipelines = _built(builder, raw_root, curated, tasks, spec)
+        name = source or pipelines.source
+        if pipelines.source != name:
+            raise ValueError(f"--recipe {spec!r}: {module_name}.{attr} builds source {pipelines.source!r}, not "
+                             f"{name!r}; pass source={name!r} to the recipe builder")
+        if name in recipes:
+            raise ValueError(f"--recipe {spec!r}: source {name!r} has two recipes")
+        recipes[name] = lambda raw, cur, n, _b=builder, _s=spec: _built(_b, raw, cur, n, _s)
+    return recipes
+
+
+def _built(builder: RecipeBuilder, raw_root: Path, curated: Path, tasks: int, what: str) -> SourcePipelines:
+    """Call a recipe builder; a clear error when it does not return a `SourcePipelines`."""
+    pipelines = builder(raw_root, curated, tasks)
+    if not isinstance(pipelines, SourcePipelines):
+        raise ValueError(f"recipe {what!r} returned {type(pipelines).__name__}, not SourcePipelines; a recipe "
+                         "builder returns e.g. math_pipeline(raw_dir, curated_dir, tasks=tasks, extra_steps=[...])")
+    return pipelines
+
+
+@contextmanager
+def curation_environment(curated_dir: Path) -> Iterator[None]:
+    """Set the variables datatrove and spaCy need while curation runs, and give the caller's environment
+    back exactly as it was (datatrove's executors also set DATATROVE_* variables in-process).
+
+    HF_HUB_OFFLINE=1 (curation never downloads); HF_HOME and XDG_CACHE_HOME, when unset, point into the
+    work directory (`<curated>/work/.cache`), never into the checkout or the installed package.
+    """
+    saved = dict(os.environ)
+    try:
+        cache = curated_dir / "work" / CACHE_DIR
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        for key, folder in (("HF_HOME", "hf"), ("XDG_CACHE_HOME", "xdg")):
+            if not os.environ.get(key):
+                os.environ[key] = str(cache / folder)
+                (cache / folder).mkdir(parents=True, exist_ok=True)
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        for key, value in saved.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
 
 
 def _raw_root(raw_dir: Path) -> Path:
@@ -116,11 +200,45 @@ def _raw_sources(raw_dir: Path) -> tuple[Path, list[str]]:
     return raw_root, found
 
 
+SIMPLE = (str, int, float, bool, type(None))
+
+
+def step_signature(step: Any) -> dict[str, Any]:
+    """What identifies a step for the fingerprint: its class and its plain public settings (strings,
+    numbers, lists of them), so that a user's own step, or a changed setting of it, re-curates the source."""
+    inner = getattr(step, "step", None)  # a CountedStep: the wrapped step is what matters
+    target = inner if inner is not None else step
+    params = {}
+    for key, value in sorted(getattr(target, "__dict__", {}).items()):
+        if key.startswith("_") or key == "stats":
+            continue
+        if isinstance(value, SIMPLE) or (isinstance(value, list | tuple) and all(isinstance(v, SIMPLE) for v in value)):
+            params[key] = value
+    cls = type(target)
+    return {"class": f"{cls.__module__}.{getattr(target, '__qualname__', cls.__qualname__)}", "params": params}
+
+
 def _fingerprint(pipelines: SourcePipelines, raw_source: Path, tasks: int) -> str:
     files = [(p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
              for p in sorted(raw_source.glob("*.jsonl.gz"))]
-    payload = {"version": CURATION_VERSION, "config": pipelines.config, "tasks": tasks, "raw": files}
+    steps = [[step_signature(step) for step in stage.pipeline] for stage in pipelines.stages]
+    payload = {"version": CURATION_VERSION, "config": pipelines.config, "tasks": tasks, "raw": files, "steps": steps}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def raw_doc_count(raw_source: Path, origin: dict[str, Any] | None) -> int:
+    """Raw documents of a source (the filter stage's progress total): what `corpus.json` records, else the
+    non-empty lines of its `*.jsonl.gz` (a corrupt file counts what can be read)."""
+    if origin and isinstance(origin.get("docs"), int):
+        return origin["docs"]
+    count = 0
+    for path in sorted(raw_source.glob("*.jsonl.gz")):
+        try:
+            with gzip.open(path, "rb") as handle:
+                count += sum(1 for line in handle if line.strip())
+        except (OSError, EOFError):
+            continue
+    return count
 
 
 def _clear(*paths: Path) -> None:
@@ -129,26 +247,49 @@ def _clear(*paths: Path) -> None:
 
 
 def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, workers: int,
-               executor: ExecutorFactory = local_executor) -> bool:
-    """Run the stages of one source; returns whether anything ran."""
+               executor: ExecutorFactory = local_executor, raw_docs: int | None = None,
+               console: TextIO | None = None) -> bool:
+    """Run the stages of one source; returns whether anything ran.
+
+    When the first stage keeps no document, the later stages are not run (their readers would find no
+    files): the source is empty, and its manifest entry still adds up. A stage that fails raises a
+    `CurationError` that names the task log holding the traceback.
+    """
     fingerprint = _fingerprint(pipelines, layout.raw_dir, tasks)
     fp_path = layout.logs / FINGERPRINT
     if fp_path.exists() and json.loads(fp_path.read_text()).get("fingerprint") != fingerprint:
         log.info("%s: recipe, tasks or raw data changed; curating it from scratch", layout.source)
-        _clear(layout.logs, layout.work, layout.output, layout.quarantine)
+        _clear(layout.logs, layout.work, layout.output, layout.quarantine, *filter(None, [layout.legacy_output]))
     layout.logs.mkdir(parents=True, exist_ok=True)
     fp_path.write_text(json.dumps({"fingerprint": fingerprint, "config": pipelines.config}, default=str, indent=2))
 
     upstream_ran = False
+    first = pipelines.stages[0] if pipelines.stages else None
     for stage in pipelines.stages:
         logging_dir = layout.logs / stage.name
         if upstream_ran:
             _clear(logging_dir, *stage.outputs)  # inputs changed: partial results of this stage are stale
+        expected = raw_docs
+        if first is not None and stage is not first:
+            expected = stage_output_docs(first.pipeline, layout.logs / first.name)
+            if expected == 0:  # nothing to read: clear what an earlier run left, run nothing
+                _clear(logging_dir, *stage.outputs)
+                continue
         stage_workers = max(1, min(workers, stage.tasks, stage.max_workers or workers))
-        runner = executor(stage.pipeline, stage.tasks, stage_workers, logging_dir)
+        reads = bool(stage.pipeline) and isinstance(stage.pipeline[0], BaseReader)
+        progress = DocumentProgress(f"{layout.source} {stage.name}", expected, stage.tasks,
+                                    initial=stage_read_docs(logging_dir) if reads else 0,
+                                    stream=console or sys.stderr, enabled=None if reads else False)
+        pipeline = [stage.pipeline[0], progress.counter, *stage.pipeline[1:]] if reads else stage.pipeline
+        runner = executor(pipeline, stage.tasks, stage_workers, logging_dir)
         if runner.get_incomplete_ranks():
-            with quiet_datatrove_console():
-                runner.run()
+            try:
+                with quiet_datatrove_console(logging_dir), progress:
+                    runner.run()
+            except Exception as err:
+                task_log = failed_task_log(logging_dir) or logging_dir / "logs"
+                raise CurationError(f"{layout.source}: datatrove stage {stage.name!r} failed: "
+                                    f"{type(err).__name__}: {err}; the traceback is in {task_log}") from err
             upstream_ran = True
     return upstream_ran
 
@@ -161,15 +302,20 @@ def curate(
     workers: int = 2,
     executor: ExecutorFactory = local_executor,
     recipes: dict[str, RecipeBuilder] | None = None,
+    console: TextIO | None = None,
 ) -> ShardManifest:
-    """Curate `raw_dir/<source>` for each source into `curated_dir/<source>/*.parquet`; write the manifest.
+    """Curate `raw_dir/<source>` for each source into `SourceLayout.output`; write the manifest.
 
     `raw_dir` is the `raw/` folder `fetch_corpus` wrote, or the work directory holding it; a missing or
     empty one is a FileNotFoundError that says to run `mixlab corpus fetch` first.
     `sources=None` curates every source found in `raw_dir`. Sources already in an existing manifest but
     not curated now keep their entries; token shards of a source that was re-curated are dropped.
+    `recipes` maps a source to its own `RecipeBuilder` (see `load_recipe_specs`); a step of it that counts
+    nothing itself (a plain `PipelineStep`) is counted by `CountedStep`.
+    One line per source is printed on `console` (default stderr), with a progress bar while a stage reads
+    documents when `console` is a terminal. A source whose filters drop every document is kept, empty, with
+    a WARNING on its console line. The caller's `os.environ` is the same afterwards, even on error.
     """
-    ensure_writable_caches()
     raw_root, found = _raw_sources(Path(raw_dir))
     curated = Path(curated_dir)
     corpus = json.loads((raw_root / CORPUS_JSON).read_text()) if (raw_root / CORPUS_JSON).exists() else {}
@@ -180,6 +326,7 @@ def curate(
             f"{raw_root}: no raw files for {missing} (found {found}); fetch them with "
             f"`mixlab corpus fetch --out WORKDIR --sources {' '.join(missing)}` first"
         )
+    out = console or sys.stderr
 
     try:
         manifest = ShardManifest.load(curated)
@@ -189,32 +336,36 @@ def curate(
         manifest = ShardManifest()
     before = _comparable(manifest)
 
-    for source in wanted:
-        builder = (recipes or {}).get(source) or recipe_for(source)
-        pipelines = builder(raw_root, curated, tasks)
-        layout = SourceLayout(source, raw_root / source, curated)
-        log.info("%s: curating (%d stages)", source, len(pipelines.stages))
-        start = time.perf_counter()
-        ran = run_source(pipelines, layout, tasks, workers, executor)
-        timing_path = layout.logs / TIMING
-        if ran:
-            seconds = time.perf_counter() - start
-            timing = {"seconds": round(seconds, 2), "tasks": tasks, "workers": workers}
-            timing_path.write_text(json.dumps(timing))
-        timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-        entry = build_source_entry(pipelines, layout, origin=corpus.get("sources", {}).get(source), timing=timing)
-        if entry.steps and timing.get("seconds"):
-            timing["docs_per_s"] = round(entry.steps[0].docs_in / max(timing["seconds"], 1e-9), 1)
-        old = manifest.sources.get(source)
-        if old is not None and not ran:
-            entry.tokens, entry.token_shards = old.tokens, old.token_shards
-        manifest.sources[source] = entry
-        log.info("%s: %d docs kept of %d read, %d quarantined%s", source, entry.docs,
-                 entry.steps[0].docs_in if entry.steps else 0, entry.quarantined,
-                 f", {timing['seconds']} s" if timing else "")
-        problems = entry.check_accounting()
-        if problems:
-            raise ManifestError("curation accounting does not add up:\n" + "\n".join(problems))
+    with curation_environment(curated):
+        for source in wanted:
+            builder = (recipes or {}).get(source) or recipe_for(source)
+            pipelines = _built(builder, raw_root, curated, tasks, source)
+            for stage in pipelines.stages:
+                stage.pipeline = count_plain_steps(stage.pipeline)
+            layout = SourceLayout(source, raw_root / source, curated)
+            origin = corpus.get("sources", {}).get(source)
+            log.debug("%s: curating (%d stages)", source, len(pipelines.stages))
+            start = time.perf_counter()
+            ran = run_source(pipelines, layout, tasks, workers, executor, raw_docs=raw_doc_count(layout.raw_dir, origin),
+                             console=console)
+            timing_path = layout.logs / TIMING
+            if ran:
+                seconds = time.perf_counter() - start
+                timing = {"seconds": round(seconds, 2), "tasks": tasks, "workers": workers}
+                timing_path.write_text(json.dumps(timing))
+            timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+            entry = build_source_entry(pipelines, layout, origin=origin, timing=timing)
+            if entry.steps and timing.get("seconds"):
+                timing["docs_per_s"] = round(entry.steps[0].docs_in / max(timing["seconds"], 1e-9), 1)
+            old = manifest.sources.get(source)
+            if old is not None and not ran:
+                entry.tokens, entry.token_shards = old.tokens, old.token_shards
+            manifest.sources[source] = entry
+            print(source_line(entry, timing.get("seconds"), "" if ran else "unchanged, not re-run"), file=out,
+                  flush=True)
+            problems = entry.check_accounting()
+            if problems:
+                raise ManifestError("curation accounting does not add up:\n" + "\n".join(problems))
     if _comparable(manifest) != before or not (curated / "manifest.json").exists():
         manifest.save(curated)  # an unchanged manifest is not rewritten: a no-op re-run touches nothing
     manifest.root = curated

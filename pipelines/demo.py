@@ -76,12 +76,11 @@ def run_demo(config: DemoConfig) -> Path:
     """Run every stage and return the path of the report."""
     from mixlab.ablations import build_report
     from mixlab.curation import TokenizeConfig
-    from mixlab.pipelines.cli import train_summary_lines
     from mixlab.pipelines.corpus import fetch_corpus
     from mixlab.pipelines.curate import curate
     from mixlab.pipelines.pretrain import pretrain
     from mixlab.pipelines.run_config import RunConfig
-    from mixlab.pipelines.summary import curation_lines, leakage_lines, token_lines
+    from mixlab.pipelines.summary import leakage_lines, token_lines, train_summary_lines
     from mixlab.pipelines.tokenize import tokenize_curated
     from mixlab.training import ModelConfig, TrainConfig
 
@@ -101,7 +100,6 @@ def run_demo(config: DemoConfig) -> Path:
     parallelism = {k: v for k, v in (("tasks", config.tasks), ("workers", config.workers)) if v is not None}
     manifest = curate(work / "raw", curated, **parallelism)
     timings["curate"] = time.perf_counter() - t
-    print("\n".join(curation_lines(manifest)))
 
     t = stage("tokenizer (byte-level BPE) and token shards")
     manifest, leakage = tokenize_curated(curated, TokenizeConfig(val_fraction=config.val_fraction), config.vocab_size)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from datatrove.pipeline.base import PipelineStep
 from mixlab.curation import (
     BundledLanguageFilter,
     MathQualityFilter,
@@ -28,12 +29,14 @@ class MathRecipe:
 
 
 def math_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "math", tasks: int = 2,
-                  recipe: MathRecipe | None = None) -> SourcePipelines:
+                  recipe: MathRecipe | None = None, extra_steps: list[PipelineStep] | None = None) -> SourcePipelines:
+    """`extra_steps` (your own datatrove steps) run after the built-in filters, before MinHash dedup."""
     recipe = recipe or MathRecipe()
     layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
     filters = [
         BundledLanguageFilter(label_only=True),
         MathQualityFilter(recipe.quality),
+        *(extra_steps or []),
     ]
     return assemble_stages(layout, "math", filters, tasks, recipe.minhash, RegexWordTokenizer("math"),
                            config=asdict(recipe))

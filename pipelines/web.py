@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from datatrove.pipeline.base import PipelineStep
 from mixlab.curation import (
     EXTRACT_TIMEOUT_S,
     LANGUAGE_THRESHOLD,
@@ -37,8 +38,10 @@ class WebRecipe:
 
 
 def web_pipeline(raw_dir: str | Path, curated_dir: str | Path, language: str = "en", source: str | None = None,
-                 tasks: int = 2, recipe: WebRecipe | None = None) -> SourcePipelines:
-    """Stages for `raw_dir/<source>` (default source `web-<language>`) into `curated_dir/<source>`."""
+                 tasks: int = 2, recipe: WebRecipe | None = None,
+                 extra_steps: list[PipelineStep] | None = None) -> SourcePipelines:
+    """Stages for `raw_dir/<source>` (default source `web-<language>`); `extra_steps` (your own datatrove
+    steps) run after the built-in filters, before MinHash dedup."""
     recipe = recipe or WebRecipe(language=language)
     source = source or f"web-{recipe.language}"
     layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
@@ -47,5 +50,6 @@ def web_pipeline(raw_dir: str | Path, curated_dir: str | Path, language: str = "
         QuarantiningTrafilatura(str(layout.quarantine), timeout=recipe.extract_timeout_s),
         BundledLanguageFilter([recipe.language], language_threshold=recipe.language_threshold),
         *gopher_filters(recipe.gopher, words),
+        *(extra_steps or []),
     ]
     return assemble_stages(layout, "web", filters, tasks, recipe.minhash, words, config=asdict(recipe))

@@ -16,6 +16,7 @@ from mixlab.curation.filters import CodeQualityFilter
 from mixlab.curation.lid import BundledLanguageFilter
 from mixlab.curation.manifest import SCHEMA_VERSION, ManifestError, ShardManifest
 from mixlab.curation.splits import TokenizeConfig, split_source
+from mixlab.curation.stages import SourceLayout
 from mixlab.curation.tokenizer import TokenizerConfig, iter_training_texts
 from mixlab.pipelines.corpus import Downloads, default_cache_dir, iter_raw_documents, source_specs
 from mixlab.pipelines.curate import curate
@@ -35,7 +36,7 @@ def write_raw(raw_root: Path, source: str, docs: list[dict], files: int = 2) -> 
 
 def curated_rows(curated: Path, source: str) -> list[dict]:
     rows = []
-    for path in sorted((curated / source).glob("*.parquet")):
+    for path in sorted(SourceLayout(source, Path(), curated).output.glob("*.parquet")):
         rows += pq.read_table(path).to_pylist()
     return rows
 
@@ -86,7 +87,8 @@ def test_tokenizer_sample_reaches_every_curated_shard(curated_manifest: ShardMan
 def test_checksums_verify_and_catch_a_changed_shard(curated_dir: Path, tmp_path: Path) -> None:
     assert ShardManifest.load(curated_dir).verify_checksums() == []
     copy = tmp_path / "curated"
-    shutil.copytree(curated_dir / "math", copy / "math")
+    output = SourceLayout("math", Path(), curated_dir).output
+    shutil.copytree(output, copy / output.relative_to(curated_dir))
     shutil.copy(curated_dir / "manifest.json", copy / "manifest.json")
     manifest = ShardManifest.load(copy)
     shard = manifest.resolve(manifest.source("math").shards[0].path)
@@ -105,8 +107,21 @@ def test_parquet_keeps_per_document_metadata(curated_dir: Path, curated_manifest
             meta = row["metadata"]
             assert meta["source"] == name and meta["kind"] == entry.kind
             assert meta["path"] and meta["language"] and meta["minhash_cluster_size"] >= 1
-            if entry.kind != "code":
-                assert 0.0 <= meta["language_score"] <= 1.0
+            assert 0.0 <= meta["language_score"] <= 1.0
+
+
+def test_language_is_natural_and_code_keeps_its_programming_language_apart(
+        curated_dir: Path, curated_manifest: ShardManifest) -> None:
+    """`language` means natural language in every source (the corpus's `lang_hint` of code is `python`)."""
+    for name in curated_manifest.sources:
+        for row in curated_rows(curated_dir, name):
+            meta = row["metadata"]
+            assert meta["language"] != "python" and meta["lang_hint"] != "python"
+            assert (meta["programming_language"] == "python") == (name == "code-python"), (name, meta)
+    code = curated_rows(curated_dir, "code-python")
+    english = sum(r["metadata"]["language"] == "en" for r in code)
+    assert english > len(code) / 2  # lid.176 on the stdlib: its comments and docstrings are English
+    assert "python" not in curated_manifest.source("code-python").languages
 
 
 def test_language_id_tags_german_and_english_pages(curated_dir: Path, curated_manifest: ShardManifest) -> None:

@@ -9,7 +9,8 @@ import pytest
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.filters.base_filter import BaseFilter
-from mixlab.curation.console import quiet_datatrove_console
+from mixlab.curation.accounting import CountedStep, count_plain_steps, step_name
+from mixlab.curation.console import DocumentProgress, quiet_datatrove_console
 from mixlab.curation.extract import EXTRACT_TIMEOUT_S
 from mixlab.curation.filters import (
     STOP_WORDS,
@@ -141,3 +142,59 @@ def test_quiet_console_hides_task_logs_and_leaves_loguru_on_the_real_stderr(tmp_
     finally:
         logger.remove()
         logger.add(sys.__stderr__, level="WARNING")  # not pytest's capture stream, which closes after the test
+
+
+def test_datatrove_output_is_hidden_and_its_errors_are_one_line_naming_the_log(tmp_path, capsys, monkeypatch):
+    """Two workers (forked) with one task on no input: datatrove warns, prints stats blocks and a final
+    merged stats block in the parent; only an ERROR gets through, shortened, with the log folder."""
+    from loguru import logger
+
+    monkeypatch.delenv("MIXLAB_VERBOSE", raising=False)
+    docs = [Document(text=f"document {i}", id=str(i)) for i in range(3)]
+
+    def log_an_error(data, rank: int = 0, world_size: int = 1):
+        logger.warning("a datatrove-style warning")
+        logger.error("something went wrong in a step")
+        yield from data
+
+    try:
+        with quiet_datatrove_console(tmp_path / "logs-dir"):
+            LocalPipelineExecutor([docs, log_an_error, _KeepAll()], tasks=2, workers=1,
+                                  logging_dir=str(tmp_path / "logs-dir")).run()
+        err = capsys.readouterr().err
+        assert err.splitlines() == [f"datatrove error: something went wrong in a step (log: {tmp_path / 'logs-dir' / 'logs'})"] * 2
+        assert "a datatrove-style warning" in (tmp_path / "logs-dir" / "logs" / "task_00000.log").read_text()
+    finally:
+        logger.remove()
+        logger.add(sys.__stderr__, level="WARNING")
+
+
+def test_progress_counts_documents_read_by_forked_workers(tmp_path) -> None:
+    import io
+
+    docs = [Document(text=f"document {i}", id=str(i)) for i in range(100)]
+    stream = io.StringIO()
+    progress = DocumentProgress("math filter", total=207, tasks=2, initial=7, stream=stream, enabled=True)
+    with quiet_datatrove_console(tmp_path), progress:
+        LocalPipelineExecutor([docs, progress.counter, _KeepAll()], tasks=2, workers=2, logging_dir=str(tmp_path),
+                              start_method="fork").run()
+    assert progress.read() == 7 + 2 * 100  # each rank reads the whole list: the slots of both forked workers count
+    assert "math filter" in stream.getvalue() and "207/207" in stream.getvalue()
+
+
+def test_plain_steps_are_wrapped_to_be_counted() -> None:
+    from datatrove.pipeline.readers import JsonlReader
+    from datatrove.pipeline.writers import JsonlWriter
+
+    def drop_odd(data, rank: int = 0, world_size: int = 1):
+        yield from (d for d in data if int(d.id) % 2 == 0)
+
+    reader, keep, writer = JsonlReader("/nonexistent"), _KeepAll(), JsonlWriter("/nonexistent")
+    wrapped = count_plain_steps([reader, drop_odd, keep, writer])
+    assert wrapped[0] is reader and wrapped[2] is keep and wrapped[3] is writer
+    assert isinstance(wrapped[1], CountedStep) and step_name(wrapped[1]) == "drop_odd"
+    assert count_plain_steps(wrapped) == wrapped  # already counted: not wrapped twice
+    out = list(wrapped[1].run(iter([Document(text="x", id=str(i)) for i in range(5)])))
+    assert [d.id for d in out] == ["0", "2", "4"]
+    stats = wrapped[1].stats
+    assert (stats["total"].total, stats["forwarded"].total, stats["dropped"].total) == (5, 3, 2)

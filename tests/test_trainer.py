@@ -99,7 +99,7 @@ def test_cosine_and_constant_schedules_and_token_budget():
     assert {lr_at(s, const) for s in range(5, 50)} == {const.lr}
     budget = TrainConfig(token_budget=10_000, batch_size=4, seq_len=32, grad_accum=2, warmup_steps=0)
     assert budget.tokens_per_step == 256 and budget.steps == 40  # ceil(10000 / 256)
-    with pytest.raises(ValueError, match="total_steps or token_budget"):
+    with pytest.raises(ValueError, match="set train.total_steps or train.token_budget"):
         TrainConfig()
     with pytest.raises(ValueError, match="unknown TrainConfig fields"):
         TrainConfig.from_dict({"total_steps": 1, "warmup_steps": 0, "lr_max": 1})
@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     tcfg = TrainConfig.preset("tiny", total_steps=30, lr=1e30, warmup_steps=0, grad_clip=0.0, weight_decay=0.0,
                               progress_bar=False, log_every=1, threads=1)
     run = RunStore(tmp_path).create("diverges", config={})
-    with pytest.raises(NonFiniteLossError, match=r"step \d+: loss .*update was not applied.*lower TrainConfig.lr"):
+    with pytest.raises(NonFiniteLossError, match=r"step \d+: loss .*update was not applied.*lower train.lr"):
         train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(train_split(corpora), tcfg.batch_size, tcfg.seq_len))
     reloaded = RunStore(tmp_path).get("diverges")
     assert reloaded.status == "failed" and "NonFiniteLossError" in reloaded.summary["error"]
@@ -123,5 +123,5 @@ def test_mismatched_batch_shape_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="build the sampler with the same sizes"):
         train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(train_split(stdlib_corpora()), 4, tcfg.seq_len))
     assert RunStore(tmp_path).get("shape").status == "failed"
-    with pytest.raises(ConfigError, match="run 'shape': TrainConfig.seq_len=64 exceeds ModelConfig.max_seq_len=32"):
+    with pytest.raises(ConfigError, match="run 'shape': train.seq_len=64 exceeds model.max_seq_len=32"):
         train(run, ModelConfig.preset("tiny", max_seq_len=32), tcfg, ByteSampler(stdlib_corpora(), 8, 64))

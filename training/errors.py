@@ -5,11 +5,7 @@ from __future__ import annotations
 
 
 class TrainingError(ValueError):
-    """Base of every error the training package raises on purpose."""
-
-
-class ConfigError(TrainingError):
-    """A ModelConfig/TrainConfig (or what the sampler and evaluator hand the trainer) that cannot work.
+    """Base of every error the training package raises on purpose.
 
     `fields` names the config fields that fix it, as dotted run-config paths (`train.warmup_steps`), so that a
     command line can add the flags or `--set` overrides that set them."""
@@ -17,6 +13,10 @@ class ConfigError(TrainingError):
     def __init__(self, message: str, fields: tuple[str, ...] | list[str] = ()):
         super().__init__(message)
         self.fields = tuple(fields)
+
+
+class ConfigError(TrainingError):
+    """A ModelConfig/TrainConfig (or what the sampler and evaluator hand the trainer) that cannot work."""
 
 
 class CheckpointError(TrainingError):

@@ -286,8 +286,9 @@ def train(
                     f"run {run.run_id!r} step {step + 1}: loss {last_loss}, grad norm {grad_norm} at lr {lr:.3g} "
                     f"(stage {stage!r}, sources {sorted(set(sources))}); the update was not applied. Last "
                     f"checkpoint: {latest_checkpoint(run.checkpoint_dir) or 'none'}. Rerun (it resumes from there) "
-                    "with a lower TrainConfig.lr, longer warmup_steps or grad_clip > 0, or set ModelConfig.qk_norm "
-                    "/ z_loss; if it recurs at the same step, inspect that batch's data.")
+                    "with a lower train.lr, a longer train.warmup_steps or train.grad_clip > 0, or set model.qk_norm "
+                    "/ model.z_loss; if it recurs at the same step, inspect that batch's data.",
+                    ["train.lr", "train.warmup_steps", "train.grad_clip", "model.qk_norm", "model.z_loss"])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
