@@ -61,9 +61,9 @@ class DemoConfig:
     val_fraction: float = 0.05  # held-out share per source: enough windows for a steady per-source eval
     model_preset: str = "demo"
     train_preset: str = "demo"
-    steps: int | None = 360  # the main run; None: the train preset's
+    steps: int | None = 300  # the main run; None: the train preset's
     run_id: str = "demo"
-    compare_steps: int | None = 150  # the web-heavy comparison run; 0 or None: no comparison run
+    compare_steps: int | None = 120  # the web-heavy comparison run; 0 or None: no comparison run
     compare_run_id: str = "demo-web-heavy"
     tasks: int | None = None  # None: curate()'s default
     workers: int | None = None
