@@ -36,6 +36,14 @@ class Stage:
     fraction: float
 
     def __post_init__(self) -> None:
+        if not isinstance(self.weights, Mapping):
+            raise ScheduleError(f"stage {self.name!r}: weights must be a mapping of source: weight, got {self.weights!r}")
+        not_numbers = {k: v for k, v in self.weights.items() if isinstance(v, bool) or not isinstance(v, int | float)}
+        if not_numbers:
+            raise ScheduleError(f"stage {self.name!r}: weights must be numbers; {not_numbers} "
+                                "(write 0.5, not \"0.5\" or a word)")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, int | float):
+            raise ScheduleError(f"stage {self.name!r}: fraction must be a number, got {self.fraction!r}")
         object.__setattr__(self, "weights", {str(k): float(v) for k, v in self.weights.items()})
         object.__setattr__(self, "fraction", float(self.fraction))
         bad = {k: v for k, v in self.weights.items() if not math.isfinite(v) or v < 0}
@@ -204,7 +212,10 @@ class MixtureSchedule:
             return cls.from_nanotron_config(data)
         if not isinstance(data, Mapping):
             raise ScheduleError(f"{_describe(text_or_path)}: expected a mapping with `stages`")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ScheduleError as err:  # name the file: the stage alone does not say where to look
+            raise ScheduleError(f"{_describe(text_or_path)}: {err}") from err
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

@@ -93,7 +93,13 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     for name, path in FLAG_FIELDS.items():
         value = getattr(args, name, None)
         if value is not None:
-            sets.append(f"{path}={json.dumps(str(value) if isinstance(value, Path) else value)}")
+            if isinstance(value, float) and value != value:  # NaN: JSON's `NaN` is a string to YAML
+                text = ".nan"
+            elif isinstance(value, float) and abs(value) == float("inf"):
+                text = ".inf" if value > 0 else "-.inf"
+            else:
+                text = json.dumps(str(value) if isinstance(value, Path) else value)
+            sets.append(f"{path}={text}")
     return sets + list(getattr(args, "set", None) or [])
 
 
@@ -107,6 +113,7 @@ def _run_config(args: argparse.Namespace, preview: bool = False):
 
 
 def cmd_mix(args: argparse.Namespace) -> int:
+    from mixlab.mixtures import check_repetition
     from mixlab.pipelines.pretrain import (
         build_sampler,
         describe_unused,
@@ -125,12 +132,14 @@ def cmd_mix(args: argparse.Namespace) -> int:
         for name, weight in sorted(stage.normalized_weights.items(), key=lambda kv: -kv[1]):
             print(f"  {name:14s} {weight:6.1%}  ~{weight * stage.fraction * sampler.total_tokens:>12,.0f} tokens")
     print("\nepochs over each source's train tokens by the end:")
-    for name, epochs in sorted(sampler.expected_epochs().items()):
-        warn = "  <- repeated more than 4x" if epochs > 4 else ""
-        print(f"  {name:14s} {epochs:6.2f}{warn}")
+    epochs = sampler.expected_epochs()
+    for name, value in sorted(epochs.items()):
+        limit = config.plan.limit(name)
+        print(f"  {name:14s} {value:6.2f}" + (f"  <- over the limit of {limit:g}" if value > limit else ""))
     unused = unused_sources(manifest, schedule)
     if unused:
         print(f"\nnote: {describe_unused(unused)}")
+    check_repetition(schedule, epochs, config.plan)  # `mixlab train` refuses the same plan
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from mixlab.curation import ShardManifest, open_token_sources, token_byte_lengths
-from mixlab.mixtures import MixtureSampler, MixtureSchedule, val_windows
+from mixlab.mixtures import MixtureSampler, MixtureSchedule, check_repetition, val_windows
 from mixlab.pipelines.run_config import (
     EvalConfig,
     RunConfig,
@@ -155,6 +155,7 @@ def pretrain(config: RunConfig) -> RunRecord:
         if existing.is_live():
             existing.acquire()  # raises RunLockedError naming the live process, before anything is touched
     sampler = build_sampler(manifest, config.schedule, config.train)
+    check_repetition(config.schedule, sampler.expected_epochs(), config.plan)  # refused before the run is touched
     config = replace(config, train=align_lr_decay(config.train, sampler))
     evaluator = build_evaluator(manifest, config.schedule.sources, config.train.seq_len, config.eval)
     run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest), tags=config.tags)

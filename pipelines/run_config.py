@@ -9,6 +9,7 @@ reproduces the run. Every field can be overridden with `--set section.field=valu
     data:
       curated: work/curated          # a tokenized curated directory
     mixture: schedule.yaml           # a schedule file, an inline {stages: [...]}, or null: the demo schedule
+    plan: {max_epochs: 4}            # the planner refuses a source repeated more (per source: max_epochs_by_source)
     model: {preset: demo}            # a ModelConfig preset plus any field; vocab_size comes from the tokenizer
     train: {preset: demo, lr: 1.0e-3, total_steps: 400}
     eval: {windows_per_source: 48}
@@ -29,12 +30,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
-from mixlab.mixtures import MixtureSchedule, ScheduleError
+from mixlab.mixtures import MixtureSchedule, PlanLimits, ScheduleError
 from mixlab.training import ConfigError, ModelConfig, TrainConfig
 from mixlab.training.config import ConfigDict
 
 RUN_CONFIG_FORMAT = "mixlab.run/1"
-SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "model", "train", "eval", "backend", "tags")
+SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "plan", "model", "train", "eval", "backend", "tags")
 # facts a run records next to its document; not inputs, so a run.json read back as a config drops them
 DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device")
 BACKENDS = ("embedded",)
@@ -74,6 +75,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tags: dict[str, str] = field(default_factory=dict)
     backend: str = "embedded"
+    plan: PlanLimits = field(default_factory=PlanLimits)  # the planner's limits (epochs per source)
 
     def __post_init__(self) -> None:
         self.curated_dir, self.runs_dir = Path(self.curated_dir), Path(self.runs_dir)
@@ -94,6 +96,7 @@ class RunConfig:
             "runs_dir": str(self.runs_dir.resolve()),
             "data": {"curated": str(self.curated_dir.resolve())},
             "mixture": self.schedule.to_dict() if self.schedule is not None else None,
+            "plan": self.plan.to_dict(),
             "model": self.model.to_dict(),
             "train": self.train.to_dict(),
             "eval": self.eval.to_dict(),
@@ -236,10 +239,14 @@ def run_config_from_document(document: Mapping[str, Any], vocab_size: int | None
     except ConfigError as err:
         raise ConfigError(str(err).replace("EvalConfig", "eval"), err.fields or ["eval"]) from err
     tags = {str(k): str(v) for k, v in _section(document, "tags").items()}
+    try:
+        plan = PlanLimits.from_dict(_section(document, "plan"))
+    except (ScheduleError, TypeError) as err:
+        raise ConfigError(str(err), ["plan.max_epochs"]) from err
     return RunConfig(
         curated_dir=Path(data["curated"]), runs_dir=Path(document["runs_dir"]), run_id=str(document["run_id"]),
         schedule=_schedule(document.get("mixture")), model=model, train=train, eval=eval_config, tags=tags,
-        backend=document.get("backend") or "embedded",
+        backend=document.get("backend") or "embedded", plan=plan,
     )
 
 
