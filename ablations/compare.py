@@ -33,11 +33,13 @@ def load_runs(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]) -
 def select_runs(runs_dir: str | Path, pattern: str | None = None, tags: dict[str, Any] | None = None,
                 status: str | None = None) -> list[RunRecord]:
     """Takes a runs directory and optional filters (a glob on run ids, tags that must all match, a status such as
-    "completed" or "stale"); returns the matching runs sorted by run id, or raises naming the runs that exist."""
+    "completed" or "stale"); returns the matching runs sorted by run id, or raises naming the runs that exist.
+    A run directory that cannot be read is skipped with a warning (`RunStore.runs`), so that it hides no other run."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: no such runs directory; point at the folder `mixlab train --runs` wrote")
-    every = RunStore(root).runs()
+    store = RunStore(root)
+    every = store.runs()
     picked = [
         run for run in every
         if (pattern is None or fnmatch.fnmatchcase(run.run_id, pattern))
@@ -47,7 +49,8 @@ def select_runs(runs_dir: str | Path, pattern: str | None = None, tags: dict[str
     if not picked:
         asked = ", ".join(f"{name}={value!r}" for name, value in (("pattern", pattern), ("tags", tags),
                                                                    ("status", status)) if value)
-        present = ", ".join(f"{r.run_id} ({r.display_status()})" for r in every) or "none"
+        present = ", ".join([*(f"{r.run_id} ({r.display_status()})" for r in every),
+                             *(f"{path.name} (unreadable)" for path, _ in store.unreadable())]) or "none"
         raise ValueError(f"{root}: no run matches {asked or 'the selection'}; runs there: {present}")
     return sorted(picked, key=lambda r: r.run_id)
 

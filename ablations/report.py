@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from typing import Any
 import polars as pl
 from mixlab.ablations import compare, plots
 from mixlab.ablations.compare import curation_funnel, final_evals, with_interval
-from mixlab.curation import ShardManifest
+from mixlab.curation import ManifestError, ShardManifest
 from mixlab.training import RunRecord
+
+logger = logging.getLogger("mixlab.report")
 
 _CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.4}
@@ -83,14 +86,25 @@ def _table(frame: pl.DataFrame, floats: int = 4) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _load_manifest(directory: str | Path | None) -> ShardManifest | None:
+def _load_manifest(directory: str | Path | None, problems: list[str]) -> ShardManifest | None:
+    """The manifest a run trained on, or None; a manifest that is refused (hostile, corrupt, another schema) is
+    named in `problems` and left out, so that it does not stop the report of the runs."""
     if directory and Path(directory).exists():
-        return ShardManifest.load(directory)
+        try:
+            return ShardManifest.load(directory)
+        except ManifestError as err:
+            logger.warning("report: leaving out the manifest in %s: %s", directory, err)
+            problems.append(str(err))
     return None
 
 
 def _manifest_dir(run: RunRecord, override: str | Path | None) -> str | Path | None:
-    return override or run.config.get("manifest_dir") or (run.config.get("data") or {}).get("curated")
+    """The curated directory a run recorded (run.json's config is data: only a string counts as a path)."""
+    data = run.config.get("data")
+    for candidate in (override, run.config.get("manifest_dir"), data.get("curated") if isinstance(data, dict) else None):
+        if isinstance(candidate, str | Path) and str(candidate):
+            return candidate
+    return None
 
 
 def _last_eval(evals: list[dict], source: str = "all") -> dict[str, Any]:
@@ -198,9 +212,10 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
     evals = [run.evals() for run in records]
     manifest_dirs = [_manifest_dir(run, manifest_dir) for run in records]
     loaded: dict[str, ShardManifest | None] = {}
+    manifest_problems: list[str] = []
     for directory in manifest_dirs:
         if directory is not None and str(directory) not in loaded:
-            loaded[str(directory)] = _load_manifest(directory)
+            loaded[str(directory)] = _load_manifest(directory, manifest_problems)
     manifests = [loaded.get(str(d)) if d is not None else None for d in manifest_dirs]
 
     # ---- header and summary
@@ -262,6 +277,8 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
 
     # ---- epochs per source
     page.add("<h2>Epochs per source</h2>")
+    for problem in manifest_problems:
+        page.add(f"<p class=bad>Manifest left out: {html.escape(problem)}</p>")
     if any(m is not None for m in manifests):
         page.add("<p>Tokens served to the run / the source's train tokens: above 1 the run repeated that source's data."
                  "</p>", _table(_epochs_table(records, labels, manifests), floats=3))

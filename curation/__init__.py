@@ -41,6 +41,7 @@ from mixlab.curation.manifest import (
     TokenizerInfo,
     sha256_file,
 )
+from mixlab.curation.paths import PLAIN_NAME_RULE, name_problem, outside_problem, relative_path_problem
 from mixlab.curation.splits import SourceSplit, TokenizeConfig, split_source
 from mixlab.curation.stages import SourceLayout, SourcePipelines, Stage, assemble_stages
 from mixlab.curation.text import RegexWordTokenizer, WarmSpacyTokenizer
@@ -80,6 +81,11 @@ __all__ = [
     "StepStats",
     "TokenizerInfo",
     "sha256_file",
+    # names and paths read from data files stay inside their folder
+    "PLAIN_NAME_RULE",
+    "name_problem",
+    "outside_problem",
+    "relative_path_problem",
     # tokenizer, train/val split, token shards
     "SourceSplit",
     "TokenShard",

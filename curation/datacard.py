@@ -36,6 +36,7 @@ ORIGIN_LICENSES = {
 
 
 def card_path(manifest: ShardManifest) -> Path:
+    """`data/README.md`; refused (ManifestError) when `data/` or the card is a symlink pointing out of the dataset."""
     return manifest.resolve(f"{DATA_DIR}/{CARD_NAME}")
 
 
@@ -168,7 +169,8 @@ def write_dataset_card(manifest: ShardManifest) -> Path | None:
     text = render_dataset_card(manifest)
     if path.exists() and path.read_text(encoding="utf-8") == text:
         return path
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = manifest.resolve(f"{DATA_DIR}/{CARD_NAME}.tmp")
+    tmp.unlink(missing_ok=True)  # a symlink left there would be followed by the write
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from mixlab.curation.paths import name_problem, outside_problem, relative_path_problem
 
 # 2: ShardFile.text_bytes; SourceEntry.bytes is UTF-8 text bytes; TokenizerInfo.held_out
 # 3: curated shards under data/<source>/ (the folder users load, with its dataset card), not <source>/
@@ -24,7 +28,88 @@ DATA_DIR = "data"  # <curated>/data/<source>/*.parquet: what users load; tokens,
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot be read or does not add up; the message says which file and what to do."""
+    """A manifest that cannot be read or does not add up; the message says which file and what to do.
+
+    When one entry is at fault, `path` (the manifest), `source`, `field` and `value` name it, so that a caller
+    can point at it without parsing the message."""
+
+    def __init__(self, message: str, *, path: Path | None = None, source: str | None = None,
+                 field: str | None = None, value: Any = None):
+        super().__init__(message)
+        self.path, self.source, self.field, self.value = path, source, field, value
+
+
+class _FieldTypeError(ValueError):
+    """One field of a manifest with a value of the wrong type (turned into a ManifestError naming it)."""
+
+    def __init__(self, where: str, value: Any, expected: str | None):
+        super().__init__(f"{where} = {_short(value)} is not {expected}" if expected else f"{where} is missing (required)")
+        self.where, self.value, self.expected = where, value, expected
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_TYPE_NAMES = {int: "a whole number", str: "a string", bool: "true or false", float: "a number"}
+
+
+def _typed(value: Any, hint: Any, where: str) -> Any:
+    """`value` checked against a field's type hint (and dataclasses built from their dicts), or _FieldTypeError."""
+    if hint is Any:
+        return value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _typed(value, inner, where)
+    if is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _FieldTypeError(where, value, "a list")
+        return [_typed(item, args[0], f"{where}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _FieldTypeError(where, value, "an object")
+        for key in value:
+            if not isinstance(key, str):
+                raise _FieldTypeError(f"{where} key", key, "a string")
+        return {k: _typed(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if hint is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise _FieldTypeError(where, value, _TYPE_NAMES.get(hint, getattr(hint, "__name__", str(hint))))
+    return value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """A manifest dataclass from its JSON object: unknown, missing and wrongly typed fields are refused by name."""
+    if not isinstance(raw, dict):
+        raise _FieldTypeError(where or "entry", raw, "an object")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.name != "root"}
+    for key in raw:
+        if key not in known:
+            raise _FieldTypeError(_join(where, key), raw[key], f"a field of this schema (known: {sorted(known)})")
+    values = {}
+    for name, spec in known.items():
+        if name not in raw:
+            if spec.default is MISSING and spec.default_factory is MISSING:
+                raise _FieldTypeError(_join(where, name), None, None)
+            continue
+        values[name] = _typed(raw[name], hints[name], _join(where, name))
+    return cls(**values)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -121,48 +206,103 @@ class ShardManifest:
     # ---- reading and writing -------------------------------------------------------------
     @classmethod
     def load(cls, root: str | Path) -> ShardManifest:
+        """Read and check a manifest: its schema, the type of every field, that source names are plain names and
+        that every path it lists stays inside its directory (symlinks resolved). A manifest that fails any check is
+        refused here, before any of its files is read, written or deleted."""
         root = Path(root)
         path = root / MANIFEST_NAME if root.is_dir() or not root.suffix else root
         if not path.exists():
-            raise ManifestError(f"{path}: no manifest here; run `mixlab curate` to create one")
+            raise ManifestError(f"{path}: no manifest here; run `mixlab curate` to create one", path=path)
+        recurate = f"`mixlab curate --raw WORKDIR/raw --out {path.parent}`, then `mixlab tokenize`"
+        if problem := outside_problem(path.parent, path):
+            raise ManifestError(f"{path}: {problem}; replace it with the manifest itself or re-curate: {recurate}",
+                                path=path)
         try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ManifestError(f"{path}: not valid JSON ({err}); re-run `mixlab curate` or restore the file") from err
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ManifestError(f"{path}: not valid JSON ({err}); re-run `mixlab curate` or restore the file",
+                                path=path) from err
+        except OSError as err:
+            raise ManifestError(f"{path}: cannot be read ({err}); restore the file or re-curate: {recurate}",
+                                path=path) from err
+        if not isinstance(raw, dict):
+            raise ManifestError(f"{path}: holds a JSON {type(raw).__name__}, not an object; restore the file or "
+                                f"re-curate: {recurate}", path=path, field="(top level)", value=raw)
         version = raw.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version != SCHEMA_VERSION or isinstance(version, bool):
+            known_int = isinstance(version, int) and not isinstance(version, bool)
             why = (
                 " (written by an older mixlab that kept Parquet in <curated>/<source>/ instead of <curated>/data/<source>/)"
-                if isinstance(version, int) and version < SCHEMA_VERSION else ""
+                if known_int and version < SCHEMA_VERSION
+                else " (written by a newer mixlab: upgrade mixlab to read it)" if known_int else ""
             )
             raise ManifestError(
                 f"{path}: schema_version {version!r} is not supported (this mixlab reads {SCHEMA_VERSION}){why}; "
                 f"re-run curation with this version: `mixlab curate --raw WORKDIR/raw --out {path.parent}`, "
-                "then `mixlab tokenize`"
+                "then `mixlab tokenize`", path=path, field="schema_version", value=version,
             )
-        try:
-            manifest = cls._from_dict(raw)
-        except (KeyError, TypeError) as err:
-            raise ManifestError(f"{path}: malformed manifest ({err!r})") from err
+        manifest = cls._from_dict(raw, path)
         manifest.root = path.parent
+        manifest.check_paths(manifest_path=path)
         return manifest
 
     @classmethod
-    def _from_dict(cls, raw: dict[str, Any]) -> ShardManifest:
+    def _from_dict(cls, raw: dict[str, Any], path: Path) -> ShardManifest:
+        def refuse(err: _FieldTypeError, source: str | None) -> ManifestError:
+            entry = f"source {_short(source)}: " if source is not None else ""
+            return ManifestError(
+                f"{path}: {entry}{err}; this manifest was not written by this mixlab (or was edited): restore it, or "
+                f"re-curate with `mixlab curate --raw WORKDIR/raw --out {path.parent}`",
+                path=path, source=source, field=err.where, value=err.value,
+            )
+
         sources = {}
-        for name, src in raw["sources"].items():
-            src = dict(src)
-            src["shards"] = [ShardFile(**s) for s in src.get("shards", [])]
-            src["token_shards"] = [ShardFile(**s) for s in src.get("token_shards", [])]
-            src["steps"] = [StepStats(**s) for s in src.get("steps", [])]
-            sources[name] = SourceEntry(**src)
-        tok = raw.get("tokenizer")
-        return cls(
-            sources=sources,
-            tokenizer=TokenizerInfo(**tok) if tok else None,
-            schema_version=raw["schema_version"],
-            created=raw.get("created", ""),
-        )
+        raw_sources = raw.get("sources", {})
+        if not isinstance(raw_sources, dict):
+            raise refuse(_FieldTypeError("sources", raw_sources, "an object (source name -> entry)"), None)
+        for name, src in raw_sources.items():
+            try:
+                sources[name] = _build(SourceEntry, src, "")
+            except _FieldTypeError as err:
+                raise refuse(err, name) from None
+        try:
+            tokenizer = _typed(raw.get("tokenizer"), TokenizerInfo | None, "tokenizer")
+            created = _typed(raw.get("created", ""), str, "created")
+            unknown = sorted(set(raw) - {"sources", "tokenizer", "schema_version", "created"})
+            if unknown:
+                raise _FieldTypeError(unknown[0], raw[unknown[0]], "a field of this schema")
+        except _FieldTypeError as err:
+            raise refuse(err, None) from None
+        return cls(sources=sources, tokenizer=tokenizer, schema_version=raw["schema_version"], created=created)
+
+    def check_paths(self, manifest_path: Path | None = None) -> None:
+        """Refuse (ManifestError naming the entry) a source name that is not a plain name, or a listed path that is
+        absolute, climbs out with '..' or resolves (through a symlink) outside the manifest's directory."""
+        if self.root is None:
+            raise ManifestError("manifest has no root directory; load() or save() it first")
+        path = manifest_path or self.root / MANIFEST_NAME
+        fix = (f"paths in a manifest are relative to its directory and stay inside it: restore the manifest, or "
+               f"re-curate with `mixlab curate --raw WORKDIR/raw --out {self.root}`")
+        for key, entry in self.sources.items():
+            for field_name, value in (("name", key), ("name", entry.name)):
+                if problem := name_problem(value):
+                    raise ManifestError(
+                        f"{path}: source {key!r}: {field_name} = {_short(value)} {problem}; rename it (source names "
+                        f"become folder names) and re-curate with `mixlab curate --raw WORKDIR/raw --out {self.root}`",
+                        path=path, source=key, field=field_name, value=value)
+            if entry.name != key:
+                raise ManifestError(
+                    f"{path}: source {key!r}: name = {entry.name!r} differs from its key {key!r}; {fix}",
+                    path=path, source=key, field="name", value=entry.name)
+            for kind in ("shards", "token_shards"):
+                for i, shard in enumerate(getattr(entry, kind)):
+                    if problem := relative_path_problem(self.root, shard.path):
+                        raise ManifestError(
+                            f"{path}: source {key!r}: {kind}[{i}].path = {_short(shard.path)} {problem}; {fix}",
+                            path=path, source=key, field=f"{kind}[{i}].path", value=shard.path)
+        if self.tokenizer is not None and (problem := relative_path_problem(self.root, self.tokenizer.path)):
+            raise ManifestError(f"{path}: tokenizer.path = {_short(self.tokenizer.path)} {problem}; {fix}",
+                                path=path, field="tokenizer.path", value=self.tokenizer.path)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -175,14 +315,17 @@ class ShardManifest:
         root = Path(root) if root is not None else self.root
         if root is None:
             raise ManifestError("ShardManifest.save needs a directory")
-        root.mkdir(parents=True, exist_ok=True)
+        from mixlab.curation.datacard import card_path, write_dataset_card  # the card reads the manifest
+
         self.root = root
-        path = root / MANIFEST_NAME
-        tmp = path.with_suffix(".json.tmp")
+        self.check_paths()  # names and paths first: nothing is written for a manifest that points outside
+        path = self.resolve(MANIFEST_NAME)
+        tmp = self.resolve(f"{MANIFEST_NAME}.tmp")
+        card_path(self)  # refused here, before the manifest is written, when data/ points outside
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a symlink left there would be followed by the write
         tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
         os.replace(tmp, path)
-        from mixlab.curation.datacard import write_dataset_card  # the card reads the manifest: import here
-
         write_dataset_card(self)
         return path
 
@@ -193,8 +336,16 @@ class ShardManifest:
         return self.sources[name]
 
     def resolve(self, relative: str) -> Path:
+        """`root / relative`, refused (ManifestError) when it is absolute, climbs out with '..' or resolves through
+        a symlink outside the manifest's directory: every file mixlab reads, writes or deletes in a curated
+        directory goes through here."""
         if self.root is None:
             raise ManifestError("manifest has no root directory; load() or save() it first")
+        if problem := relative_path_problem(self.root, relative):
+            raise ManifestError(
+                f"{self.root}: {_short(relative)} {problem}; nothing there is read or written. If it is a symlink, "
+                "replace it with a real folder inside the curated directory",
+                path=self.root / MANIFEST_NAME, field="path", value=relative)
         return self.root / relative
 
     def check(self) -> list[str]:

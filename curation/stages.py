@@ -16,7 +16,8 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.word_tokenizers import WordTokenizer
 from mixlab.curation.dedup import MinhashSettings, minhash_stages
-from mixlab.curation.manifest import DATA_DIR
+from mixlab.curation.manifest import DATA_DIR, ManifestError
+from mixlab.curation.paths import name_problem, outside_problem
 from mixlab.curation.readers import RawJsonlReader
 from mixlab.curation.writers import CURATED_SCHEMA, curated_parquet_writer
 
@@ -33,6 +34,19 @@ class SourceLayout:
     source: str
     raw_dir: Path  # raw/<source>
     curated_dir: Path  # curated/
+
+    def __post_init__(self) -> None:
+        """Refuse a source name that is not a plain folder name, or a folder of this layout that resolves (through
+        a symlink) outside the curated directory: curation clears and writes these folders."""
+        if problem := name_problem(self.source):
+            raise ManifestError(
+                f"{self.raw_dir}: source name {self.source!r} {problem}; rename the raw folder (the name becomes "
+                "folder names under the curated directory)", source=str(self.source), field="name", value=self.source)
+        for folder in (self.output, self.curated_dir / self.source, self.quarantine, self.logs, self.work):
+            if problem := outside_problem(self.curated_dir, folder):
+                raise ManifestError(
+                    f"{folder}: {problem}; curation writes and clears it, so it must be a real folder inside "
+                    f"{self.curated_dir}: replace the symlink", source=self.source, field="path", value=str(folder))
 
     @property
     def output(self) -> Path:

@@ -295,6 +295,15 @@ def tokenize_manifest(
     """
     config = config or TokenizeConfig()
     manifest = ShardManifest.load(curated_dir)
+    names = list(sources) if sources is not None else sorted(manifest.sources)
+    for name in names:
+        manifest.source(name)
+    # every folder this writes or clears, checked before anything is: a symlink pointing out is refused here
+    token_dirs = {name: manifest.resolve(f"{TOKENS_DIR}/{name}") for name in names}
+    for split in SPLITS:
+        manifest.resolve(f"{TOKENS_DIR}/.staging-{split}")
+        manifest.resolve(f"logs/tokenize-{split}")
+    manifest.resolve(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}")
     info = _resolve_tokenizer(manifest, tokenizer_path)
     if info.held_out is not None and info.held_out != config.val_settings():
         raise TokenizerError(
@@ -304,7 +313,6 @@ def tokenize_manifest(
             "(`mixlab tokenize` does both with the same --val-fraction)"
         )
     tok_path = manifest.resolve(info.path).resolve()
-    names = list(sources) if sources is not None else sorted(manifest.sources)
     for name in names:
         entry = manifest.source(name)
         if not entry.shards:
@@ -322,7 +330,7 @@ def tokenize_manifest(
         val_ids[name] = split_source(manifest, name, config).val_ids
         manifest.sources[name].token_shards = []
         manifest.sources[name].tokens = dict.fromkeys(SPLITS, 0)
-        shutil.rmtree(manifest.resolve(f"{TOKENS_DIR}/{name}"), ignore_errors=True)
+        shutil.rmtree(token_dirs[name], ignore_errors=True)
 
     total_tokens, started = 0, time.perf_counter()
     bar = tqdm(SPLITS, desc="tokenize", unit="split", disable=not show_progress)

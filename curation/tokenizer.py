@@ -234,6 +234,7 @@ def train_tokenizer(
             f"sources {unknown} are not in the manifest at {manifest.root}; known: {sorted(manifest.sources)}"
         )
 
+    out_dir = manifest.resolve(TOKENIZER_DIR)  # refused now, not after training, when it points outside
     tokenizer = new_bpe_tokenizer()
     trainer = trainers.BpeTrainer(
         vocab_size=config.vocab_size,
@@ -258,7 +259,6 @@ def train_tokenizer(
     if sum(s.docs_used for s in samples.values()) == 0:
         raise TokenizerError(f"{manifest.root}: the curated shards hold no text to train a tokenizer on")
 
-    out_dir = manifest.resolve(TOKENIZER_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / TOKENIZER_FILE
     tokenizer.save(str(path))

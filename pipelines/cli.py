@@ -206,13 +206,18 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from mixlab.training import RunStore
 
+    store = RunStore(args.runs)
+    records, unreadable = store.runs(), store.unreadable()
+    statuses = {run.run_id: run.display_status() for run in records}
     print(f"{'run':24s} {'status':12s} {'step':>9s} {'train loss':>10s} {'eval loss':>9s} {'eval bpb':>8s}")
-    for run in RunStore(args.runs).runs():
+    for run in records:
         final = run.summary.get("eval", {}).get("all", {})
         steps = f"{run.summary.get('step', 0)}/{run.summary.get('total_steps', '?')}"
-        print(f"{run.run_id:24s} {run.display_status():12s} {steps:>9s} {run.summary.get('final_loss') or 0:>10.4f} "
+        print(f"{run.run_id:24s} {statuses[run.run_id]:12s} {steps:>9s} {run.summary.get('final_loss') or 0:>10.4f} "
               f"{final.get('loss', float('nan')):>9.4f} {final.get('bpb', float('nan')):>8.4f}")
-    if any(run.display_status() == "stale" for run in RunStore(args.runs).runs()):
+    for path, why in unreadable:
+        print(f"{path.name:24s} {'unreadable':12s} {why}")
+    if "stale" in statuses.values():
         print("\nstale: the run says \"running\" but its process is gone (killed or crashed); `mixlab train` with the "
               "same run id resumes it from its last checkpoint")
     return 0

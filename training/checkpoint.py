@@ -26,11 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from mixlab.curation import outside_problem
 from mixlab.training.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / FSDP wrappers, torch.compile
+CHECKPOINT_FILES = ("state.json", "model.pt", "optimizer.pt", "rng.pt")  # all a checkpoint reads: fixed names
 
 
 def canonical_name(name: str) -> str:
@@ -103,12 +105,23 @@ def step_dir(checkpoint_dir: str | Path, step: int) -> Path:
     return Path(checkpoint_dir) / f"step_{step:08d}"
 
 
+def _refuse_outside(root: Path, path: Path) -> None:
+    if problem := outside_problem(root, path):
+        raise CheckpointError(f"{path}: {problem}; a checkpoint is read, replaced and pruned in place, so it must be "
+                              f"a real directory inside {root}: delete the symlink (training resumes from the "
+                              "previous checkpoint)")
+
+
 def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first. A step_* entry that resolves (a symlink) outside `checkpoint_dir` is
+    refused (CheckpointError naming it), before any of it is read."""
     root = Path(checkpoint_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "state.json").exists()]
+    steps = [p for p in root.iterdir() if _STEP_DIR.match(p.name)]
+    for path in steps:
+        _refuse_outside(root, path)
+    found = [p for p in steps if (p / "state.json").exists()]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -130,6 +143,7 @@ def save_checkpoint(
 ) -> Path:
     """Write step_{step:08d}/ atomically and prune to the newest keep_last checkpoints; returns its path."""
     root = Path(checkpoint_dir)
+    list_checkpoints(root)  # refuses a step_* symlinked out before this writes, replaces or prunes anything
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step_*"):  # left by a crash mid-write
         shutil.rmtree(stale, ignore_errors=True)
@@ -200,6 +214,9 @@ class Checkpoint:
 def read_checkpoint(path: str | Path) -> Checkpoint:
     """Only state.json (cheap): step, configs, sampler and trainer state."""
     path = Path(path)
+    _refuse_outside(path.parent, path)
+    for name in CHECKPOINT_FILES:
+        _refuse_outside(path, path / name)
     meta = path / "state.json"
     if not meta.exists():
         raise CheckpointError(f"{path}: not a complete checkpoint (no state.json); pass a step_* directory that "
@@ -208,10 +225,26 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         state = json.loads(meta.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{meta}: unreadable ({exc}); delete {path} to fall back to the previous checkpoint") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{meta}: holds a JSON {type(state).__name__}, not an object; delete {path} to fall "
+                              "back to the previous checkpoint")
     if state.get("format") != CHECKPOINT_FORMAT:
+        newer = isinstance(state.get("format"), int) and state["format"] > CHECKPOINT_FORMAT
         raise CheckpointError(f"{meta}: checkpoint format {state.get('format')!r} unsupported (expected "
-                              f"{CHECKPOINT_FORMAT}); it was written by another mixlab version")
-    return Checkpoint(path=path, step=int(state["step"]), state=state)
+                              f"{CHECKPOINT_FORMAT}); it was written by "
+                              + ("a newer mixlab: resume it with that version" if newer else "another mixlab version"))
+    step = state.get("step")
+    named = _STEP_DIR.match(path.name)
+    problems = [f"{key} = {state[key]!r:.60} is a {type(state[key]).__name__}, not an object"
+                for key, expected in (("trainer", dict), ("rng", dict), ("sampler", dict | None))
+                if key in state and not isinstance(state[key], expected)]
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        problems.insert(0, f"step = {step!r:.60} is not a whole number >= 0")
+    elif named and int(named.group(1)) != step:
+        problems.insert(0, f"step = {step} differs from the directory name {path.name!r}")
+    if problems:
+        raise CheckpointError(f"{meta}: {problems[0]}; delete {path} to fall back to the previous checkpoint")
+    return Checkpoint(path=path, step=step, state=state)
 
 
 def load_checkpoint(
@@ -237,7 +270,13 @@ def load_checkpoint(
         except CheckpointError as exc:
             raise CheckpointError(f"{ckpt.path}: {exc}") from exc
     if restore_rng:
-        _set_rng_state(_load_tensors(ckpt.path / "rng.pt"), ckpt.state["rng"])
+        try:
+            _set_rng_state(_load_tensors(ckpt.path / "rng.pt"), ckpt.state["rng"])
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{ckpt.path}: RNG state unusable ({type(exc).__name__}: {exc}); delete {ckpt.path} "
+                                  "to resume from the previous checkpoint") from exc
     return ckpt
 
 

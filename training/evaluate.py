@@ -156,7 +156,7 @@ def _row(source: str, nats: float, tokens: int, nbytes: int) -> dict[str, Any]:
 def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[Transformer, int]:
     """Rebuild the model a checkpoint was trained with and load its weights; returns (model, step)."""
     meta = read_checkpoint(checkpoint)
-    if meta.model_config is None:
+    if not isinstance(meta.model_config, dict):
         raise CheckpointError(f"{checkpoint}: checkpoint has no model_config, so the model cannot be rebuilt; "
                               "load its weights with training.load_checkpoint into a model you build yourself")
     model = Transformer(ModelConfig.from_dict(meta.model_config))

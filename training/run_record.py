@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -25,9 +26,35 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from mixlab.training.errors import RunLockedError
+from mixlab.curation import name_problem, outside_problem
+from mixlab.training.errors import RunLockedError, TrainingError
 
 RUN_SCHEMA_VERSION = 1
+RUN_FILE = "run.json"
+# every file and folder mixlab reads or writes in a run directory; none may resolve (through a symlink) outside it
+RUN_DIR_ENTRIES = ("run.json", "run.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "evals.jsonl", "evals.jsonl.tmp",
+                   "run.lock", "checkpoints")
+# run.json fields and the types they must have (the summary's keys that commands format)
+_RUN_FIELDS: dict[str, tuple[type, ...]] = {"run_id": (str,), "status": (str,), "created": (str,), "updated": (str,),
+                                            "tags": (dict,), "config": (dict,), "summary": (dict,)}
+_SUMMARY_FIELDS: dict[str, tuple[type, ...]] = {"step": (int,), "total_steps": (int,), "final_loss": (int, float),
+                                                "tokens": (int,), "eval": (dict,), "process": (dict,),
+                                                "tokens_by_source": (dict,), "restarts": (list,)}
+logger = logging.getLogger("mixlab.runs")
+
+
+def _type_problem(value: Any, expected: tuple[type, ...]) -> str | None:
+    if isinstance(value, bool) and bool not in expected or not isinstance(value, expected):
+        return f"is a {type(value).__name__}, not {' or '.join(t.__name__ for t in expected)}"
+    return None
+
+
+def run_dir_problem(path: Path) -> str | None:
+    """Why a run directory's own files cannot be used safely (one of them a symlink pointing out of it), or None."""
+    for name in RUN_DIR_ENTRIES:
+        if problem := outside_problem(path, path / name):
+            return f"{path / name} {problem}"
+    return None
 
 
 def _now() -> str:
@@ -68,6 +95,11 @@ class RunRecord:
     updated: str = field(default_factory=_now)
     tags: dict[str, str] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if problem := name_problem(self.run_id):
+            raise TrainingError(f"run id {self.run_id!r} {problem}: it is the name of the run's folder; pick another",
+                                fields=("run_id",))
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -126,6 +158,9 @@ class RunRecord:
         return self.status
 
     def save(self) -> None:
+        if problem := run_dir_problem(self.path):
+            raise TrainingError(f"{self.path}: {problem}; nothing is written there: replace the symlink with a real "
+                                "file or folder inside the run directory")
         self.updated = _now()
         self.path.mkdir(parents=True, exist_ok=True)
         payload = {
@@ -139,21 +174,51 @@ class RunRecord:
             "summary": self.summary,
         }
         tmp = self.path / "run.json.tmp"
+        tmp.unlink(missing_ok=True)
         tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         os.replace(tmp, self.path / "run.json")
 
     @classmethod
     def load(cls, path: str | Path) -> RunRecord:
+        """Read run.json and check it before anything else of the run is touched: valid JSON, this schema, the type
+        of each field, a `run_id` that is a plain name equal to the folder's, and no file of the run directory
+        resolving (through a symlink) outside it. Anything else is a TrainingError naming the file and the fix."""
         path = Path(path)
-        meta = path / "run.json"
+        meta = path / RUN_FILE
         if not meta.exists():
             raise FileNotFoundError(f"{meta}: not a mixlab run directory (no run.json)")
-        raw = json.loads(meta.read_text())
-        if raw.get("schema_version") != RUN_SCHEMA_VERSION:
-            raise ValueError(f"{meta}: run schema {raw.get('schema_version')!r} unsupported (expected {RUN_SCHEMA_VERSION})")
+        fix = f"restore run.json, or remove {path} if the run is not needed"
+        if problem := run_dir_problem(path):
+            raise TrainingError(f"{path}: {problem}; nothing there is read or written: replace the symlink with a "
+                                "real file or folder inside the run directory")
+        try:
+            raw = json.loads(meta.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise TrainingError(f"{meta}: unreadable ({type(err).__name__}: {err}); {fix}") from err
+        if not isinstance(raw, dict):
+            raise TrainingError(f"{meta}: holds a JSON {type(raw).__name__}, not an object; {fix}")
+        version = raw.get("schema_version")
+        if version != RUN_SCHEMA_VERSION or isinstance(version, bool):
+            newer = isinstance(version, int) and not isinstance(version, bool) and version > RUN_SCHEMA_VERSION
+            raise TrainingError(
+                f"{meta}: run schema {version!r} unsupported (expected {RUN_SCHEMA_VERSION})"
+                + ("; it was written by a newer mixlab: read it with that version" if newer else f"; {fix}"))
+        for name, expected in _RUN_FIELDS.items():
+            if name in raw and (problem := _type_problem(raw[name], expected)):
+                raise TrainingError(f"{meta}: {name} = {raw[name]!r:.80} {problem}; {fix}", fields=(name,))
+        for name, expected in _SUMMARY_FIELDS.items():
+            value = raw.get("summary", {}).get(name)
+            if value is not None and (problem := _type_problem(value, expected)):
+                raise TrainingError(f"{meta}: summary.{name} = {value!r:.80} {problem}; {fix}")
+        run_id = raw.get("run_id")
+        folder = Path(os.path.abspath(path)).name
+        if run_id is None or (problem := name_problem(run_id)) or run_id != folder:
+            why = "is missing" if run_id is None else problem or f"differs from its folder {folder!r}"
+            raise TrainingError(f"{meta}: run_id = {run_id!r:.80} {why}; a run's id is the name of its folder "
+                                f"({fix})", fields=("run_id",))
         return cls(
             path=path,
-            run_id=raw["run_id"],
+            run_id=run_id,
             config=raw.get("config", {}),
             status=raw.get("status", "unknown"),
             created=raw.get("created", ""),
@@ -175,6 +240,7 @@ class RunRecord:
             path = self.path / name
             rows = [r for r in _read_jsonl(path) if r["step"] <= step]
             tmp = path.with_suffix(".jsonl.tmp")
+            tmp.unlink(missing_ok=True)
             tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
             os.replace(tmp, path)
 
@@ -206,7 +272,7 @@ class RunStore:
 
     def create(self, run_id: str, config: dict[str, Any], tags: dict[str, str] | None = None) -> RunRecord:
         """Create a run, or reopen it if it already exists (so that a relaunched job resumes)."""
-        path = self.root / run_id
+        path = self.run_path(run_id)
         if (path / "run.json").exists():
             record = RunRecord.load(path)
             record.config = config
@@ -216,13 +282,40 @@ class RunStore:
         record.save()
         return record
 
+    def run_path(self, run_id: str) -> Path:
+        """`root/run_id`, refused when the id is not a plain name or the folder is a symlink pointing out of root."""
+        if problem := name_problem(run_id):
+            raise TrainingError(f"run id {run_id!r} {problem}: it is the name of the run's folder under {self.root}; "
+                                "pick another", fields=("run_id",))
+        path = self.root / run_id
+        if problem := outside_problem(self.root, path):
+            raise TrainingError(f"{path}: {problem}; a run folder must be a real folder inside {self.root}")
+        return path
+
     def get(self, run_id: str) -> RunRecord:
-        return RunRecord.load(self.root / run_id)
+        return RunRecord.load(self.run_path(run_id))
 
     def runs(self) -> list[RunRecord]:
+        """Every readable run, by folder name. A run directory that cannot be read (corrupt or newer run.json, a
+        symlink pointing out) is skipped with a warning naming it, and listed by `unreadable()`: one bad run never
+        hides the others."""
+        return self._scan()[0]
+
+    def unreadable(self) -> list[tuple[Path, str]]:
+        """(run directory, why) for each run directory that `runs()` skips."""
+        return self._scan()[1]
+
+    def _scan(self) -> tuple[list[RunRecord], list[tuple[Path, str]]]:
         if not self.root.exists():
-            return []
-        return [RunRecord.load(p.parent) for p in sorted(self.root.glob("*/run.json"))]
+            return [], []
+        good, bad = [], []
+        for meta in sorted(self.root.glob(f"*/{RUN_FILE}")):
+            try:
+                good.append(RunRecord.load(self.run_path(meta.parent.name)))
+            except (TrainingError, FileNotFoundError, OSError) as err:
+                logger.warning("skipping unreadable run %s: %s", meta.parent, err)
+                bad.append((meta.parent, str(err)))
+        return good, bad
 
     def evals_frame(self) -> pl.DataFrame:
         """All eval rows of all runs, with run id and tags as columns: the table ablations start from."""
