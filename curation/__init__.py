@@ -16,7 +16,7 @@ from mixlab.curation.accounting import (
 from mixlab.curation.console import CurationError, DocumentProgress, failed_task_log, quiet_datatrove_console
 from mixlab.curation.datacard import read_front_matter, write_dataset_card
 from mixlab.curation.dedup import MinhashSettings
-from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura
+from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura, flatten_deep_html
 from mixlab.curation.filters import (
     ChatFormatFilter,
     ChatFormatSettings,
@@ -42,6 +42,7 @@ from mixlab.curation.manifest import (
     sha256_file,
 )
 from mixlab.curation.paths import PLAIN_NAME_RULE, name_problem, outside_problem, relative_path_problem
+from mixlab.curation.readers import MAX_DOC_BYTES, RAW_FILE_SUFFIXES
 from mixlab.curation.splits import SourceSplit, TokenizeConfig, split_source
 from mixlab.curation.stages import SourceLayout, SourcePipelines, Stage, assemble_stages
 from mixlab.curation.text import RegexWordTokenizer, WarmSpacyTokenizer
@@ -62,6 +63,7 @@ from mixlab.curation.tokenizer import (
     train_tokenizer,
     write_transformers_config,
 )
+from mixlab.curation.writers import DUPLICATE_ID, normalise_metadata, unique_shard_ids
 
 __all__ = [
     "LeakageConfig",
@@ -104,6 +106,12 @@ __all__ = [
     "MODEL_MAX_LENGTH",
     "write_transformers_config",
     # building curation recipes
+    "DUPLICATE_ID",
+    "MAX_DOC_BYTES",
+    "RAW_FILE_SUFFIXES",
+    "flatten_deep_html",
+    "normalise_metadata",
+    "unique_shard_ids",
     "EXTRACT_TIMEOUT_S",
     "LANGUAGE_THRESHOLD",
     "BundledLanguageFilter",

@@ -29,6 +29,7 @@ from mixlab.curation.filters import ChatFormatFilter, CodeQualityFilter, MathQua
 from mixlab.curation.manifest import ShardFile, SourceEntry, StepStats, sha256_file
 from mixlab.curation.readers import QUARANTINE_PREFIX, RawJsonlReader
 from mixlab.curation.stages import SourceLayout, SourcePipelines
+from mixlab.curation.writers import unique_shard_ids
 
 
 class CountedStep(PipelineStep):
@@ -151,7 +152,7 @@ def step_stats(name: str, stats: dict[str, Any]) -> StepStats:
     """total/forwarded/dropped(+dropped_<reason>) of one step; drops without a reason are `unspecified`."""
 
     def count(key: str) -> int:
-        return int(stats[key].total) if key in stats else 0
+        return _count(stats, key)
 
     reasons = {key.removeprefix("dropped_"): count(key) for key in stats if key.startswith("dropped_")}
     unexplained = count("dropped") - sum(reasons.values())
@@ -224,9 +225,15 @@ def shard_summary(layout: SourceLayout) -> tuple[list[ShardFile], dict[str, int]
 
 def build_source_entry(pipelines: SourcePipelines, layout: SourceLayout, origin: dict[str, Any] | None = None,
                        timing: dict[str, Any] | None = None) -> SourceEntry:
-    """The manifest entry of one curated source; `check_accounting()` of the result must be empty."""
+    """The manifest entry of one curated source; `check_accounting()` of the result must be empty.
+
+    The shards are described as final: repeated ids are made unique first (`unique_shard_ids`), and how
+    many were is `metadata_summary.duplicate_ids`.
+    """
     steps = source_steps(pipelines, layout)
+    duplicate_ids = unique_shard_ids(layout.output) if layout.output.is_dir() else 0
     shards, languages, summary = shard_summary(layout)
+    summary["duplicate_ids"] = duplicate_ids
     if timing:
         summary["timing"] = timing
     quarantined = sum(n for step in steps for reason, n in step.dropped.items() if reason.startswith(QUARANTINE_PREFIX))

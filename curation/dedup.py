@@ -9,12 +9,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
-from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, _mersenne_prime
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.word_tokenizers import WordTokenizer
+
+SIGNATURE_CHUNK = 8192  # shingles hashed at once: ~8192 x 112 hashes x 8 bytes x a few arrays, ~20 MB
+
+
+class BoundedMinhashDedupSignature(MinhashDedupSignature):
+    """datatrove's signature step, hashing a document's shingles in chunks of `SIGNATURE_CHUNK`.
+
+    The stock step builds one (shingles x hashes) uint64 matrix per document: ~2.7 KB per word, so a
+    100 MB document grew one worker past 15 GB. A running minimum over chunks gives the same signature
+    with memory bounded whatever the document's length.
+    """
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        a, b = self.parameters
+        minimum = None
+        for start in range(0, max(len(shingles), 1), SIGNATURE_CHUNK):
+            phv = (shingles[start:start + SIGNATURE_CHUNK] * a + b) % _mersenne_prime
+            if self.config.hash_config.precision == 32:
+                phv = np.bitwise_and(phv, self.config.hash_config.max)
+            chunk_min = np.min(phv, axis=0)
+            minimum = chunk_min if minimum is None else np.minimum(minimum, chunk_min)
+        return [x.tolist() for x in np.split(minimum.astype(self.config.hash_config.np_dtype), self.config.num_buckets)]
 
 
 class CountingMinhashDedupFilter(MinhashDedupFilter):
@@ -63,7 +86,7 @@ def minhash_stages(work_dir: Path, settings: MinhashSettings, words: str | WordT
     config = settings.config()
     sigs, buckets, clusters = work_dir / "signatures", work_dir / "buckets", work_dir / "clusters"
     return MinhashStages(
-        signatures=[MinhashDedupSignature(output_folder=str(sigs), config=config, language=words)],
+        signatures=[BoundedMinhashDedupSignature(output_folder=str(sigs), config=config, language=words)],
         buckets=[MinhashDedupBuckets(input_folder=str(sigs), output_folder=str(buckets), config=config)],
         clusters=[
             MinhashDedupCluster(input_folder=str(buckets), output_folder=str(clusters), config=config,

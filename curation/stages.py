@@ -106,9 +106,18 @@ class SourcePipelines:
 
 
 def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep], tasks: int,
-                    minhash: MinhashSettings | None, words: str | WordTokenizer, config: dict) -> SourcePipelines:
-    """raw JSONL -> [validating reader, *filters] -> intermediate JSONL -> MinHash -> Parquet."""
-    reader = RawJsonlReader(str(layout.raw_dir), quarantine_folder=str(layout.quarantine))
+                    minhash: MinhashSettings | None, words: str | WordTokenizer, config: dict,
+                    max_doc_bytes: int | None = None) -> SourcePipelines:
+    """raw JSONL -> [validating reader, *filters] -> intermediate JSONL -> MinHash -> Parquet.
+
+    `max_doc_bytes`: raw records larger than this are quarantined as `too_large` before any expensive step
+    (None: the reader's default, `MAX_DOC_BYTES`)."""
+    if max_doc_bytes is not None and (isinstance(max_doc_bytes, bool) or not isinstance(max_doc_bytes, int)
+                                      or max_doc_bytes <= 0):
+        raise ValueError(f"{layout.source}: max_doc_bytes={max_doc_bytes!r} must be a positive number of bytes "
+                         "(e.g. 4194304 for 4 MiB)")
+    limit = {} if max_doc_bytes is None else {"max_doc_bytes": max_doc_bytes}
+    reader = RawJsonlReader(str(layout.raw_dir), quarantine_folder=str(layout.quarantine), **limit)
     filtered_writer = JsonlWriter(str(layout.filtered), output_filename="${rank}.jsonl.gz", compression="gzip")
     stages = [Stage("filter", [reader, *filters, filtered_writer], tasks, [layout.filtered, layout.quarantine])]
 

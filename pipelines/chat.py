@@ -26,6 +26,7 @@ from mixlab.curation import (
 class ChatRecipe:
     format: ChatFormatSettings = field(default_factory=ChatFormatSettings)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
+    max_doc_bytes: int | None = None  # raw records above are quarantined as too_large; None: 4 MiB (the reader's)
 
 
 def chat_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "chat", tasks: int = 2,
@@ -39,4 +40,5 @@ def chat_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "c
         *(extra_steps or []),
     ]
     return assemble_stages(layout, "chat", filters, tasks, recipe.minhash, RegexWordTokenizer("chat"),
-                           config=asdict(recipe))
+                           config=asdict(recipe),
+                           max_doc_bytes=recipe.max_doc_bytes)

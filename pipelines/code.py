@@ -25,6 +25,7 @@ class CodeRecipe:
     programming_language: str | None = None  # for documents whose raw metadata names none
     quality: CodeQualitySettings = field(default_factory=CodeQualitySettings)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
+    max_doc_bytes: int | None = None  # raw records above are quarantined as too_large; None: 4 MiB (the reader's)
 
 
 def code_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "code-python", tasks: int = 2,
@@ -35,4 +36,5 @@ def code_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "c
     filters = [CodeLanguageTagger(recipe.programming_language), CodeQualityFilter(recipe.quality),
                *(extra_steps or [])]
     return assemble_stages(layout, "code", filters, tasks, recipe.minhash, RegexWordTokenizer("code"),
-                           config=asdict(recipe))
+                           config=asdict(recipe),
+                           max_doc_bytes=recipe.max_doc_bytes)

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +46,9 @@ from mixlab.curation import (
     build_source_entry,
     count_plain_steps,
     failed_task_log,
+    outside_problem,
     quiet_datatrove_console,
+    sha256_file,
     stage_output_docs,
     stage_read_docs,
 )
@@ -58,8 +61,9 @@ from mixlab.pipelines.web import web_pipeline
 
 log = logging.getLogger("mixlab.curate")
 
-CURATION_VERSION = 3  # bump when a step changes what it writes: every source is then re-curated
+CURATION_VERSION = 4  # bump when a step changes what it writes: every source is then re-curated
 # 3: code keeps its programming language in `programming_language`; `language` is always natural language
+# 4: every file of a raw source is read or quarantined (.jsonl/.gz/.zst/.parquet), size guard, unique ids
 CACHE_DIR = ".cache"  # <curated>/work/.cache: HF_HOME and XDG_CACHE_HOME while curation runs (when unset)
 FINGERPRINT = "fingerprint.json"
 TIMING = "timing.json"
@@ -185,14 +189,28 @@ def _raw_root(raw_dir: Path) -> Path:
     return raw_dir
 
 
+RAW_FILE_GLOBS = ("*.jsonl", "*.jsonl.gz", "*.jsonl.zst", "*.parquet")  # what marks a folder as a raw source
+
+
+def raw_source_files(raw_source: Path) -> list[Path]:
+    """Every file under a raw source folder, in order: what its reader reads or quarantines (as
+    `unsupported_file` when it is not one of the accepted formats) and what its fingerprint covers."""
+    return sorted(p for p in raw_source.rglob("*") if p.is_file())
+
+
 def _raw_sources(raw_dir: Path) -> tuple[Path, list[str]]:
-    """The raw root and the sources in it (folders holding `*.jsonl.gz`); a clear error when there are none."""
+    """The raw root and the sources in it (folders holding raw JSONL or Parquet files); a clear error when
+    there are none. A folder without any is not a source, and is named in a warning."""
     raw_root = _raw_root(raw_dir)
     found = []
     if raw_root.is_dir():
-        found = sorted(p.name for p in raw_root.iterdir() if p.is_dir() and any(p.glob("*.jsonl.gz")))
+        for folder in sorted(p for p in raw_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if any(next(folder.rglob(pattern), None) for pattern in RAW_FILE_GLOBS):
+                found.append(folder.name)
+            elif any(raw_source_files(folder)):
+                log.warning("%s: no raw files (%s) in it, not curated", folder, ", ".join(RAW_FILE_GLOBS))
     if not found:
-        what = "does not exist" if not raw_dir.exists() else "holds no raw sources (<source>/*.jsonl.gz)"
+        what = "does not exist" if not raw_dir.exists() else "holds no raw sources (<source>/*.jsonl[.gz|.zst] or *.parquet)"
         raise FileNotFoundError(
             f"{raw_dir}: {what}; build the raw corpus first with `mixlab corpus fetch --out WORKDIR` and "
             "curate WORKDIR/raw (or WORKDIR)"
@@ -219,24 +237,28 @@ def step_signature(step: Any) -> dict[str, Any]:
 
 
 def _fingerprint(pipelines: SourcePipelines, raw_source: Path, tasks: int) -> str:
-    files = [(p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
-             for p in sorted(raw_source.glob("*.jsonl.gz"))]
+    files = [(p.relative_to(raw_source).as_posix(), p.stat().st_size, sha256_file(p))
+             for p in raw_source_files(raw_source)]
     steps = [[step_signature(step) for step in stage.pipeline] for stage in pipelines.stages]
     payload = {"version": CURATION_VERSION, "config": pipelines.config, "tasks": tasks, "raw": files, "steps": steps}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def raw_doc_count(raw_source: Path, origin: dict[str, Any] | None) -> int:
-    """Raw documents of a source (the filter stage's progress total): what `corpus.json` records, else the
-    non-empty lines of its `*.jsonl.gz` (a corrupt file counts what can be read)."""
+    """Raw documents of a source (the filter stage's progress total, an estimate): what `corpus.json` records,
+    else the lines of its `*.jsonl.gz` and `*.jsonl` files, counted in chunks (a corrupt file counts what can
+    be read; other formats are not counted)."""
     if origin and isinstance(origin.get("docs"), int):
         return origin["docs"]
     count = 0
-    for path in sorted(raw_source.glob("*.jsonl.gz")):
+    for path in raw_source_files(raw_source):
+        if not path.name.endswith((".jsonl", ".jsonl.gz")):
+            continue
         try:
-            with gzip.open(path, "rb") as handle:
-                count += sum(1 for line in handle if line.strip())
-        except (OSError, EOFError):
+            with (gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")) as handle:
+                while chunk := handle.read(1 << 20):
+                    count += chunk.count(b"\n")
+        except (OSError, EOFError, zlib.error):
             continue
     return count
 
@@ -328,11 +350,20 @@ def curate(
         )
     out = console or sys.stderr
 
+    # every folder this run may write, checked before the first write (a source name or a `work` symlink that
+    # leads out of the curated directory is refused here, not after a cache folder was made outside)
+    for source in wanted:
+        SourceLayout(source, raw_root / source, curated)
+    problem = outside_problem(curated, curated / "work")
+    if problem:
+        raise ManifestError(f"{curated / 'work'}: {problem}; remove the link and curate again")
     try:
         manifest = ShardManifest.load(curated)
     except ManifestError as err:
+        if err.field not in (None, "schema_version"):
+            raise  # a manifest with a hostile or mistyped entry is refused, never silently overwritten
         if (curated / "manifest.json").exists():
-            log.warning("ignoring the existing manifest: %s", err)
+            log.warning("ignoring the existing manifest (it is re-made): %s", err)
         manifest = ShardManifest()
     before = _comparable(manifest)
 

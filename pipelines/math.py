@@ -26,6 +26,7 @@ from mixlab.curation import (
 class MathRecipe:
     quality: MathQualitySettings = field(default_factory=MathQualitySettings)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
+    max_doc_bytes: int | None = None  # raw records above are quarantined as too_large; None: 4 MiB (the reader's)
 
 
 def math_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "math", tasks: int = 2,
@@ -39,4 +40,5 @@ def math_pipeline(raw_dir: str | Path, curated_dir: str | Path, source: str = "m
         *(extra_steps or []),
     ]
     return assemble_stages(layout, "math", filters, tasks, recipe.minhash, RegexWordTokenizer("math"),
-                           config=asdict(recipe))
+                           config=asdict(recipe),
+                           max_doc_bytes=recipe.max_doc_bytes)

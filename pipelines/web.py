@@ -31,6 +31,7 @@ class WebRecipe:
     extract_timeout_s: float = EXTRACT_TIMEOUT_S
     gopher: GopherSettings | None = None  # None: GopherSettings(language=language)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
+    max_doc_bytes: int | None = None  # raw records above are quarantined as too_large; None: 4 MiB (the reader's)
 
     def __post_init__(self) -> None:
         if self.gopher is None:
@@ -52,4 +53,5 @@ def web_pipeline(raw_dir: str | Path, curated_dir: str | Path, language: str = "
         *gopher_filters(recipe.gopher, words),
         *(extra_steps or []),
     ]
-    return assemble_stages(layout, "web", filters, tasks, recipe.minhash, words, config=asdict(recipe))
+    return assemble_stages(layout, "web", filters, tasks, recipe.minhash, words, config=asdict(recipe),
+                           max_doc_bytes=recipe.max_doc_bytes)

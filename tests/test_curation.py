@@ -213,7 +213,7 @@ def test_corrupted_raw_input_is_quarantined_not_fatal(raw_corpus: Path, tmp_path
     read = entry.steps[0]
     assert read.dropped == {"quarantine_malformed_json": 1, "quarantine_undecodable_bytes": 1,
                             "quarantine_not_an_object": 1, "quarantine_invalid_text": 1,
-                            "quarantine_unreadable_file": 1}
+                            "quarantine_truncated_file": 1}
     assert entry.quarantined == 5
     assert read.kept >= 25  # every good line before the truncation got through
     quarantined = []
