@@ -116,7 +116,7 @@ def run_demo(config: DemoConfig) -> Path:
                      {"recipe": "demo", "mixture": "web-heavy"}))
     runs_done = []
     for run_id, schedule, steps, tags in jobs:
-        train_config = TrainConfig.preset(config.train_preset, **overrides, **({"total_steps": steps} if steps else {}))
+        train_config = TrainConfig.preset(config.train_preset, **overrides, **({"total_steps": steps} if steps is not None else {}))
         # evaluate 3 times over the run (and at its end): enough points for a curve, few enough to stay cheap
         train_config = replace(train_config, eval_every=max(1, train_config.steps // 3),
                                checkpoint_every=max(1, train_config.steps // 3))
