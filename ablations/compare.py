@@ -236,17 +236,21 @@ def run_total_steps(run: RunRecord) -> int:
 
 
 def schedule_table(schedule: dict) -> pl.DataFrame:
-    """Target weights as a table: one row per source, one column per stage (normalised)."""
+    """Target weights as a table: one row per source, one column per stage (normalised; a curriculum stage
+    shows its starting weights)."""
     stages = schedule.get("stages", [])
-    sources = sorted({s for st in stages for s in st["weights"]})
-    rows = []
-    for source in sources:
-        row = {"source": source}
-        for st in stages:
-            total = sum(st["weights"].values()) or 1.0
-            row[f"{st['name']} ({st['fraction']:.0%})"] = st["weights"].get(source, 0.0) / total
-        rows.append(row)
-    return pl.DataFrame(rows)
+    columns = []
+    for st in stages:
+        weights = {k: v for k, v in (st.get("weights") or {}).items() if isinstance(v, (int, float))}
+        total = sum(weights.values()) or 1.0
+        bound = next((f"{key} {st[key]:g}" for key in ("fraction", "tokens", "steps", "start_step")
+                      if st.get(key) is not None), "the rest")
+        if st.get("fraction") is not None:
+            bound = f"{st['fraction']:.0%}"
+        columns.append((f"{st['name']} ({bound})", {k: v / total for k, v in weights.items()}))
+    sources = sorted({s for _, weights in columns for s in weights})
+    return pl.DataFrame([{"source": source, **{label: w.get(source, 0.0) for label, w in columns}}
+                         for source in sources])
 
 
 def mixture_shares(metrics: list[dict], max_points: int | None = None) -> pl.DataFrame:

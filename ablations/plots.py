@@ -211,3 +211,35 @@ def drop_heatmap(sources: list[str], steps: list[str], shares: np.ndarray) -> Fi
     ax.set_title("Curation: share of each step's input documents dropped")
     fig.colorbar(image, ax=ax, label="dropped / docs in")
     return fig
+
+
+def mixture_weights(panels: list[tuple[str, list[dict], int]]) -> Figure:
+    """Per run: the sampling weights over the run from its mixture.jsonl rows (step, weights, cause), drawn as
+    steps (each row holds until the next one), up to the run's last step; markers show where a change came from
+    a policy (dots) or the schedule (squares)."""
+    sources = sorted({s for _, rows, _ in panels for r in rows for s in r["weights"]})
+    colours = _source_colours(sources)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 3.2 * len(panels)), squeeze=False)
+    for ax, (label, rows, end) in zip(axes[:, 0], panels, strict=True):
+        steps = [r["step"] for r in rows]
+        xs = [*steps, max(end, steps[-1])]
+        for source in sources:
+            ys = [r["weights"].get(source, 0.0) for r in rows]
+            ax.step(xs, [*ys, ys[-1]], where="post", color=colours[source], lw=1.5, label=source)
+            policy_rows = [(r["step"], y) for r, y in zip(rows, ys, strict=True)
+                           if not str(r.get("cause", "")).startswith(("schedule", "start"))]
+            if policy_rows:
+                ax.plot(*zip(*policy_rows, strict=True), "o", ms=3, color=colours[source])
+            schedule_rows = [(r["step"], y) for r, y in zip(rows, ys, strict=True)
+                             if str(r.get("cause", "")).startswith("schedule")]
+            if schedule_rows:
+                ax.plot(*zip(*schedule_rows, strict=True), "s", ms=4, color=colours[source])
+        policies = sorted({str(r["policy"]) for r in rows if r.get("policy")})
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("step")
+        ax.set_ylabel("sampling weight")
+        ax.set_title(f"{label}: mixture weights over the run ({', '.join(policies) or 'no policy'}; dots: policy "
+                     "decisions, squares: schedule stages)")
+        ax.grid(alpha=0.3)
+        _legend_outside(ax, ncol=1)
+    return fig

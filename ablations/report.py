@@ -1,6 +1,7 @@
 """A report a person can read, for one run or several compared on one page: a summary row per run, training
 curves (loss, LR, grad norm), per-source held-out curves with bootstrap intervals, the config keys that differ,
-epochs per source, the mixture (realised vs target) and the curation funnel that produced the data.
+epochs per source, the mixture (realised vs target), the weight changes of an adaptive mixture policy (with their
+causes) and the curation funnel that produced the data.
 
 `report.html` is self-contained (plots embedded as base64 PNG data URIs), so it can be mailed alone; the PNGs are
 also written next to it. The report reads only files (run directories through `RunRecord`, a manifest through
@@ -167,6 +168,32 @@ def _epochs_table(runs: list[RunRecord], labels: list[str], manifests: list[Shar
     return pl.DataFrame(rows, schema={"run": pl.String, **dict.fromkeys(sources, pl.Float64)})
 
 
+def _mixture_changes(run: RunRecord) -> list[dict[str, Any]]:
+    """The run's mixture.jsonl rows that have an integer step and numeric weights; others are left out with a
+    warning (the report never fails on one bad line of a run's logs)."""
+    try:
+        rows = run.mixture_changes()
+    except ValueError as err:
+        logger.warning("report: leaving out %s/mixture.jsonl: %s", run.path, err)
+        return []
+    good = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), int)
+            and isinstance(r.get("weights"), dict) and r["weights"]
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in r["weights"].values())]
+    if len(good) < len(rows):
+        logger.warning("report: %s/mixture.jsonl: left out %d rows without a step and numeric weights", run.path,
+                       len(rows) - len(good))
+    return sorted(good, key=lambda r: r["step"])
+
+
+def _mixture_change_table(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """One row per change: step, the weight of every source, the policy and the cause."""
+    sources = sorted({s for r in rows for s in r.get("weights", {})})
+    table = [{"step": r["step"], **{s: float(r["weights"].get(s, 0.0)) for s in sources},
+              "policy": str(r.get("policy") or ""), "cause": str(r.get("cause", ""))} for r in rows]
+    return pl.DataFrame(table, schema={"step": pl.Int64, **dict.fromkeys(sources, pl.Float64), "policy": pl.String,
+                                       "cause": pl.String})
+
+
 def _data_section(page: _Page, manifest: ShardManifest, where: str) -> None:
     page.add("<h2>Data: curation funnel</h2>", f"<p class=note>From the manifest in {html.escape(where)}.</p>")
     volumes = compare.source_volumes(manifest)
@@ -304,6 +331,19 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
     for label, schedule in schedules if len(distinct) > 1 else schedules[:1]:
         owner = f" of {html.escape(label)}" if len(distinct) > 1 else ""
         page.add(f"<p>Target weights per stage{owner}:</p>", _table(compare.schedule_table(schedule), floats=3))
+
+    # ---- adaptive mixture: every weight change a policy made, with its cause
+    changes = [(label, _mixture_changes(run), compare.run_total_steps(run)) for run, label in
+               zip(records, labels, strict=True)]
+    changes = [(label, rows, end) for label, rows, end in changes if rows]
+    if changes:
+        page.add("<h2>Adaptive mixture</h2>",
+                 "<p>Sampling weights as the run's mixture policy set them (mixture.jsonl): each change holds from "
+                 "its step until the next one.</p>")
+        page.figure("mixture_weights", plots.mixture_weights(changes), "mixture weights over the run, per change")
+        for label, rows, _ in changes:
+            owner = f" of {html.escape(label)}" if len(changes) > 1 else ""
+            page.add(f"<p>Weight changes{owner} ({len(rows)}):</p>", _table(_mixture_change_table(rows), floats=3))
 
     # ---- data
     first = next(((d, m) for d, m in zip(manifest_dirs, manifests, strict=True) if m is not None), None)

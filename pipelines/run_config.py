@@ -13,10 +13,12 @@ reproduces the run. Every field can be overridden with `--set section.field=valu
     model: {preset: demo}            # a ModelConfig preset plus any field; vocab_size comes from the tokenizer
     train: {preset: demo, lr: 1.0e-3, total_steps: 400}
     eval: {windows_per_source: 48}
+    policy: {name: odm, update_every: 50, exploration: 0.05, bounds: {web-en: [0.2, 0.9]}}   # optional
     backend: embedded
     tags: {recipe: web-heavy}
 
-Paths are relative to the working directory, as on the command line.
+Paths are relative to the working directory, as on the command line. `policy` names an adaptive mixture policy
+of `mixtures.policies` (doremi, odm, ado) and its parameters; rules are Python, built in a script.
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ from typing import Any, ClassVar
 
 import yaml
 from mixlab.mixtures import MixtureSchedule, PlanLimits, ScheduleError
+from mixlab.mixtures.policies import MixturePolicy, PolicyError, policy_from_dict
 from mixlab.training import ConfigError, ModelConfig, TrainConfig
 from mixlab.training.config import ConfigDict
 
 RUN_CONFIG_FORMAT = "mixlab.run/1"
-SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "plan", "model", "train", "eval", "backend", "tags")
+SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "plan", "model", "train", "eval", "policy", "backend",
+            "tags")
 # facts a run records next to its document; not inputs, so a run.json read back as a config drops them
-DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device")
+DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device", "python_policy")
 BACKENDS = ("embedded",)
 DEFAULT_PRESET = "demo"
 
@@ -76,6 +80,7 @@ class RunConfig:
     tags: dict[str, str] = field(default_factory=dict)
     backend: str = "embedded"
     plan: PlanLimits = field(default_factory=PlanLimits)  # the planner's limits (epochs per source)
+    policy: dict[str, Any] | None = None  # an adaptive mixture policy: {name: doremi|odm|ado, ...its parameters}
 
     def __post_init__(self) -> None:
         self.curated_dir, self.runs_dir = Path(self.curated_dir), Path(self.runs_dir)
@@ -88,6 +93,18 @@ class RunConfig:
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: shorten the "
                 "sequences or raise the model's maximum (a longer context is a different model)",
                 ["train.seq_len", "model.max_seq_len"])
+        if self.policy is not None:
+            self.policy = dict(self.policy)
+            self.build_policy()  # refuses an unknown policy or parameter now, not at the first step
+
+    def build_policy(self) -> MixturePolicy | None:
+        """A fresh policy object from the `policy` section (None without one): pass it to `train(policy=...)`."""
+        if self.policy is None:
+            return None
+        try:
+            return policy_from_dict(self.policy)
+        except PolicyError as err:
+            raise ConfigError(f"policy: {err}", ["policy"]) from err
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +117,7 @@ class RunConfig:
             "model": self.model.to_dict(),
             "train": self.train.to_dict(),
             "eval": self.eval.to_dict(),
+            "policy": dict(self.policy) if self.policy is not None else None,
             "backend": self.backend,
             "tags": dict(self.tags),
         }
@@ -239,6 +257,9 @@ def run_config_from_document(document: Mapping[str, Any], vocab_size: int | None
     except ConfigError as err:
         raise ConfigError(str(err).replace("EvalConfig", "eval"), err.fields or ["eval"]) from err
     tags = {str(k): str(v) for k, v in _section(document, "tags").items()}
+    policy = document.get("policy")
+    if policy is not None and not isinstance(policy, Mapping):
+        raise ConfigError(f"policy: expected a mapping like {{name: odm, update_every: 50}}, got {policy!r}", ["policy"])
     try:
         plan = PlanLimits.from_dict(_section(document, "plan"))
     except (ScheduleError, TypeError) as err:
@@ -246,7 +267,7 @@ def run_config_from_document(document: Mapping[str, Any], vocab_size: int | None
     return RunConfig(
         curated_dir=Path(data["curated"]), runs_dir=Path(document["runs_dir"]), run_id=str(document["run_id"]),
         schedule=_schedule(document.get("mixture")), model=model, train=train, eval=eval_config, tags=tags,
-        backend=document.get("backend") or "embedded", plan=plan,
+        backend=document.get("backend") or "embedded", plan=plan, policy=dict(policy) if policy else None,
     )
 
 

@@ -28,14 +28,19 @@ print(json.dumps({"curate_s": time.perf_counter() - start}), flush=True)
 
 
 def start_curate(raw: Path, curated: Path) -> subprocess.Popen:
-    """`curate` in its own process group (its forked workers die with it)."""
-    return subprocess.Popen([sys.executable, "-c", CURATE, str(raw), str(curated)], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    """`curate` in its own process group (its forked workers die with it); stderr goes to a log beside the
+    curated directory, so that a failure shows what the process said."""
+    log = curated.parent / f"{curated.name}-{time.monotonic_ns()}.stderr"
+    process = subprocess.Popen([sys.executable, "-c", CURATE, str(raw), str(curated)], stdout=subprocess.PIPE,
+                               stderr=log.open("w"), text=True, start_new_session=True)
+    process.stderr_log = log  # type: ignore[attr-defined]
+    return process
 
 
 def finish(process: subprocess.Popen) -> dict:
     out, _ = process.communicate(timeout=300)
-    assert process.returncode == 0
+    assert process.returncode == 0, (f"curate exited {process.returncode}; its stderr ends:\n"
+                                     + process.stderr_log.read_text()[-3000:])  # type: ignore[attr-defined]
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -53,13 +58,15 @@ def test_a_curation_killed_at_random_points_resumes_to_the_same_bytes(raw_corpus
     process = start_curate(raw, tmp_path / "killed")
     assert process.stdout.readline().strip() == "started"
     time.sleep(random.Random(SEED).uniform(0.1, 0.8) * whole)  # a seeded random point of the run
-    assert process.poll() is None, "the run ended before the kill"
+    assert process.poll() is None, f"the run ended before the kill (whole run {whole:.1f} s, seed {SEED})"
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     assert process.returncode == -signal.SIGKILL
     finish(start_curate(raw, tmp_path / "killed"))
 
-    assert shard_bytes(tmp_path / "killed") == shard_bytes(tmp_path / "whole") != {}
+    killed, whole_bytes = shard_bytes(tmp_path / "killed"), shard_bytes(tmp_path / "whole")
+    assert killed.keys() == whole_bytes.keys() and whole_bytes, f"shards differ: {sorted(killed)} vs {sorted(whole_bytes)}"
+    assert [k for k in killed if killed[k] != whole_bytes[k]] == [], f"seed {SEED}: resumed shards differ in bytes"
     manifest = ShardManifest.load(tmp_path / "killed")
     assert manifest.check() == [] and manifest.verify_checksums() == []
     assert manifest.source("math").steps == ShardManifest.load(tmp_path / "whole").source("math").steps

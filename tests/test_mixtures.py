@@ -57,14 +57,17 @@ def test_stage_switches_at_its_fraction_of_the_budget():
     assert sum(schedule.weights_at(0.9).values()) == pytest.approx(1.0)
 
 
-def test_weights_are_normalised_on_use():
-    schedule = MixtureSchedule.constant({"web": 3, "code": 1})
+def test_weights_are_normalised_on_use_only_when_asked():
+    with pytest.raises(ScheduleError, match=r"stage 'constant': weights sum to 4, not 1 \(web=3 \+ code=1\).*normalize=True"):
+        MixtureSchedule.constant({"web": 3, "code": 1})
+    schedule = MixtureSchedule.constant({"web": 3, "code": 1}, normalize=True)
     assert schedule.weights_at(0.5) == {"code": 0.25, "web": 0.75}
     assert schedule.stages[0].weights == {"web": 3.0, "code": 1.0}  # stored as written
+    MixtureSchedule.constant({"web": 0.7, "code": 0.3005})  # within the 1e-3 tolerance
 
 
 def test_unknown_sources_are_named():
-    schedule = MixtureSchedule.constant({"web": 1, "code": 1, "unused": 0})
+    schedule = MixtureSchedule.constant({"web": 0.5, "code": 0.5, "unused": 0})
     schedule.check_sources({"web", "code"})  # weight zero needs no data
     with pytest.raises(ScheduleError, match=r"\['code'\] that are not available"):
         schedule.check_sources({"web"})
@@ -105,20 +108,27 @@ def test_smollm3_three_stage_config_imports():
     schedule = MixtureSchedule.from_nanotron_config(SMOLLM3)
     assert [s.name for s in schedule.stages] == ["stable", "stable stage 2", "decay stage"]
     assert [len(s.weights) for s in schedule.stages] == [41, 46, 56]
-    # stages start at steps 1, 3_450_001 and 4_198_001 of 4_720_000
-    fractions = [s.fraction for s in schedule.stages]
-    assert fractions == pytest.approx([3_450_000 / 4_720_000, 748_000 / 4_720_000, 522_000 / 4_720_000])
-    assert sum(fractions) == pytest.approx(1.0, abs=1e-12)
+    # nanotron's 1-based start_training_step 1, 3_450_001 and 4_198_001 are mixlab's 0-based start steps
+    assert [s.start_step for s in schedule.stages] == [0, 3_450_000, 4_198_000]
+    resolved = schedule.resolve(4_720_000, 1, 4096)
+    assert [(s.start_step, s.end_step) for s in resolved.stages] == [
+        (0, 3_450_000), (3_450_000, 4_198_000), (4_198_000, 4_720_000)]
     assert schedule.stages[0].weights["fineweb-edu"] == 0.333 and schedule.stages[0].weights["dclm"] == 0.37
     assert "stack-edu-real-shuffled-Python" in schedule.stages[2].weights
-    assert schedule.stage_at(0.5).name == "stable" and schedule.stage_at(0.95).name == "decay stage"
-    assert sum(schedule.weights_at(0.95).values()) == pytest.approx(1.0)  # raw decay weights sum to 1.00565
+    assert resolved.stage_at_step(2_000_000).name == "stable"
+    assert resolved.stage_at_step(4_500_000).name == "decay stage"
+    assert schedule.normalize  # raw decay weights sum to 1.00565; nanotron normalises them
+    assert sum(resolved.weights_at_step(4_500_000).values()) == pytest.approx(1.0)
     assert MixtureSchedule.from_yaml(SMOLLM3) == schedule  # from_yaml recognises a nanotron config
+    proxy = MixtureSchedule.from_nanotron_config(SMOLLM3, bounds="fraction")
+    assert [s.fraction for s in proxy.stages] == pytest.approx([3_450_000 / 4_720_000, 748_000 / 4_720_000, None])
+    assert proxy.stage_at(0.5).name == "stable" and proxy.stage_at(0.95).name == "decay stage"
+    assert schedule.as_fractions(4_720_000) == proxy
 
 
 @needs_smollm3
 def test_smollm3_decay_stage_upsamples_code_and_math():
-    grouped = MixtureSchedule.from_nanotron_config(SMOLLM3).map_sources(code_math_web)
+    grouped = MixtureSchedule.from_nanotron_config(SMOLLM3, bounds="fraction").map_sources(code_math_web)
     stable, decay = grouped.weights_at(0.0), grouped.weights_at(0.99)
     assert decay["code"] > stable["code"] and decay["math"] > stable["math"]
     assert decay["text"] < stable["text"]
@@ -158,7 +168,7 @@ def test_nanotron_config_errors_name_the_stage():
         ],
     }
     schedule = MixtureSchedule.from_nanotron_config(older)
-    assert [s.fraction for s in schedule.stages] == pytest.approx([0.75, 0.25])
+    assert [(s.start_step, s.end_step) for s in schedule.resolve(100, 1, 8).stages] == [(0, 75), (75, 100)]
     assert schedule.stages[0].weights == {"web": 0.5}
 
 

@@ -148,7 +148,7 @@ def test_stage_switches_at_the_right_step(sources):
 @pytest.mark.parametrize("fractions", [(0.8, 0.2), (0.75, 0.25), (0.9, 0.1), (0.3, 0.5, 0.2), (0.7, 1e-4, 0.2999)])
 def test_stage_start_step_is_where_the_sampler_switches(sources, fractions):
     schedule = MixtureSchedule(
-        tuple(Stage(f"s{i}", {"code": 1.0, "prose": float(i)}, f) for i, f in enumerate(fractions))
+        tuple(Stage(f"s{i}", {"code": 1.0, "prose": float(i)}, f) for i, f in enumerate(fractions)), normalize=True
     )
     for steps in range(1, 400):
         sampler = make(sources, schedule=schedule, steps=steps, batch_size=1)
@@ -172,7 +172,7 @@ def test_incompatible_state_is_refused_or_warned(sources):
     for _ in range(3):
         sampler.next_batch()
     state = sampler.state_dict()
-    other_mix = make(sources, schedule=MixtureSchedule.constant({"code": 1, "prose": 1}))
+    other_mix = make(sources, schedule=MixtureSchedule.constant({"code": 0.5, "prose": 0.5}))
     with pytest.raises(SamplerStateError, match="mixture schedule changed.*strict=False"):
         other_mix.load_state_dict(state)
     with pytest.warns(UserWarning, match="mixture schedule changed"):
@@ -187,17 +187,17 @@ def test_incompatible_state_is_refused_or_warned(sources):
         make(sources, seq_len=32).load_state_dict(state)
     # a longer run is a deliberate change: warned about (with the new boundaries), not refused
     longer = make(sources, steps=200)
-    with pytest.warns(UserWarning, match=r"total_tokens changed from 51200 to 102400.*\[0, 150\]"):
+    with pytest.warns(UserWarning, match=r"budget changed from 100 steps \(51200 tokens\) to 200 steps \(102400 tokens\).*\[0, 150\]"):
         longer.load_state_dict(state)
     assert longer.step == 3
 
 
 def test_bad_configuration_is_named(sources):
     with pytest.raises(ScheduleError, match=r"\['web'\] that are not available"):
-        make(sources, schedule=MixtureSchedule.constant({"web": 1.0, "code": 1.0}))
+        make(sources, schedule=MixtureSchedule.constant({"web": 0.5, "code": 0.5}))
     empty = {**sources, "tiny": TokenSource("tiny", "train", [])}
     with pytest.raises(ValueError, match="'tiny' has 0 tokens"):
-        make(empty, schedule=MixtureSchedule.constant({"tiny": 1.0, "code": 1.0}))
+        make(empty, schedule=MixtureSchedule.constant({"tiny": 0.5, "code": 0.5}))
 
 
 def test_val_windows(val_sources):

@@ -125,3 +125,23 @@ def test_mismatched_batch_shape_is_reported(tmp_path):
     assert RunStore(tmp_path).get("shape").status == "failed"
     with pytest.raises(ConfigError, match="run 'shape': train.seq_len=64 exceeds model.max_seq_len=32"):
         train(run, ModelConfig.preset("tiny", max_seq_len=32), tcfg, ByteSampler(stdlib_corpora(), 8, 64))
+
+
+def test_batches_may_have_a_stage_seq_len_and_a_policy_needs_a_sampler_that_takes_weights(tmp_path):
+    from mixlab.mixtures.policies import OnlineDataMixing
+
+    corpora = train_split(stdlib_corpora())
+    tcfg = TrainConfig.preset("tiny", total_steps=4, warmup_steps=0, progress_bar=False, threads=1, log_every=1)
+    # 32-token rows while TrainConfig.seq_len is 64 (a mixture stage with its own seq_len): tokens follow the batch
+    summary = train(RunStore(tmp_path).create("short-rows", config={}), ModelConfig.preset("tiny"), tcfg,
+                    ByteSampler(corpora, tcfg.batch_size, 32))
+    assert summary["tokens"] == 4 * 8 * 32 == sum(summary["tokens_by_source"].values())
+    with pytest.raises(ConfigError, match="gave sequences of 64 tokens but model.max_seq_len=48"):
+        train(RunStore(tmp_path).create("too-long", config={}), ModelConfig.preset("tiny", max_seq_len=48),
+              TrainConfig.preset("tiny", total_steps=2, warmup_steps=0, seq_len=32, progress_bar=False, threads=1),
+              ByteSampler(corpora, 8, 64))
+    run = RunStore(tmp_path).create("no-weights", config={})
+    with pytest.raises(ConfigError, match=r"policy 'odm' needs a sampler that can change its weights, but "
+                                          r"ByteSampler has no \['set_weights', 'current_weights'\]"):
+        train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(corpora, 8, 64), policy=OnlineDataMixing())
+    assert not (run.path / "mixture.jsonl").exists()

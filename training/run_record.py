@@ -33,7 +33,8 @@ RUN_SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 # every file and folder mixlab reads or writes in a run directory; none may resolve (through a symlink) outside it
 RUN_DIR_ENTRIES = ("run.json", "run.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "evals.jsonl", "evals.jsonl.tmp",
-                   "run.lock", "checkpoints")
+                   "mixture.jsonl", "mixture.jsonl.tmp", "run.lock", "checkpoints")
+LOG_FILES = ("metrics.jsonl", "evals.jsonl", "mixture.jsonl")  # step-keyed logs, truncated together on resume
 # run.json fields and the types they must have (the summary's keys that commands format)
 _RUN_FIELDS: dict[str, tuple[type, ...]] = {"run_id": (str,), "status": (str,), "created": (str,), "updated": (str,),
                                             "tags": (dict,), "config": (dict,), "summary": (dict,)}
@@ -234,9 +235,17 @@ class RunRecord:
     def log_eval(self, step: int, source: str, **values: Any) -> None:
         _append_jsonl(self.path / "evals.jsonl", {"step": step, "source": source, **values})
 
+    def log_mixture(self, step: int, weights: dict[str, float], cause: str, policy: str | None = None) -> None:
+        """A change of the sampling weights, in force from step `step` on (0-based: the batch after `step` steps),
+        and why. No wall time in the row: a resumed run writes exactly the rows of an uninterrupted one."""
+        _append_jsonl(self.path / "mixture.jsonl", {"step": step, "weights": dict(sorted(weights.items())),
+                                                    "cause": cause, "policy": policy})
+
     def truncate_after(self, step: int) -> None:
-        """On resume, forget metrics and evals logged after the checkpoint we restart from."""
-        for name in ("metrics.jsonl", "evals.jsonl"):
+        """On resume, forget metrics, evals and mixture changes logged after the checkpoint we restart from."""
+        for name in LOG_FILES:
+            if name == "mixture.jsonl" and not (self.path / name).exists():
+                continue  # only runs with a mixture policy have one
             path = self.path / name
             rows = [r for r in _read_jsonl(path) if r["step"] <= step]
             tmp = path.with_suffix(".jsonl.tmp")
@@ -254,6 +263,10 @@ class RunRecord:
         for row in _read_jsonl(self.path / "evals.jsonl"):
             latest[(row["step"], row["source"])] = row
         return list(latest.values())
+
+    def mixture_changes(self) -> list[dict[str, Any]]:
+        """Rows of mixture.jsonl (step, weights, cause, policy), oldest first; [] for a run without a policy."""
+        return _read_jsonl(self.path / "mixture.jsonl")
 
     def metrics_frame(self) -> pl.DataFrame:
         rows = self.metrics()

@@ -1,8 +1,9 @@
 """The embedded plain-torch training backend: one process, one device, fp32, resumable bit for bit.
 
 The loop reads as a list of components: a sampler (the data position, saved in every checkpoint), the model and
-its AdamW, the LR schedule (a pure function of the step), the held-out evaluator and the checkpointer. Everything
-a run produces goes through its RunRecord.
+its AdamW, the LR schedule (a pure function of the step), the held-out evaluator, an optional mixture policy
+(`mixtures.policies`: it sees per-source losses and evals and moves the sampler's weights) and the checkpointer.
+Everything a run produces goes through its RunRecord.
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ class Sampler(Protocol):
     """
 
     def next_batch(self) -> Batch: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Policy(Protocol):
+    """What the trainer needs from a mixtures.policies.MixturePolicy."""
+
+    name: str
+
+    def observe_train(self, step: int, loss_by_source: dict[str, float], rows_by_source: dict[str, int]) -> None: ...
+    def observe_eval(self, step: int, rows: list[dict]) -> None: ...
+    def decide(self, step: int, current: dict[str, float]) -> Any: ...  # PolicyDecision | None
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -98,16 +111,42 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _batch_tensor(batch: Batch, cfg: TrainConfig, vocab_size: int, device: torch.device) -> torch.Tensor:
+def _batch_tensor(batch: Batch, cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> torch.Tensor:
+    """The batch as a tensor. Its sequence length may differ from TrainConfig.seq_len (a mixture stage with its
+    own seq_len, e.g. a long-context stage) as long as the model can take it; its rows must be batch_size."""
     tokens = np.asarray(batch.tokens)
-    if tokens.shape != (cfg.batch_size, cfg.seq_len + 1):
+    vocab_size = model_config.vocab_size
+    if tokens.ndim != 2 or tokens.shape[0] != cfg.batch_size or tokens.shape[1] < 2:
         raise ConfigError(f"sampler gave a batch of shape {tokens.shape}; TrainConfig expects "
-                          f"[batch_size={cfg.batch_size}, seq_len+1={cfg.seq_len + 1}]: build the sampler with the "
+                          f"[batch_size={cfg.batch_size}, seq_len+1] with seq_len >= 1 (train.seq_len+1="
+                          f"{cfg.seq_len + 1} unless the mixture stage sets its own): build the sampler with the "
                           "same sizes")
+    if tokens.shape[1] - 1 > model_config.max_seq_len:
+        raise ConfigError(f"stage {getattr(batch, 'stage', '?')!r} gave sequences of {tokens.shape[1] - 1} tokens but "
+                          f"model.max_seq_len={model_config.max_seq_len}: raise max_seq_len or shorten the stage's "
+                          "seq_len", ["model.max_seq_len"])
     if tokens.min() < 0 or tokens.max() >= vocab_size:
         raise ConfigError(f"sampler gave token ids in [{tokens.min()}, {tokens.max()}] but vocab_size={vocab_size}: "
                           "set ModelConfig.vocab_size to the tokenizer's vocabulary size")
     return torch.from_numpy(tokens.astype(np.int64, copy=False)).to(device, non_blocking=True)
+
+
+def _check_policy(policy: Policy | None, sampler: Sampler, run: RunRecord) -> None:
+    if policy is None:
+        return
+    missing = [name for name in ("set_weights", "current_weights") if not callable(getattr(sampler, name, None))]
+    if missing:
+        raise ConfigError(f"run {run.run_id!r}: policy {getattr(policy, 'name', type(policy).__name__)!r} needs a "
+                          f"sampler that can change its weights, but {type(sampler).__name__} has no {missing}: use "
+                          "mixlab.mixtures.MixtureSampler, or train without policy=", ["policy"])
+
+
+def _row_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each row [B] (no z-loss): what a mixture policy learns from, per source."""
+    with torch.no_grad():
+        per_token = torch.nn.functional.cross_entropy(logits.detach().reshape(-1, logits.size(-1)),
+                                                      targets.reshape(-1), reduction="none")
+        return per_token.view(targets.shape).mean(dim=1)
 
 
 def _check_sampler_budget(sampler: Sampler, cfg: TrainConfig) -> None:
@@ -121,8 +160,9 @@ def _check_sampler_budget(sampler: Sampler, cfg: TrainConfig) -> None:
 
 
 def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
-    """With WSD the LR decay starts exactly where the sampler's last (decay) data stage starts, as SmolLM3 anneals
-    on its best data. Exact: one step apart is a misalignment too."""
+    """With WSD the LR decay starts exactly where a data stage starts: by default the last (decay) stage, as
+    SmolLM3 anneals on its best data; a recipe may pin it to an earlier stage (SmolLM3's decay stage before a
+    long-context stage). Exact: one step apart is a misalignment too."""
     stage_start_step = getattr(sampler, "stage_start_step", None)
     if cfg.schedule != "wsd" or not callable(stage_start_step):
         return
@@ -130,7 +170,8 @@ def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
     if data_start == 0:
         return  # one mixture for the whole run: nothing to line up
     lr_start = decay_start_step(cfg)
-    if data_start == lr_start * cfg.grad_accum:
+    stages = len(getattr(getattr(sampler, "schedule", None), "stages", ())) or 1
+    if lr_start * cfg.grad_accum in {stage_start_step(i) for i in range(1, stages)} | {data_start}:
         return
     if data_start % cfg.grad_accum:
         where = (f"inside optimizer step {data_start // cfg.grad_accum} (batch {data_start}, grad_accum="
@@ -144,9 +185,10 @@ def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
 
 def _resume(
     path: Path, run: RunRecord, model: Transformer, optimizer: torch.optim.Optimizer, sampler: Sampler,
-    model_config: ModelConfig, cfg: TrainConfig,
+    model_config: ModelConfig, cfg: TrainConfig, policy: Policy | None = None,
 ) -> _Progress:
-    """Load the checkpoint at `path` into the live model, optimizer, RNGs and sampler; returns the counters."""
+    """Load the checkpoint at `path` into the live model, optimizer, RNGs, sampler and policy; returns the
+    counters."""
     saved = read_checkpoint(path)
     now_model = model_config.to_dict()
     if saved.model_config is not None and saved.model_config != now_model:
@@ -171,6 +213,19 @@ def _resume(
         raise ResumeError(f"run {run.run_id!r}: the sampler cannot continue from {path}: {exc}. Build the sampler "
                           "as the run did (same schedule, token shards, seed, seq_len, batch_size), or use a new "
                           "run id") from exc
+    saved_policy = ckpt.trainer_state.get("policy")
+    if policy is not None:
+        if saved_policy is None:
+            raise ResumeError(f"run {run.run_id!r}: checkpoint {path} was trained without a mixture policy, so policy "
+                              f"{policy.name!r} cannot continue it; resume without policy=, or use a new run id")
+        try:
+            policy.load_state_dict(saved_policy)
+        except (ValueError, KeyError) as exc:
+            raise ResumeError(f"run {run.run_id!r}: the policy cannot continue from {path}: {exc}") from exc
+    elif saved_policy is not None:
+        warnings.warn(f"run {run.run_id!r}: checkpoint {path} holds the state of mixture policy "
+                      f"{saved_policy.get('name')!r} but train() got no policy: the weights stay as the sampler "
+                      "saved them and no longer adapt", stacklevel=3)
     return _Progress(**{k: v for k, v in ckpt.trainer_state.items() if k in _Progress.__dataclass_fields__})
 
 
@@ -182,6 +237,7 @@ def train(
     evaluator: HeldOutEvaluator | None = None,
     *,
     stop_after: int | None = None,
+    policy: Policy | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) `run` to train_config.steps and return its summary (also stored in run.json).
 
@@ -189,6 +245,9 @@ def train(
     position and the run's logs (truncated to the checkpoint's step) all continue as if never interrupted.
     stop_after=N stops cleanly after step N with a checkpoint, as a preemption would (status "interrupted").
     SIGTERM or SIGINT does the same at the current step (summary["stopped_by"] names the signal).
+    policy (a mixtures.policies.MixturePolicy): after every step it gets the mean loss of each source's rows,
+    after every eval the eval rows, and at its cadence the sampler's weights follow its decisions; each change
+    is logged to mixture.jsonl with its cause and the policy state is in every checkpoint.
     The run's lock (`RunRecord.acquire`) is held while training, so `mixlab runs` can tell a live run from a dead one.
     Any error once the run is touched (resuming included) marks it "failed" with the error in its summary; the
     errors raised on purpose are `training.TrainingError`s (ValueErrors) that say what to do.
@@ -206,6 +265,7 @@ def train(
     device = cfg.resolved_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.resolved_threads())
+    _check_policy(policy, sampler, run)
     _check_sampler_budget(sampler, cfg)
     _check_decay_alignment(sampler, cfg)
     _seed_everything(cfg.seed)
@@ -224,8 +284,12 @@ def train(
         return dict(sampler.tokens_by_source() if sampler_counts else progress.tokens_by_source or {})
 
     def checkpoint(at: int) -> Path:
+        state = progress.state_dict() | ({"policy": policy.state_dict()} if policy is not None else {})
         return save_checkpoint(run.checkpoint_dir, at, model, optimizer, sampler_state=sampler.state_dict(),
-                               trainer_state=progress.state_dict(), configs=configs, keep_last=cfg.keep_last_checkpoints)
+                               trainer_state=state, configs=configs, keep_last=cfg.keep_last_checkpoints)
+
+    def log_weights(at: int, weights: dict[str, float], cause: str) -> None:
+        run.log_mixture(at, weights, cause, policy=getattr(policy, "name", None))
 
     def run_eval(at: int) -> list[dict[str, Any]]:
         if bar is not None:
@@ -245,7 +309,7 @@ def train(
         stop.__enter__()
         if latest is not None:
             step = read_checkpoint(latest).step  # what the run has, should the resume fail
-            progress = _resume(latest, run, model, optimizer, sampler, model_config, cfg)
+            progress = _resume(latest, run, model, optimizer, sampler, model_config, cfg, policy)
             resumed_from = str(latest)
         run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
         run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
@@ -258,6 +322,12 @@ def train(
         run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
                             "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total})
         run.save()
+        stage_of = getattr(sampler, "stage_index", None) if policy is not None else None
+        staged = getattr(sampler, "resolved", None) or getattr(sampler, "schedule", None)
+        stage_names = [st.name for st in getattr(staged, "stages", ())]
+        known_stage = stage_of(step) if callable(stage_of) else None
+        if policy is not None and step == 0 and not run.mixture_changes():  # (a run that died before step 1 has it)
+            log_weights(0, dict(sampler.current_weights()), "start: the schedule's weights")
 
         window_tokens, window_time = 0, 0.0
         stage = ""
@@ -271,12 +341,22 @@ def train(
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             sources: list[str] = []
+            row_losses: list[torch.Tensor] = []
+            n = 0  # tokens trained this step, from the batches' shapes (a stage may set its own seq_len)
             for _ in range(cfg.grad_accum):
                 batch = sampler.next_batch()
-                tokens = _batch_tensor(batch, cfg, model_config.vocab_size, device)
-                _, loss = model(tokens[:, :-1], tokens[:, 1:])
+                tokens = _batch_tensor(batch, cfg, model_config, device)
+                logits, loss = model(tokens[:, :-1], tokens[:, 1:])
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
+                if policy is not None:
+                    row_losses.append(_row_losses(logits, tokens[:, 1:]))
+                del logits
+                if not sampler_counts:
+                    own = progress.tokens_by_source = progress.tokens_by_source or {}
+                    for source in batch.sources:
+                        own[source] = own.get(source, 0) + tokens.shape[1] - 1
+                n += tokens.shape[0] * (tokens.shape[1] - 1)
                 stage, sources = batch.stage, sources + list(batch.sources)
             last_loss = loss_sum.item() / cfg.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
@@ -294,16 +374,19 @@ def train(
             step += 1
 
             dt = time.perf_counter() - t0
-            n = cfg.tokens_per_step
             progress.tokens += n
             progress.train_time_s += dt
             call_tokens += n
             window_tokens, window_time = window_tokens + n, window_time + dt
-            if not sampler_counts:
-                own = progress.tokens_by_source = progress.tokens_by_source or {}
-                for source in sources:
-                    own[source] = own.get(source, 0) + cfg.seq_len
             bar.update(1)
+            if policy is not None:
+                per_row = torch.cat(row_losses).cpu().numpy().astype(np.float64)
+                sums: dict[str, float] = {}
+                rows_by_source: dict[str, int] = {}
+                for source, value in zip(sources, per_row.tolist(), strict=True):
+                    sums[source] = sums.get(source, 0.0) + value
+                    rows_by_source[source] = rows_by_source.get(source, 0) + 1
+                policy.observe_train(step, {s: v / rows_by_source[s] for s, v in sums.items()}, rows_by_source)
 
             if step % cfg.log_every == 0 or step == total:
                 tok_s = window_tokens / window_time if window_time > 0 else 0.0
@@ -317,6 +400,17 @@ def train(
                 # progress goes to stderr, with the bar: stdout is for results (`mixlab train --json`)
                 bar.write(f"[{run.run_id}] step {step}: eval loss {overall['loss']:.4f}, bpb {overall['bpb']:.4f}",
                           file=sys.stderr)
+                if policy is not None:
+                    policy.observe_eval(step, eval_rows)
+            if policy is not None and step < total:
+                if known_stage is not None and (now := stage_of(step)) != known_stage:
+                    known_stage = now  # a new stage takes the schedule's weights again: say so in the log
+                    name = stage_names[now] if now < len(stage_names) else str(now)
+                    log_weights(step, dict(sampler.current_weights()), f"schedule: stage {name!r} starts")
+                decision = policy.decide(step, dict(sampler.current_weights()))
+                if decision is not None:
+                    sampler.set_weights(decision.weights, decision.cause)
+                    log_weights(step, dict(decision.weights), decision.cause)
             if step % cfg.checkpoint_every == 0 or step == total or step == stop_after or stop.received:
                 checkpoint(step)
         if stop.received is not None and (latest_checkpoint(run.checkpoint_dir) is None
