@@ -22,10 +22,8 @@ from mixlab.mixtures.planner import (
     PlanError,
     PlanLimits,
     StagePlan,
-    check_repetition,
     plan_for_manifest,
     plan_mixture,
-    repetition_problems,
 )
 from mixlab.mixtures.policies import (
     ADOPolicy,
@@ -97,7 +95,6 @@ __all__ = [
     "ShiftWeight",
     "Stage",
     "StagePlan",
-    "check_repetition",
     "fit_power_law",
     "leaf_problems",
     "leaf_token_counts",
@@ -107,7 +104,6 @@ __all__ = [
     "plan_mixture",
     "policy_from_dict",
     "read_nanotron_config",
-    "repetition_problems",
     "to_nanotron_config",
     "to_nanotron_data_stages",
     "val_windows",

@@ -94,6 +94,12 @@ class LeafPlan:
     windows_by_stage: dict[str, int] = field(default_factory=dict)  # (tokens - 1) // stage seq_len
     share_by_stage: dict[str, float] = field(default_factory=dict)  # its share of the stage's rows
     epochs: float = 0.0  # sum over stages of rows / windows
+    repeats: int = 1  # how often a pass shows its most repeated document (a selection's long-document factor)
+
+    @property
+    def document_repeats(self) -> float:
+        """What the epoch limit bounds: the most times one document is seen (epochs x long-document factor)."""
+        return self.epochs * self.repeats
 
     @property
     def tokens_drawn(self) -> float:
@@ -105,7 +111,8 @@ class LeafPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "available_tokens": self.available_tokens,
-                "limit": self.limit, "epochs": self.epochs, "tokens_drawn": self.tokens_drawn,
+                "limit": self.limit, "epochs": self.epochs, "repeats": self.repeats,
+                "document_repeats": self.document_repeats, "tokens_drawn": self.tokens_drawn,
                 "tokens_by_stage": dict(self.tokens_by_stage), "rows_by_stage": dict(self.rows_by_stage),
                 "windows_by_stage": dict(self.windows_by_stage), "share_by_stage": dict(self.share_by_stage)}
 
@@ -380,16 +387,14 @@ def _read_document(source: str | Path) -> tuple[str, Any]:
         raise PlanError(f"schedule text: not valid YAML ({err})") from err
 
 
-def _selection_names(schedule: MixtureSchedule) -> set[str]:
-    return set(schedule.selection_names)
-
-
 def _fill_leaves(plan: MixturePlan, schedule: MixtureSchedule, resolved: Any,
                  available_tokens: Mapping[str, int]) -> None:
-    selections = _selection_names(schedule)
+    selections = {s.name: s for s in schedule.selections}
     for leaf in resolved.sources:
+        long_docs = selections[leaf].long_docs if leaf in selections else None
         plan.leaves[leaf] = LeafPlan(leaf, "selection" if leaf in selections else "source",
-                                     int(available_tokens.get(leaf, 0)), plan.limits.limit(leaf))
+                                     int(available_tokens.get(leaf, 0)), plan.limits.limit(leaf),
+                                     repeats=long_docs.factor if long_docs else 1)
     for st in plan.stages:
         rows = resolved.expected_rows(st.index) if st.steps else {}
         tokens = resolved.expected_tokens(st.index) if st.steps else {}
@@ -434,10 +439,13 @@ def _leaf_refusals(plan: MixturePlan, schedule: MixtureSchedule, available_token
                 f"seq_len + 1 in stage(s) {_quoted([st.name for st in short])} (seq_len "
                 f"{', '.join(str(st.seq_len) for st in short)}): give it more data, a shorter seq_len, or weight 0 there")
             continue
-        if lp.epochs > lp.limit:
+        if lp.document_repeats > lp.limit:
             stages = ", ".join(f"{st.name!r} ({lp.share_by_stage[st.name]:.1%})" for st in using)
+            upsampled = (f" ({lp.epochs:.1f} passes, its long documents {lp.repeats}x in each: lower "
+                         "long_docs.factor too)" if lp.repeats > 1 else "")
             plan.problems.append(
-                f"{lp.kind} {leaf!r} would be repeated {lp.epochs:.1f} times (limit {lp.limit:g}) by stage(s) {stages}: "
+                f"{lp.kind} {leaf!r} would be repeated {lp.document_repeats:.1f} times{upsampled} (limit "
+                f"{lp.limit:g}) by stage(s) {stages}: "
                 f"lower its weight there, shorten the run, add data to it, or raise the limit with "
                 f"plan.max_epochs_by_source.{leaf} (or plan.max_epochs)")
 
@@ -466,7 +474,7 @@ def _leaf_warnings(plan: MixturePlan, schedule: MixtureSchedule, resolved: Any,
         if lp.rows_drawn == 0 and leaf in available_tokens:
             plan.warnings.append(f"{lp.kind} {leaf!r} is never drawn (weight 0 wherever it is named): give it a "
                                  "weight or remove it from the schedule")
-    patterns = [s.source if hasattr(s, "source") else str(s.get("source", "")) for s in schedule.selections]
+    patterns = [s.source for s in schedule.selections]
     unused = {name: tokens for name, tokens in sorted(available_tokens.items())
               if name not in plan.leaves and not any(fnmatch.fnmatchcase(name, p) for p in patterns if p)}
     if unused:
@@ -492,25 +500,3 @@ def _text(err: BaseException) -> str:
 
 
 # ---- the older entry points (kept: callers and tests use them) -------------------------------------
-def repetition_problems(schedule: MixtureSchedule, expected_epochs: Mapping[str, float],
-                        limits: PlanLimits) -> list[str]:
-    """One message per source that the schedule would repeat past its limit."""
-    problems = []
-    for source, epochs in sorted(expected_epochs.items()):
-        limit = limits.limit(source)
-        if epochs <= limit:
-            continue
-        stages = ", ".join(f"{st.name!r} ({st.normalized_weights[source]:.1%})" for st in schedule.stages
-                           if st.normalized_weights.get(source))
-        problems.append(
-            f"source {source!r} would be repeated {epochs:.1f} times (limit {limit:g}) by stage(s) {stages}: lower "
-            f"its weight there, shorten the run, add data to it, or raise the limit with "
-            f"plan.max_epochs_by_source.{source} (or plan.max_epochs)")
-    return problems
-
-
-def check_repetition(schedule: MixtureSchedule, expected_epochs: Mapping[str, float], limits: PlanLimits) -> None:
-    """Raise PlanError when any source would be repeated past its limit."""
-    problems = repetition_problems(schedule, expected_epochs, limits)
-    if problems:
-        raise PlanError("the planner refuses this mixture:\n  " + "\n  ".join(problems))

@@ -173,6 +173,7 @@ class MixturePolicy:
         if sum(lo for lo, _ in self.bounds.values()) > 1:
             raise PolicyError(f"{self.name}: the lower bounds {self.bounds} sum past 1; lower them")
         self.seed = int(seed)
+        # for policies that explore at random (none of the built-in ones does): seeded, and restored on resume
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
         self.history = PolicyHistory()
         self.decisions = 0
@@ -289,8 +290,9 @@ class DoReMiPolicy(MixturePolicy):
     """Excess loss over a reference model drives exponentiated-gradient weights (Xie et al. 2023, DoReMi).
 
     At each update: excess_i = max(loss_i - ref_i, 0) from the held-out evals since the last update (or, with
-    `signal="train"`, the mean training loss of the source since then); alpha_i <- alpha_i * exp(eta * excess_i),
-    normalised; the weights are (1 - c) * alpha + c * uniform. The reference is a run directory (its evals.jsonl:
+    `signal="train"`, the mean training loss of the source since then); alpha_i <- w_i * exp(eta * excess_i)
+    from the weights w in force (smoothed and bounded), normalised; the new weights are (1 - c) * alpha +
+    c * uniform. The reference is a run directory (its evals.jsonl:
     the reference eval at the latest step <= the current one, else its first), a {source: loss} dict, or a
     callable step -> {source: loss}. `average_weights()` / `final_schedule()` give the mixture for a final run.
     """
@@ -311,7 +313,6 @@ class DoReMiPolicy(MixturePolicy):
                                        {str(k): float(v) for k, v in reference.items()}
                                        if isinstance(reference, Mapping) else "callable")
         self._reference = self._reference_fn(reference)
-        self.log_alpha: dict[str, float] = {}
         self._last_used_eval: int | None = None
         self._train_sum: dict[str, float] = {}
         self._train_n: dict[str, int] = {}
@@ -377,12 +378,10 @@ class DoReMiPolicy(MixturePolicy):
         if not losses:
             return None
         excess = self.excess_loss(step, losses)
-        for source in current:
-            self.log_alpha.setdefault(source, math.log(current[source]) if current[source] > 0 else -50.0)
-        for source, value in excess.items():
-            self.log_alpha[source] += self.eta * value
-        top = max(self.log_alpha.values())
-        alpha = normalize({s: math.exp(v - top) for s, v in self.log_alpha.items() if s in current})
+        # alpha_{t-1} is the mixture in force (already smoothed and bounded), as in the paper's update
+        log_alpha = {s: (math.log(w) if w > 0 else -50.0) + self.eta * excess.get(s, 0.0) for s, w in current.items()}
+        top = max(log_alpha.values())
+        alpha = normalize({s: math.exp(v - top) for s, v in log_alpha.items()})
         k = len(current)
         weights = {s: (1 - self.c) * alpha.get(s, 0.0) + self.c / k for s in current}
         ranked = sorted(excess.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -390,11 +389,10 @@ class DoReMiPolicy(MixturePolicy):
         return weights, cause
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"log_alpha": dict(self.log_alpha), "last_used_eval": self._last_used_eval,
+        return {"last_used_eval": self._last_used_eval,
                 "train_sum": dict(self._train_sum), "train_n": dict(self._train_n)}
 
     def _load_extra_state(self, state: Mapping[str, Any]) -> None:
-        self.log_alpha = {k: float(v) for k, v in state["log_alpha"].items()}
         self._last_used_eval = state["last_used_eval"]
         self._train_sum = {k: float(v) for k, v in state["train_sum"].items()}
         self._train_n = {k: int(v) for k, v in state["train_n"].items()}

@@ -168,7 +168,7 @@ class MixtureSampler:
         else:
             self.total_tokens = int(total_tokens)
             self.total_steps = max(1, math.ceil(self.total_tokens / self.tokens_per_step))
-        if not getattr(schedule, "is_flat", True):
+        if not schedule.is_flat:
             schedule = schedule.flatten({name: len(src) for name, src in self.sources.items()})
         self._flat_schedule = schedule
         self.resolved = schedule.resolve(self.total_steps, batch_size, seq_len)

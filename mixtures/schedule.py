@@ -342,63 +342,6 @@ class MixtureSchedule:
     def is_flat(self) -> bool:
         return all(stage.is_flat for stage in self.stages)
 
-    def _fractions(self) -> list[float]:
-        """Each stage's fraction, the last's being the rest; only for schedules bounded by fractions."""
-        fractions = []
-        for i, stage in enumerate(self.stages):
-            if stage.fraction is not None:
-                fractions.append(stage.fraction)
-            elif i == len(self.stages) - 1 and stage.bound is None:
-                fractions.append(max(0.0, 1.0 - sum(fractions)))
-            else:
-                raise ScheduleError(
-                    f"stage {stage.name!r} is bounded by {stage.bound[0] if stage.bound else 'the next start'}, "
-                    "not by a fraction of the run: use schedule.resolve(total_steps, batch_size, seq_len) to know "
-                    "its steps"
-                )
-        return fractions
-
-    @property
-    def boundaries(self) -> list[float]:
-        """Progress at which each stage starts (first is 0); schedules bounded by fractions only."""
-        starts, acc = [], 0.0
-        for fraction in self._fractions():
-            starts.append(acc)
-            acc += fraction
-        return starts
-
-    def stage_index_at(self, progress: float) -> int:
-        """Stage in force at `progress` (fraction of the run done); past 1 the last stage stays.
-
-        Fraction-bounded schedules only; the step-exact rule is `ResolvedSchedule.stage_index_at_step`.
-        """
-        if progress < 0 or not math.isfinite(progress):
-            raise ValueError(f"progress must be a finite number >= 0, got {progress}")
-        acc = 0.0
-        fractions = self._fractions()
-        for i, fraction in enumerate(fractions[:-1]):
-            acc += fraction
-            if progress < acc - 1e-12:
-                return i
-        return len(fractions) - 1
-
-    def stage_at(self, progress: float) -> Stage:
-        return self.stages[self.stage_index_at(progress)]
-
-    def weights_at(self, progress: float) -> dict[str, float]:
-        """Normalised weights over `self.sources` (zeros included) at `progress`, curricula applied continuously."""
-        index = self.stage_index_at(progress)
-        stage = self.stages[index]
-        start = self.boundaries[index]
-        fraction = self._fractions()[index]
-        weights = stage.normalized_weights
-        if stage.curriculum is not None:
-            t = min(1.0, max(0.0, (progress - start) / fraction)) if fraction > 0 else 1.0
-            mixed = _mix(weights, _normalized(_flat(stage.curriculum.end, stage.name), stage.name),
-                         _curriculum_t(stage.curriculum, t))
-            weights = mixed
-        return {name: weights.get(name, 0.0) for name in self.sources}
-
     def check_sources(self, available: Iterable[str]) -> None:
         """Raise if a stage gives a positive weight (directly, in a group, or in its curriculum's end mixture)
         to a leaf that is not available."""
@@ -562,10 +505,12 @@ class MixtureSchedule:
 
     @classmethod
     def from_yaml(cls, text_or_path: str | Path) -> MixtureSchedule:
-        """Read a mixlab schedule, or a nanotron config with `data_stages` (see `from_nanotron_config`)."""
+        """Read a mixlab schedule, or a nanotron config with `data_stages`. A nanotron config read as a schedule
+        file (`--schedule`, a run config's `mixture`) keeps its stages as shares of its `train_steps`, so it
+        plans and trains at any budget; `from_nanotron_config` keeps its absolute start steps."""
         data = _load_yaml(text_or_path)
         if isinstance(data, Mapping) and "data_stages" in data:
-            return cls.from_nanotron_config(data)
+            return cls.from_nanotron_config(data, bounds="fraction")
         if not isinstance(data, Mapping):
             raise ScheduleError(f"{_describe(text_or_path)}: expected a mapping with `stages`")
         try:
@@ -617,19 +562,6 @@ def _flat(weights: Mapping[str, Weight], stage: str) -> dict[str, float]:
             f"stage {stage!r} has hierarchical weights; flatten it with schedule.flatten(token counts)"
         )
     return dict(weights)  # type: ignore[arg-type]
-
-
-def _curriculum_t(curriculum: Curriculum, t: float) -> float:
-    if curriculum.shape == "step":
-        return 1.0 if t >= curriculum.at - 1e-12 else 0.0
-    if curriculum.shape == "cosine":
-        return (1.0 - math.cos(math.pi * t)) / 2.0
-    return t
-
-
-def _mix(start: Mapping[str, float], end: Mapping[str, float], t: float) -> dict[str, float]:
-    names = sorted(set(start) | set(end))
-    return {n: (1.0 - t) * start.get(n, 0.0) + t * end.get(n, 0.0) for n in names}
 
 
 @dataclass(frozen=True)
@@ -727,7 +659,10 @@ class ResolvedSchedule:
             if kind == "fraction":
                 acc += stage.fraction  # type: ignore[operator]
                 # a schedule of fractions only sums to 1 (checked): its last stage ends the run exactly
-                end = total if last and only_fractions else min(total, max(start, math.ceil(acc * total - 1e-9)))
+                # after steps/tokens/start_step bounds, a share that does not fit is refused below, never cut
+                end = total if last and only_fractions else max(start, math.ceil(acc * total - 1e-9))
+                if end > total and acc * total <= total + 1e-6:  # float noise in a share that ends the run
+                    end = total
             elif kind == "tokens":
                 per_step = self.batch_size * stage_seq
                 end = start + -(-stage.tokens // per_step)  # type: ignore[operator]

@@ -31,7 +31,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +44,9 @@ from mixlab.curation.token_shards import (
     TokenStream,  # noqa: F401  (re-exported: the reading interface a view implements)
     read_doc_metadata,
 )
+
+if TYPE_CHECKING:  # schedule.py imports this module: the type only, no import cycle
+    from mixlab.mixtures.schedule import MixtureSchedule
 
 GLOB_CHARS = "*?["
 RANGE_KEYS = ("min", "max")
@@ -541,60 +544,37 @@ def open_selection(
 
 
 # ---- thin wrappers taking a schedule ------------------------------------------------------------------
-def _leaves_in(weights: Any) -> Iterable[str]:
-    """Leaf names in flat or hierarchical weights: keys with a number, items of a leaf list, recursively."""
-    children = getattr(weights, "children", None)
-    if children is not None:
-        yield from _leaves_in(children)
-    elif isinstance(weights, Mapping):
-        for key, value in weights.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                yield key
-            else:
-                yield from _leaves_in(value)
-    elif isinstance(weights, list | tuple):
-        for item in weights:
-            yield from ([item] if isinstance(item, str) else _leaves_in(item))
-
-
-def _stages_by_leaf(schedule: Any) -> dict[str, list[str]]:
+def _stages_by_leaf(schedule: MixtureSchedule) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
-    for stage in getattr(schedule, "stages", ()):
-        names = list(getattr(stage, "leaves", None) or _leaves_in(getattr(stage, "weights", {})))
-        curriculum = getattr(stage, "curriculum", None)
-        if curriculum is not None:
-            names += list(_leaves_in(getattr(curriculum, "end", {})))
-        for leaf in dict.fromkeys(names):
-            found.setdefault(leaf, []).append(getattr(stage, "name", "?"))
+    for stage in schedule.stages:
+        for leaf in stage.leaves:  # its weights' leaves and its curriculum's
+            found.setdefault(leaf, []).append(stage.name)
     return found
 
 
-def schedule_leaves(schedule: Any) -> list[str]:
-    """The schedule's leaves (`schedule.sources` when it has them, else every leaf its stages weight)."""
-    leaves = getattr(schedule, "sources", None)
-    if leaves is None:
-        leaves = _stages_by_leaf(schedule)
-    return sorted(leaves)
+def schedule_leaves(schedule: MixtureSchedule) -> list[str]:
+    """The schedule's leaves, sorted: every source and selection its stages weight."""
+    return sorted(schedule.sources)
 
 
 def open_schedule_sources(
-    manifest: ShardManifest | str | Path, schedule: Any, split: str = "train", *, verify_checksums: bool = True
+    manifest: ShardManifest | str | Path, schedule: MixtureSchedule, split: str = "train", *, verify_checksums: bool = True
 ) -> dict[str, TokenSource | SelectionView]:
     """A token stream for every leaf of `schedule` (sources and its `selections`), ready for the sampler."""
     return open_leaves(
-        manifest, schedule_leaves(schedule), getattr(schedule, "selections", ()), split,
+        manifest, schedule_leaves(schedule), schedule.selections, split,
         verify_checksums=verify_checksums,
     )
 
 
-def leaf_token_counts(manifest: ShardManifest | str | Path, schedule: Any, split: str = "train") -> dict[str, int]:
+def leaf_token_counts(manifest: ShardManifest | str | Path, schedule: MixtureSchedule, split: str = "train") -> dict[str, int]:
     """Tokens available per leaf of `schedule`, from the manifest and sidecars (no token is read)."""
-    return leaf_tokens(manifest, schedule_leaves(schedule), getattr(schedule, "selections", ()), split)
+    return leaf_tokens(manifest, schedule_leaves(schedule), schedule.selections, split)
 
 
-def leaf_problems(manifest: ShardManifest | str | Path, schedule: Any, split: str = "train") -> list[str]:
+def leaf_problems(manifest: ShardManifest | str | Path, schedule: MixtureSchedule, split: str = "train") -> list[str]:
     """Why the schedule's leaves cannot be realised on this manifest (empty: they can); each message names the
     stages and selection concerned and what to change."""
     return problems_for_leaves(
-        manifest, schedule_leaves(schedule), getattr(schedule, "selections", ()), split, _stages_by_leaf(schedule)
+        manifest, schedule_leaves(schedule), schedule.selections, split, _stages_by_leaf(schedule)
     )

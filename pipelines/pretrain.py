@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mixlab.curation import ShardManifest, TokenSource, open_token_sources, token_byte_lengths
+from mixlab.curation import ShardManifest, open_token_sources, token_byte_lengths
 from mixlab.mixtures import MixturePolicy, MixtureSampler, MixtureSchedule, open_schedule_sources, val_windows
 from mixlab.mixtures.planner import MixturePlan, plan_for_manifest
 from mixlab.pipelines.run_config import (
@@ -114,16 +114,11 @@ def check_stage_seq_lens(plan: MixturePlan, model: ModelConfig) -> None:
                 [f"mixture.stages.{stage.index}.seq_len", "model.max_seq_len"])
 
 
-def open_leaves(manifest: ShardManifest, schedule: MixtureSchedule, split: str = "train") -> dict[str, TokenSource]:
-    """The token streams of the schedule's leaves: sources, and selections as views over them."""
-    return open_schedule_sources(manifest, schedule, split=split)
-
-
 def build_sampler(manifest: ShardManifest, schedule: MixtureSchedule, train_config: TrainConfig) -> MixtureSampler:
     """The sampler over the train split of every leaf the (flat) schedule names."""
     return MixtureSampler(
         schedule,
-        open_leaves(manifest, schedule),
+        open_schedule_sources(manifest, schedule),  # sources, and selections as views over them
         seq_len=train_config.seq_len,
         batch_size=train_config.batch_size,
         seed=train_config.seed,
@@ -134,12 +129,10 @@ def build_sampler(manifest: ShardManifest, schedule: MixtureSchedule, train_conf
 def evaluated_sources(manifest: ShardManifest, schedule: MixtureSchedule) -> list[str]:
     """Sources whose held-out split the run is scored on: those the schedule names, and those its selections
     draw from (a selection's held-out documents are its source's)."""
-    import fnmatch
-
     names = set(manifest.sources)
     chosen = {leaf for leaf in schedule.sources if leaf in names}
-    for selection in getattr(schedule, "selections", ()):
-        chosen |= {n for n in names if fnmatch.fnmatchcase(n, selection.source)}
+    for selection in schedule.selections:
+        chosen.update(selection.matching_sources(names))
     return sorted(chosen)
 
 

@@ -119,9 +119,8 @@ def run_smollm3(config: SmolLM3ProxyConfig) -> Path:
     """Import, project, plan (table + PNG; refusals stop here) and train SmolLM3's stages on the demo corpus;
     returns the report's path."""
     from mixlab.ablations import build_report
-    from mixlab.mixtures.planner import plan_for_manifest
     from mixlab.pipelines.demo import DemoConfig, prepare_demo_data
-    from mixlab.pipelines.pretrain import PretrainError, pretrain, tokenized_manifest
+    from mixlab.pipelines.pretrain import PretrainError, plan_run, pretrain, tokenized_manifest
     from mixlab.pipelines.run_config import RunConfig
     from mixlab.pipelines.summary import train_summary_lines
     from mixlab.training import ModelConfig, TrainConfig
@@ -148,15 +147,14 @@ def run_smollm3(config: SmolLM3ProxyConfig) -> Path:
 
     reports = work / "reports" / config.run_id
     reports.mkdir(parents=True, exist_ok=True)
-    plan = plan_for_manifest(manifest, schedule, train.steps, train.batch_size, train.seq_len, config.plan)
+    run_config = RunConfig(manifest.root, work / "runs", config.run_id, schedule, model, train, plan=config.plan,
+                           tags={"recipe": "smollm3", "mixture": "smollm3-3-stages"})
+    plan = plan_run(run_config, manifest)  # the plan `pretrain` checks (it logs the warnings)
     print(plan.table())
-    for warning in plan.warnings:
-        log.warning("%s", warning)
     print(f"plan: {plan.plot(reports / 'plan.png')}")
-    plan.check()  # a refused plan stops before a run directory exists
+    plan.check()  # a refused plan stops here, drawn, before a run directory exists
 
-    run = pretrain(RunConfig(manifest.root, work / "runs", config.run_id, schedule, model, train, plan=config.plan,
-                             tags={"recipe": "smollm3", "mixture": "smollm3-3-stages"}))
+    run = pretrain(run_config)
     print("\n".join(train_summary_lines(run.summary, run.status, run.path)))
     report = build_report(run.path, reports, manifest_dir=manifest.root)
     return report.html_path

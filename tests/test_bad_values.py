@@ -7,7 +7,7 @@ import re
 
 import pytest
 import yaml
-from mixlab.mixtures import MixtureSchedule, PlanError, PlanLimits, ScheduleError, repetition_problems
+from mixlab.mixtures import MixtureSchedule, PlanError, PlanLimits, ScheduleError, plan_mixture
 from mixlab.pipelines.cli import main
 
 
@@ -69,7 +69,8 @@ def test_planner_refuses_a_source_repeated_past_its_limit(tokenized_curated, tmp
 def test_plan_limits_are_checked_and_per_source():
     schedule = MixtureSchedule.constant({"a": 0.5, "b": 0.5})
     limits = PlanLimits(max_epochs=4, max_epochs_by_source={"b": 10})
-    problems = repetition_problems(schedule, {"a": 5.0, "b": 5.0}, limits)
+    # 10 windows of 64 tokens each; 25 steps of 4 rows draw 50 rows of each: 5 epochs
+    problems = plan_mixture(schedule, {"a": 641, "b": 641}, 25, 4, 64, limits).problems
     assert len(problems) == 1 and "'a' would be repeated 5.0 times (limit 4)" in problems[0]
     with pytest.raises(PlanError, match="must be a positive number"):
         PlanLimits(max_epochs=float("nan"))

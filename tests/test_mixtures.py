@@ -45,23 +45,21 @@ def test_stage_switches_at_its_fraction_of_the_budget():
         {"web": 0.9, "code": 0.1}, {"web": 0.5, "code": 0.3, "math": 0.2}, 0.2
     )
     assert [s.name for s in schedule.stages] == ["stable", "decay"]
-    assert schedule.boundaries == [0.0, 0.8]
-    assert schedule.stage_at(0.0).name == "stable"
-    assert schedule.stage_at(0.7999).name == "stable"
-    assert schedule.stage_at(0.8).name == "decay"
-    assert schedule.stage_at(1.0).name == schedule.stage_at(3.0).name == "decay"
+    resolved = schedule.resolve(10_000, 8, 64)
+    assert [(s.start_step, s.end_step) for s in resolved.stages] == [(0, 8000), (8000, 10_000)]
+    assert resolved.stage_at_step(0).name == resolved.stage_at_step(7999).name == "stable"
+    assert resolved.stage_at_step(8000).name == resolved.stage_at_step(30_000).name == "decay"
     with pytest.raises(ValueError):
-        schedule.stage_at(-0.1)
-    stable = schedule.weights_at(0.1)
-    assert stable == pytest.approx({"code": 0.1, "math": 0.0, "web": 0.9})
-    assert sum(schedule.weights_at(0.9).values()) == pytest.approx(1.0)
+        resolved.stage_at_step(-1)
+    assert resolved.weights_at_step(1000) == pytest.approx({"code": 0.1, "math": 0.0, "web": 0.9})
+    assert sum(resolved.weights_at_step(9000).values()) == pytest.approx(1.0)
 
 
 def test_weights_are_normalised_on_use_only_when_asked():
     with pytest.raises(ScheduleError, match=r"stage 'constant': weights sum to 4, not 1 \(web=3 \+ code=1\).*normalize=True"):
         MixtureSchedule.constant({"web": 3, "code": 1})
     schedule = MixtureSchedule.constant({"web": 3, "code": 1}, normalize=True)
-    assert schedule.weights_at(0.5) == {"code": 0.25, "web": 0.75}
+    assert schedule.resolve(10, 1, 8).weights_at_step(5) == {"code": 0.25, "web": 0.75}
     assert schedule.stages[0].weights == {"web": 3.0, "code": 1.0}  # stored as written
     MixtureSchedule.constant({"web": 0.7, "code": 0.3005})  # within the 1e-3 tolerance
 
@@ -119,17 +117,19 @@ def test_smollm3_three_stage_config_imports():
     assert resolved.stage_at_step(4_500_000).name == "decay stage"
     assert schedule.normalize  # raw decay weights sum to 1.00565; nanotron normalises them
     assert sum(resolved.weights_at_step(4_500_000).values()) == pytest.approx(1.0)
-    assert MixtureSchedule.from_yaml(SMOLLM3) == schedule  # from_yaml recognises a nanotron config
     proxy = MixtureSchedule.from_nanotron_config(SMOLLM3, bounds="fraction")
+    assert MixtureSchedule.from_yaml(SMOLLM3) == proxy  # a nanotron config as a schedule file: shares of the run
     assert [s.fraction for s in proxy.stages] == pytest.approx([3_450_000 / 4_720_000, 748_000 / 4_720_000, None])
-    assert proxy.stage_at(0.5).name == "stable" and proxy.stage_at(0.95).name == "decay stage"
+    at_proxy_scale = proxy.resolve(1000, 1, 8)
+    assert at_proxy_scale.stage_at_step(500).name == "stable" and at_proxy_scale.stage_at_step(950).name == "decay stage"
     assert schedule.as_fractions(4_720_000) == proxy
 
 
 @needs_smollm3
 def test_smollm3_decay_stage_upsamples_code_and_math():
     grouped = MixtureSchedule.from_nanotron_config(SMOLLM3, bounds="fraction").map_sources(code_math_web)
-    stable, decay = grouped.weights_at(0.0), grouped.weights_at(0.99)
+    resolved = grouped.resolve(1000, 1, 8)
+    stable, decay = resolved.weights_at_step(0), resolved.weights_at_step(990)
     assert decay["code"] > stable["code"] and decay["math"] > stable["math"]
     assert decay["text"] < stable["text"]
     renamed = MixtureSchedule.from_nanotron_config(SMOLLM3, source_names={"fineweb-edu": "web"})

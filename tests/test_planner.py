@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -313,3 +314,31 @@ def test_train_runs_a_planned_schedule_with_a_selection_and_a_longer_stage(token
     capsys.readouterr()
     assert main(["eval", "--run", str(run.path)]) == 0
     assert "web-de" in capsys.readouterr().out
+
+
+SMOLLM3 = Path(__file__).resolve().parents[2] / "shared" / "reference" / "smollm3" / "pretraining_3_stages.yaml"
+
+
+@pytest.mark.skipif(not SMOLLM3.exists(), reason="SmolLM3 reference config not on this machine")
+def test_mix_plan_lays_a_nanotron_config_over_any_budget(tokenized_curated, capsys):
+    """SmolLM3's config plans at 60 steps: its stages keep their shares; what is refused is its datasets, which
+    this corpus does not have."""
+    assert main(["mix", "plan", "--curated", str(tokenized_curated), "--schedule", str(SMOLLM3),
+                 "--train-preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert "past the" not in err and "'fineweb-edu'" in err and "stage(s) ['stable'" in err
+
+
+def test_long_document_upsampling_counts_against_the_epoch_limit():
+    from mixlab.mixtures.selection import LongDocUpsample
+
+    long_math = Selection("long-math", "math", where={"tokens": {"min": 1}}, long_docs=LongDocUpsample(100, 4))
+    schedule = MixtureSchedule.constant({"long-math": 0.5, "code-python": 0.5})
+    schedule = MixtureSchedule(schedule.stages, selections=(long_math,))
+    # 10 windows each; 10 steps of 4 rows draw 20 rows of each: 2 passes, so a long document is seen 8 times
+    plan = plan_mixture(schedule, {"long-math": 641, "code-python": 641}, 10, 4, 64)
+    assert plan.leaves["long-math"].epochs == pytest.approx(2) and plan.leaves["long-math"].document_repeats == 8
+    assert [p.split(" by stage")[0] for p in plan.problems] == [
+        "selection 'long-math' would be repeated 8.0 times (2.0 passes, its long documents 4x in each: lower "
+        "long_docs.factor too) (limit 4)"]
+    assert not any("code-python" in p for p in plan.problems)  # 2 epochs of a plain source are fine

@@ -309,6 +309,35 @@ def test_real_run_with_a_policy_logs_its_decisions_and_resumes_identically(demo,
     assert "schedule: stage &#x27;long&#x27; starts" in page and decided[0]["cause"].split(" (")[0] in page
 
 
+def _math_rule() -> RulePolicy:
+    # fires at every eval once there are two (improvement is NaN before): a condition that can be checked
+    return RulePolicy([ShiftWeight(when=lambda h: h.improvement("math", k=1) < 1.0, take_from="web-en",
+                                   give_to="math", share=0.2, name="more math")], update_every=1)
+
+
+def _ado() -> ADOPolicy:
+    return ADOPolicy(update_every=3, min_points=4, bounds={"web-en": (0.05, 0.9)})
+
+
+@pytest.mark.parametrize("make", [_ado, _math_rule], ids=["ado", "rules"])
+def test_ado_and_rules_decide_in_a_real_run_and_resume_identically(demo, tmp_path, make):
+    whole, _, sampler = _real_run(demo, tmp_path, "whole", make())
+    policy = make().name
+    decided = [c for c in whole.mixture_changes() if c["cause"].startswith(f"{policy}:")]
+    assert decided, whole.mixture_changes()
+    assert sampler.current_weights() == pytest.approx(whole.mixture_changes()[-1]["weights"])
+    if policy == "rules":  # at the evals of steps 12 and 18 (a stage starts at 18: the shift applies to its weights)
+        assert [c["step"] for c in decided] == [12, 18]
+        before = {"code-python": 0.2, "math": 0.3, "web-en": 0.5}  # the long stage's weights
+        assert decided[1]["weights"] == pytest.approx({**before, "math": 0.3 + 0.1, "web-en": 0.5 - 0.1})
+    else:
+        assert all(c["step"] % 3 == 0 and c["weights"]["web-en"] >= 0.05 - 1e-9 for c in decided)
+    _real_run(demo, tmp_path, "resumed", make(), stop_after=10)
+    resumed, _, _ = _real_run(demo, tmp_path, "resumed", make())
+    assert (resumed.path / "mixture.jsonl").read_text() == (whole.path / "mixture.jsonl").read_text()
+    assert [(m["step"], m["loss"]) for m in resumed.metrics()] == [(m["step"], m["loss"]) for m in whole.metrics()]
+
+
 def test_the_run_config_builds_the_policy(tmp_path):
     from mixlab.pipelines.run_config import run_config_from_document
     from mixlab.training import ConfigError

@@ -5,6 +5,7 @@ nor skip a window over a full epoch."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,18 @@ def test_weight_changes_over_a_full_epoch_serve_every_window_once(sources):
     changes = {37: {"chat": 0.9, "web-es": 0.1}, 90: {"math": 1.0}, steps // 2: {"chat": 1.0},
                steps // 2 + 25: {"chat": 0.05, "math": 0.95}, 3 * steps // 4: {"chat": 0.7, "math": 0.3}}
     served: dict[str, list[int]] = {name: [] for name in sources}
+    resolved = schedule.resolve(steps, BATCH, SEQ)
+    override: tuple[int, dict[str, float]] | None = None  # (its stage, weights): the test's own model of the rule
+    expected_rows = dict.fromkeys(sources, 0.0)
     for step in range(steps):
+        if step in changes:
+            total = sum(changes[step].values())
+            override = (resolved.stage_index_at_step(step), {k: v / total for k, v in changes[step].items()})
+        if override is not None and override[0] != resolved.stage_index_at_step(step):
+            override = None
+        in_force = override[1] if override is not None else resolved.weights_at_step(step)
+        for name, w in in_force.items():
+            expected_rows[name] += w * BATCH
         if step in changes:
             sampler.set_weights(changes[step], cause=f"test change at {step}")
             assert sampler.current_weights()["chat"] == pytest.approx(
@@ -174,6 +186,9 @@ def test_weight_changes_over_a_full_epoch_serve_every_window_once(sources):
     assert chat[windows:] == (sampler.permutation("chat", 1)[: len(chat) - windows] * SEQ).tolist()
     for name, starts in served.items():  # served = scheduled = counted
         assert sampler.state[name].sequences == len(starts) and sampler.tokens_by_source()[name] == len(starts) * SEQ
+        # and scheduled = the weights in force: rows per leaf within 5 binomial sigmas of the expected count
+        sigma = math.sqrt(max(expected_rows[name], 1.0))
+        assert abs(len(starts) - expected_rows[name]) < 5 * sigma, (name, len(starts), expected_rows[name])
     assert sampler.epochs_by_source()["chat"] == pytest.approx(len(chat) / windows)
 
 

@@ -31,11 +31,17 @@ def starts(schedule: MixtureSchedule, total: int, batch: int = 1, seq_len: int =
 @pytest.mark.parametrize("fractions", [(0.8, 0.2), (0.75, 0.25), (0.9, 0.1), (0.3, 0.5, 0.2), (0.7, 1e-4, 0.2999),
                                        (1 / 3, 1 / 3, 1 / 3)])
 def test_fraction_bounds_keep_the_progress_rule(fractions):
-    """Resolved starts are the first steps that the progress rule (step / total) puts in each stage."""
+    """Resolved starts are the first steps that the progress rule (step / total) puts in each stage: step s is
+    in stage i when s / total reaches the cumulative fraction of the stages before i (the earlier sampler's rule)."""
     schedule = MixtureSchedule(tuple(Stage(f"s{i}", AB, f) for i, f in enumerate(fractions)))
+    cumulative = np.cumsum(fractions)[:-1]
+
+    def progress_rule(progress: float) -> int:
+        return int(sum(progress >= c - 1e-12 for c in cumulative))
+
     for total in range(1, 400):
         resolved = schedule.resolve(total, 1, 8)
-        in_force = [schedule.stage_index_at(s / total) for s in range(total + 2)]
+        in_force = [progress_rule(s / total) for s in range(total + 2)]
         for i, stage in enumerate(resolved.stages):
             assert stage.start_step == next(s for s, k in enumerate(in_force) if k >= i), (total, i)
         assert resolved.stages[-1].end_step == total
@@ -345,3 +351,12 @@ def test_map_sources_keeps_bounds_and_curricula():
     dropped = schedule.map_sources({"stack-go": None})
     assert dropped.normalize and dropped.stages[0].weights == {"stack-py": 0.3, "web": 0.5}
     assert dropped.resolve(20, 1, 8).weights_at_step(0) == pytest.approx({"stack-py": 0.375, "web": 0.625})
+
+
+def test_a_fraction_after_a_step_bound_that_does_not_fit_is_refused_not_cut():
+    ab = {"a": 0.5, "b": 0.5}
+    for first in (Stage("a", ab, steps=90), Stage("a", ab, steps=100)):
+        with pytest.raises(ScheduleError, match="stage 'b' runs to step 1[45]0, past the 100-step run"):
+            MixtureSchedule((first, Stage("b", ab, 0.5))).resolve(100, 1, 8)
+    fits = MixtureSchedule((Stage("a", ab, steps=50), Stage("b", ab, 0.5))).resolve(100, 1, 8)
+    assert [(s.start_step, s.end_step) for s in fits.stages] == [(0, 50), (50, 100)]

@@ -322,10 +322,11 @@ def train(
         run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
                             "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total})
         run.save()
-        stage_of = getattr(sampler, "stage_index", None) if policy is not None else None
-        staged = getattr(sampler, "resolved", None) or getattr(sampler, "schedule", None)
-        stage_names = [st.name for st in getattr(staged, "stages", ())]
-        known_stage = stage_of(step) if callable(stage_of) else None
+        def next_stage() -> int:
+            """The stage of the next batch to draw (the sampler counts batches; a step draws grad_accum)."""
+            return sampler.stage_index(step * cfg.grad_accum)  # type: ignore[attr-defined]  (a MixtureSampler)
+
+        known_stage = next_stage() if policy is not None else None  # a policy needs a MixtureSampler (checked)
         if policy is not None and step == 0 and not run.mixture_changes():  # (a run that died before step 1 has it)
             log_weights(0, dict(sampler.current_weights()), "start: the schedule's weights")
 
@@ -403,9 +404,9 @@ def train(
                 if policy is not None:
                     policy.observe_eval(step, eval_rows)
             if policy is not None and step < total:
-                if known_stage is not None and (now := stage_of(step)) != known_stage:
+                if (now := next_stage()) != known_stage:
                     known_stage = now  # a new stage takes the schedule's weights again: say so in the log
-                    name = stage_names[now] if now < len(stage_names) else str(now)
+                    name = sampler.schedule.stages[now].name  # type: ignore[attr-defined]
                     log_weights(step, dict(sampler.current_weights()), f"schedule: stage {name!r} starts")
                 decision = policy.decide(step, dict(sampler.current_weights()))
                 if decision is not None:
