@@ -129,9 +129,13 @@ def run_smollm3(config: SmolLM3ProxyConfig) -> Path:
     if config.curated is not None:
         manifest = tokenized_manifest(config.curated)
     else:
-        try:  # the demo's corpus when it is already tokenized in this workdir, else build it the demo's way
-            manifest = tokenized_manifest(work / "curated")
-        except PretrainError:
+        manifest = None
+        if (work / "curated" / "manifest.json").exists():  # the demo's corpus, when this workdir has it tokenized
+            try:
+                manifest = tokenized_manifest(work / "curated")
+            except PretrainError:
+                manifest = None
+        if manifest is None:  # else build it the demo's way
             manifest = prepare_demo_data(DemoConfig(workdir=work, max_mb=config.max_mb))
     available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
     schedule = smollm3_schedule(available, long_context=config.long_context)
