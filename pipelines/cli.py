@@ -258,7 +258,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_smollm3(args: argparse.Namespace) -> int:
     from mixlab.pipelines.smollm3 import LongContextStage, SmolLM3ProxyConfig, run_smollm3
 
-    fields = _overrides(args, ["workdir", "steps", "run_id", "max_mb", "seed"])
+    fields = _overrides(args, ["workdir", "steps", "run_id", "max_mb", "seed", "config"])
     lc_fields = {k.removeprefix("long_context_"): v
                  for k, v in _overrides(args, ["long_context_fraction", "long_context_seq_len"]).items()}
     long_context = None if args.no_long_context else LongContextStage(**lc_fields)
@@ -418,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--steps", type=int, help=f"training steps (default {_default(SmolLM3ProxyConfig, 'steps')})")
     smol.add_argument("--run-id", help=f"run name (default {_default(SmolLM3ProxyConfig, 'run_id')})")
     smol.add_argument("--seed", type=int, help="seed for data order and init (default 0)")
+    smol.add_argument("--config", type=Path,
+                      help=f"SmolLM3's nanotron config (default {_default(SmolLM3ProxyConfig, 'config')})")
     smol.add_argument("--max-mb", type=float, help="raw text per source when the corpus must be built")
     smol.add_argument("--long-context-fraction", type=float,
                       help=f"share of the run in the long-context stage (default {LongContextStage().fraction})")

@@ -110,6 +110,7 @@ class SmolLM3ProxyConfig:
     model_preset: str = "demo"
     train_preset: str = "demo"
     long_context: LongContextStage | None = field(default_factory=LongContextStage)
+    config: Path = PRETRAINING_CONFIG  # SmolLM3's nanotron config with the three stages
     seed: int = 0
     max_mb: float = 20.0  # raw text per source, as the demo
     plan: PlanLimits = field(default_factory=PlanLimits)  # epoch limits the planner refuses past
@@ -138,7 +139,11 @@ def run_smollm3(config: SmolLM3ProxyConfig) -> Path:
         if manifest is None:  # else build it the demo's way
             manifest = prepare_demo_data(DemoConfig(workdir=work, max_mb=config.max_mb))
     available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
-    schedule = smollm3_schedule(available, long_context=config.long_context)
+    for path in (config.config, *([config.long_context.config] if config.long_context else [])):
+        if not Path(path).is_file():
+            raise ScheduleError(f"{path}: SmolLM3's nanotron config is not there; it ships in shared/reference/smollm3/ "
+                                "beside the checkout: point SmolLM3ProxyConfig.config (`--config`) at a copy")
+    schedule = smollm3_schedule(available, config.config, config.long_context)
     train = TrainConfig.preset(config.train_preset, total_steps=config.steps, seed=config.seed)
     train = replace(train, eval_every=max(1, train.steps // 3), checkpoint_every=max(1, train.steps // 3))
     # the learning rate anneals from SmolLM3's decay stage on (through the long-context stage, if any)

@@ -17,7 +17,7 @@ from mixlab.pipelines.smollm3 import (
 )
 from mixlab.training import RunRecord
 
-pytestmark = pytest.mark.skipif(not PRETRAINING_CONFIG.exists(), reason="SmolLM3 reference config not on this machine")
+needs_smollm3 = pytest.mark.skipif(not PRETRAINING_CONFIG.exists(), reason="SmolLM3 reference config not on this machine")
 
 DEMO_SOURCES = {"web-en", "web-de", "web-fr", "web-es", "web-ru", "code-python", "math"}
 
@@ -31,6 +31,7 @@ def test_projection_groups_every_dataset_and_refuses_an_unknown_one():
         demo_source_for("new-dataset")
 
 
+@needs_smollm3
 def test_three_stages_keep_smollm3_boundaries_and_upweight_code_and_math():
     schedule = smollm3_schedule()
     original = MixtureSchedule.from_nanotron_config(PRETRAINING_CONFIG)
@@ -49,6 +50,7 @@ def test_three_stages_keep_smollm3_boundaries_and_upweight_code_and_math():
     assert stable["web-en"] == pytest.approx(raw_web_en / kept)
 
 
+@needs_smollm3
 def test_long_context_stage_and_missing_sources():
     schedule = smollm3_schedule({"web-en", "code-python", "math"}, long_context=LongContextStage(0.1, 1024))
     resolved = schedule.resolve(300, 8, 256)
@@ -58,6 +60,7 @@ def test_long_context_stage_and_missing_sources():
         smollm3_schedule(long_context=LongContextStage(1.5))
 
 
+@needs_smollm3
 def test_smollm3_plans_and_trains_at_proxy_scale(tokenized_curated: Path, tmp_path: Path):
     config = SmolLM3ProxyConfig(workdir=tmp_path, curated=tokenized_curated, steps=40, model_preset="tiny",
                                 train_preset="tiny", long_context=LongContextStage(0.25, 128))
@@ -88,3 +91,10 @@ def test_smollm3_plans_and_trains_at_proxy_scale(tokenized_curated: Path, tmp_pa
     decay_start = run.config["train"]["decay_start_step"]
     assert decay_start == resolved.stages[2].start_step < resolved.stages[3].start_step
     assert lr[20] == lr[25] > lr[30] > lr[35]
+
+
+def test_a_missing_config_says_where_it_was_looked_for(tokenized_curated: Path, tmp_path: Path):
+    missing = tmp_path / "pretraining_3_stages.yaml"
+    with pytest.raises(ScheduleError, match=f"{missing}: SmolLM3's nanotron config is not there.*--config"):
+        run_smollm3(SmolLM3ProxyConfig(workdir=tmp_path, curated=tokenized_curated, config=missing))
+    assert not (tmp_path / "runs").exists()
