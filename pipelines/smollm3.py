@@ -126,7 +126,11 @@ def run_smollm3(config: SmolLM3ProxyConfig) -> Path:
     from mixlab.pipelines.summary import train_summary_lines
     from mixlab.training import ModelConfig, TrainConfig
 
-    work = Path(config.workdir)
+    for path in (config.config, *([config.long_context.config] if config.long_context else [])):
+        if not Path(path).is_file():
+            raise ScheduleError(f"{path}: SmolLM3's nanotron config is not there; it ships in shared/reference/smollm3/ "
+                                "beside the checkout: point SmolLM3ProxyConfig.config (`--config`) at a copy")
+    work = Path(config.workdir)  # (the configs are checked first: building the corpus takes minutes)
     if config.curated is not None:
         manifest = tokenized_manifest(config.curated)
     else:
@@ -139,10 +143,6 @@ def run_smollm3(config: SmolLM3ProxyConfig) -> Path:
         if manifest is None:  # else build it the demo's way
             manifest = prepare_demo_data(DemoConfig(workdir=work, max_mb=config.max_mb))
     available = {n for n, s in manifest.sources.items() if s.tokens.get("train")}
-    for path in (config.config, *([config.long_context.config] if config.long_context else [])):
-        if not Path(path).is_file():
-            raise ScheduleError(f"{path}: SmolLM3's nanotron config is not there; it ships in shared/reference/smollm3/ "
-                                "beside the checkout: point SmolLM3ProxyConfig.config (`--config`) at a copy")
     schedule = smollm3_schedule(available, config.config, config.long_context)
     train = TrainConfig.preset(config.train_preset, total_steps=config.steps, seed=config.seed)
     train = replace(train, eval_every=max(1, train.steps // 3), checkpoint_every=max(1, train.steps // 3))
