@@ -1,4 +1,4 @@
-"""Ablations: compare runs and report on them (tables, plots, noise)."""
+"""Ablations: specs of proxy runs to compare, and reports on runs (tables, plots, noise)."""
 
 from mixlab.ablations.compare import (
     config_differences,
@@ -12,8 +12,13 @@ from mixlab.ablations.compare import (
     target_segments,
 )
 from mixlab.ablations.report import RunReport, build_report
+from mixlab.ablations.spec import AblationSpec, AblationSpecError, AblationVariant, Axis
 
 __all__ = [
+    "AblationSpec",
+    "AblationSpecError",
+    "AblationVariant",
+    "Axis",
     "RunReport",
     "build_report",
     "config_differences",

@@ -176,26 +176,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(document: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of `document` with each `a.b.c=value` set (list items by index: `mixture.stages.1.fraction=0.3`)."""
+    return set_fields(document, [(*parse_override(text), f"--set {text!r}") for text in overrides])
+
+
+def set_fields(document: dict[str, Any], assignments: Sequence[tuple[list[str], Any, str]]) -> dict[str, Any]:
+    """A copy of `document` with each `(keys, value, where)` set at the path `keys` (`where` names the assignment
+    in errors, e.g. the --set flag or the ablation axis); the value may be any document, e.g. a whole schedule."""
     document = copy.deepcopy(document)
-    for text in overrides:
-        keys, value = parse_override(text)
+    for keys, value, where in assignments:
         if keys[0] not in SECTIONS:
-            raise ConfigError(f"--set {text!r}: unknown section {keys[0]!r}; sections: {list(SECTIONS)}", ["--set"])
+            raise ConfigError(f"{where}: unknown section {keys[0]!r}; sections: {list(SECTIONS)}", ["--set"])
         node: Any = document
         for i, key in enumerate(keys[:-1]):
             nxt = node[int(key)] if isinstance(node, list) else node.get(key)
             if nxt is None:
                 nxt = {}
                 if isinstance(node, list):
-                    raise ConfigError(f"--set {text!r}: {'.'.join(keys[:i + 1])} does not exist", ["--set"])
+                    raise ConfigError(f"{where}: {'.'.join(keys[:i + 1])} does not exist", ["--set"])
                 node[key] = nxt
             if not isinstance(nxt, dict | list):
-                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:i + 1])} is a value, not a section", ["--set"])
+                raise ConfigError(f"{where}: {'.'.join(keys[:i + 1])} is a value, not a section", ["--set"])
             node = nxt
         if isinstance(node, list):
-            node[int(keys[-1])] = value
+            node[int(keys[-1])] = copy.deepcopy(value)
         else:
-            node[keys[-1]] = value
+            node[keys[-1]] = copy.deepcopy(value)
     return document
 
 

@@ -1,0 +1,70 @@
+"""Ablation specs expand into one run document per proxy, named by what differs from the base."""
+
+from pathlib import Path
+
+import pytest
+from mixlab.ablations.spec import AblationSpec, AblationSpecError, Axis
+from mixlab.pipelines.run_config import run_config_from_document
+from mixlab.training import TrainConfig
+
+BASE = {"runs_dir": "runs", "data": {"curated": "curated"}, "model": {"preset": "tiny", "vocab_size": 600},
+        "train": {"preset": "tiny", "total_steps": 40},
+        "mixture": {"stages": [{"name": "all", "weights": {"web-en": 0.5, "code-python": 0.25, "math": 0.25}}]}}
+CODE_HEAVY = {"stages": [{"name": "all", "weights": {"web-en": 0.2, "code-python": 0.6, "math": 0.2}}]}
+MATH_HEAVY = {"stages": [{"name": "all", "weights": {"web-en": 0.2, "code-python": 0.2, "math": 0.6}}]}
+
+
+def grid() -> AblationSpec:
+    return AblationSpec("mix", BASE, axes=(Axis("mixture", {"code-heavy": CODE_HEAVY, "math-heavy": MATH_HEAVY}),
+                                           Axis("train.lr", [1e-3, 3e-3])), seeds=(0, 1))
+
+
+def test_a_grid_crosses_every_axis_and_seed_and_names_what_differs():
+    variants = grid().expand()
+    assert len(variants) == (1 + 2 * 2) * 2
+    names = list(dict.fromkeys(v.name for v in variants))
+    assert names == ["base", "mixture=code-heavy-lr=0.001", "mixture=code-heavy-lr=0.003",
+                     "mixture=math-heavy-lr=0.001", "mixture=math-heavy-lr=0.003"]
+    assert [v.run_id for v in variants[:2]] == ["mix-base-s0", "mix-base-s1"]
+    docs = grid().documents()
+    assert len(docs) == len(variants)  # run ids are unique
+    config = run_config_from_document(docs["mix-mixture=math-heavy-lr=0.003-s1"])
+    assert config.train.lr == 3e-3 and config.train.seed == 1 and config.run_id == "mix-mixture=math-heavy-lr=0.003-s1"
+    assert config.schedule.stages[0].weights["math"] == 0.6
+    base = run_config_from_document(docs["mix-base-s0"])
+    assert base.schedule.stages[0].weights["math"] == 0.25 and base.train.lr == TrainConfig.preset("tiny").lr
+    assert BASE["train"] == {"preset": "tiny", "total_steps": 40}  # expansion never changes the base
+
+
+def test_a_list_spec_and_its_yaml_describe_the_same_runs(tmp_path: Path):
+    spec = AblationSpec("layers", BASE, mode="list", seeds=(3,),
+                        variants=({"model.n_layers": 3}, {"name": "wide", "model.d_model": 96, "model.n_heads": 4}))
+    assert [v.name for v in spec.expand()] == ["base", "n_layers=3", "wide"]
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec.to_yaml())
+    assert AblationSpec.from_yaml(path).documents() == spec.documents()
+    assert run_config_from_document(spec.documents()["layers-wide-s3"]).model.d_model == 96
+    assert AblationSpec.from_yaml(path).to_dict() == spec.to_dict()
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"axes": (Axis("train.seed", [1, 2]),)}, "seeds are the spec's `seeds`"),
+    ({"seeds": (0, 0)}, "must be distinct"),
+    ({"mode": "list", "variants": ({"train.lr": 1e-3}, {"train.lr": 1e-3})}, "both named 'lr=0.001'"),
+    ({"mode": "sweep"}, "choose one of"),
+    ({"axes": (Axis("train.lr", [1e-3]),), "variants": ({"train.lr": 2e-3},)}, "set mode: list"),
+])
+def test_bad_specs_say_what_to_change(kwargs, match):
+    with pytest.raises(AblationSpecError, match=match):
+        AblationSpec("bad", BASE, **kwargs).expand()
+
+
+def test_a_document_value_needs_a_label():
+    with pytest.raises(AblationSpecError, match="is a document; give the values as"):
+        Axis("mixture", [CODE_HEAVY])
+
+
+def test_an_unknown_section_names_the_variant():
+    spec = AblationSpec("typo", BASE, axes=(Axis("trian.lr", [1e-3]),))
+    with pytest.raises(ValueError, match=r"variant 'lr=0.001': trian.lr: unknown section 'trian'"):
+        spec.documents()
