@@ -11,10 +11,19 @@ from mixlab.ablations.compare import (
     smoothed_mixture_shares,
     target_segments,
 )
+from mixlab.ablations.launch import LocalLauncher, ProxyRun, proxy_runs, run_ablation
 from mixlab.ablations.report import RunReport, build_report
+from mixlab.ablations.signal import TaskSignal, signal_table, task_signal
 from mixlab.ablations.spec import AblationSpec, AblationSpecError, AblationVariant, Axis
 
 __all__ = [
+    "LocalLauncher",
+    "ProxyRun",
+    "TaskSignal",
+    "proxy_runs",
+    "run_ablation",
+    "signal_table",
+    "task_signal",
     "AblationSpec",
     "AblationSpecError",
     "AblationVariant",

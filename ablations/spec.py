@@ -134,7 +134,8 @@ class AblationSpec:
                                         f"{fields}); give list variants a `name`")
             seen[name] = fields
             for seed in self.seeds:
-                variants.append(AblationVariant(name, fields, labels, seed, f"{self.name}-{name}-s{seed}"))
+                run_id = f"{self.name}-{name.replace('=', '_')}-s{seed}"  # run ids are plain folder names
+                variants.append(AblationVariant(name, fields, labels, seed, run_id))
         if not variants:
             raise AblationSpecError(f"spec {self.name!r} expands to no run: add axes or variants, or include_base")
         return variants

@@ -11,7 +11,9 @@ Anchors:
 - training: a bare torch loop (forward, backward, AdamW) on the same model and batches, versus mixlab's
   `train()` (sampler, LR schedule, logging, no eval/checkpoint in the window);
 - sampler: a plain numpy memmap read of the same windows, versus `MixtureSampler.next_batch()` at batch 8 x 256
-  in window and document packing, and the process RSS over 10**6 steps (bench/sampler_bench.py).
+  in window and document packing, and the process RSS over 10**6 steps (bench/sampler_bench.py);
+- mixture search: no speed anchor but a quality one, RegMix's published figures (Spearman rho ~0.90 linear,
+  ~0.97+ LightGBM on their 1M-parameter runs) against mixlab's regressors on the same split (bench/regmix_bench.py).
 """
 
 from __future__ import annotations
@@ -148,6 +150,15 @@ def bench_sampler(curated: Path, quick: bool) -> dict:
     return sampler_bench.run(curated, steps=2_000 if quick else 20_000, memory_steps=100_000 if quick else 1_000_000)
 
 
+def bench_regmix() -> dict | None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import regmix_bench
+
+    return regmix_bench.run()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, noisier ratios)")
@@ -169,6 +180,12 @@ def main() -> None:
         print(f"{name:34s} {anchor:12,.0f} {ours:12,.0f} {ours / anchor:6.2f}x")
     marks = sampler["rss_mib"]
     print(f"sampler RSS over {marks[-1][0]:,d} steps: {marks[1][1]:.1f} MiB after 10%, {marks[-1][1]:.1f} MiB at the end")
+    regmix = bench_regmix()
+    if regmix is None:
+        print("mixture search (RegMix): reference data not found in ../shared/reference/regmix, skipped")
+    else:
+        figures = ", ".join(f"{k} {r['spearman']:.3f}" for k, r in regmix.items() if not k.startswith("_"))
+        print(f"mixture search (RegMix 1M, Pile-CC loss), held-out Spearman: {figures}")
     print(f"\ntorch {torch.__version__}, numpy {np.__version__}, threads {torch.get_num_threads()}")
 
 

@@ -4,7 +4,8 @@ A `MixtureSchedule` of stages (bounded by fraction, tokens, steps or a start ste
 length and optional curriculum) weights leaves: curated sources or `Selection`s over their document metadata,
 flat or as a `MixtureNode` tree. `plan_mixture` checks it against the tokens available before any training, a
 deterministic, resumable `MixtureSampler` draws batches by it, and a `MixturePolicy` (DoReMi, ODM, ADO, rules)
-can move the weights from eval feedback during the run. nanotron's `data_stages` go both ways.
+can move the weights from eval feedback during the run; `search` fits (mixture, loss) tables of proxy runs and
+searches the simplex for the best mixture (RegMix, Olmix). nanotron's `data_stages` go both ways.
 """
 
 from mixlab.mixtures.hierarchy import MixtureNode
@@ -53,6 +54,18 @@ from mixlab.mixtures.schedule import (
     ScheduleError,
     Stage,
 )
+from mixlab.mixtures.search import (
+    LightGBMRegressor,
+    LinearRegressor,
+    LogLinearRegressor,
+    MixtureRegression,
+    MixtureSearchError,
+    SearchResult,
+    fit_mixture_regression,
+    sample_mixtures,
+    search_simplex,
+    weight_caps,
+)
 from mixlab.mixtures.selection import (
     LongDocUpsample,
     Selection,
@@ -64,6 +77,16 @@ from mixlab.mixtures.selection import (
 )
 
 __all__ = [
+    "LightGBMRegressor",
+    "LinearRegressor",
+    "LogLinearRegressor",
+    "MixtureRegression",
+    "MixtureSearchError",
+    "SearchResult",
+    "fit_mixture_regression",
+    "sample_mixtures",
+    "search_simplex",
+    "weight_caps",
     "ADOPolicy",
     "Curriculum",
     "DEFAULT_MAX_EPOCHS",

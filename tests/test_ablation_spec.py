@@ -28,8 +28,8 @@ def test_a_grid_crosses_every_axis_and_seed_and_names_what_differs():
     assert [v.run_id for v in variants[:2]] == ["mix-base-s0", "mix-base-s1"]
     docs = grid().documents()
     assert len(docs) == len(variants)  # run ids are unique
-    config = run_config_from_document(docs["mix-mixture=math-heavy-lr=0.003-s1"])
-    assert config.train.lr == 3e-3 and config.train.seed == 1 and config.run_id == "mix-mixture=math-heavy-lr=0.003-s1"
+    config = run_config_from_document(docs["mix-mixture_math-heavy-lr_0.003-s1"])
+    assert config.train.lr == 3e-3 and config.train.seed == 1 and config.run_id == "mix-mixture_math-heavy-lr_0.003-s1"
     assert config.schedule.stages[0].weights["math"] == 0.6
     base = run_config_from_document(docs["mix-base-s0"])
     assert base.schedule.stages[0].weights["math"] == 0.25 and base.train.lr == TrainConfig.preset("tiny").lr

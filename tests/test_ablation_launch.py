@@ -1,0 +1,59 @@
+"""An ablation's proxies run as ordinary runs; a killed ablation reruns to the same results without retraining
+what had finished."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mixlab.ablations.launch import LocalLauncher, plan_lines, proxy_runs, run_ablation, status_lines
+from mixlab.ablations.spec import AblationSpec, Axis
+from mixlab.training import RunRecord
+
+MIX = {"stages": [{"name": "all", "weights": {"web-en": 0.34, "code-python": 0.33, "math": 0.33}}]}
+
+
+def spec(curated: Path, runs: Path) -> AblationSpec:
+    base = {"runs_dir": str(runs), "data": {"curated": str(curated)}, "mixture": MIX, "model": {"preset": "tiny"},
+            "train": {"preset": "tiny", "total_steps": 24, "checkpoint_every": 4, "eval_every": 12,
+                      "warmup_steps": 4, "progress_bar": False}}
+    return AblationSpec("lr", base, axes=(Axis("train.lr", [1e-3]),))
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in RunRecord.load(run).metrics()]
+
+
+def test_a_killed_ablation_reruns_without_retraining_and_matches(tokenized_curated: Path, tmp_path: Path):
+    launcher = LocalLauncher(parallel=1, threads=1)
+    reference = spec(tokenized_curated, tmp_path / "ref" / "runs")
+    assert [p.status for p in proxy_runs(reference)] == ["pending", "pending"]
+    assert "2 of 2 to train" in plan_lines(reference, launcher, measure=False)[-1]
+    done = run_ablation(reference, launcher)
+    assert [p.status for p in done] == ["completed", "completed"] and "2 of 2 completed" in status_lines(done)[-1]
+
+    killed = spec(tokenized_curated, tmp_path / "killed" / "runs")
+    code = (f"from pathlib import Path; from mixlab.ablations.spec import AblationSpec; "
+            f"from mixlab.ablations.launch import LocalLauncher, run_ablation; "
+            f"run_ablation(AblationSpec.from_dict({killed.to_dict()!r}), LocalLauncher(parallel=1, threads=1))")
+    process = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second = tmp_path / "killed" / "runs" / killed.expand()[1].run_id
+    deadline = time.monotonic() + 300
+    while not list((second / "checkpoints").glob("step_*")):  # the first proxy is done, the second has begun
+        assert process.poll() is None and time.monotonic() < deadline, "the ablation ended before the kill"
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    first = tmp_path / "killed" / "runs" / killed.expand()[0].run_id
+    assert RunRecord.load(first).status == "completed" and RunRecord.load(second).status != "completed"
+    before = (first / "metrics.jsonl").stat().st_mtime_ns, (first / "run.json").read_bytes()
+
+    rerun = run_ablation(killed, launcher)
+    assert [p.status for p in rerun] == ["completed", "completed"]
+    assert ((first / "metrics.jsonl").stat().st_mtime_ns, (first / "run.json").read_bytes()) == before  # not retrained
+    assert RunRecord.load(second).summary["restarts"]  # resumed from its checkpoint
+    for proxy_ref, proxy in zip(done, rerun, strict=True):
+        assert losses(proxy.path) == losses(proxy_ref.path)  # bit-identical to the uninterrupted ablation
