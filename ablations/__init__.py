@@ -13,10 +13,13 @@ from mixlab.ablations.compare import (
 )
 from mixlab.ablations.launch import LocalLauncher, ProxyRun, proxy_runs, run_ablation
 from mixlab.ablations.report import RunReport, build_report
+from mixlab.ablations.results import ablation_results, write_results
 from mixlab.ablations.signal import TaskSignal, signal_table, task_signal
 from mixlab.ablations.spec import AblationSpec, AblationSpecError, AblationVariant, Axis
 
 __all__ = [
+    "ablation_results",
+    "write_results",
     "LocalLauncher",
     "ProxyRun",
     "TaskSignal",

@@ -267,6 +267,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     if args.action == "status":
         print("\n".join(status_lines(proxy_runs(spec))))
         return 0
+    if args.action == "results":
+        from mixlab.ablations.results import write_results
+
+        print(f"results: {write_results(spec)}")
+        return 0
     proxies = run_ablation(spec, launcher)
     print("\n".join(status_lines(proxies)))
     return 0 if all(p.status == "completed" for p in proxies) else 1
@@ -427,8 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "proxy run per variant and seed, named by what differs from the base. `plan` lists them with "
                     "tokens and a time estimated from a step measured here; `run` trains every proxy that has not "
                     "completed (a rerun skips finished proxies and resumes interrupted ones from their "
-                    "checkpoints); `status` shows where each stands.")
-    abl.add_argument("action", choices=["plan", "run", "status"], help="what to do")
+                    "checkpoints); `status` shows where each stands; `results` writes every logged value as one Parquet "
+                    "table (run x step x metric x value, with the axes as columns).")
+    abl.add_argument("action", choices=["plan", "run", "status", "results"], help="what to do")
     abl.add_argument("spec", type=Path, help="the ablation spec (YAML)")
     abl.add_argument("--parallel", type=int, help="proxies trained at once (default: one per 2 cores)")
     abl.add_argument("--threads", type=int, help="CPU threads per proxy (default: cores / parallel)")

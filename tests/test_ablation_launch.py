@@ -57,3 +57,31 @@ def test_a_killed_ablation_reruns_without_retraining_and_matches(tokenized_curat
     assert RunRecord.load(second).summary["restarts"]  # resumed from its checkpoint
     for proxy_ref, proxy in zip(done, rerun, strict=True):
         assert losses(proxy.path) == losses(proxy_ref.path)  # bit-identical to the uninterrupted ablation
+
+
+def test_results_are_one_long_table_with_the_axes_as_columns(tokenized_curated: Path, tmp_path: Path, capsys):
+    import polars as pl
+    from mixlab.ablations.results import ablation_results, write_results
+
+    ablation = spec(tokenized_curated, tmp_path / "runs")
+    assert ablation_results(ablation).is_empty()  # nothing has run yet
+    run_ablation(ablation, LocalLauncher(parallel=2, threads=1))
+    table = pl.read_parquet(write_results(ablation))
+    assert table.equals(ablation_results(ablation))
+    assert set(table["variant"]) == {"base", "lr=0.001"} and set(table["train.lr"]) == {"base", "0.001"}
+    for proxy in proxy_runs(ablation):  # every eval row of every run is in the table, value for value
+        evals = RunRecord.load(proxy.path).evals()
+        mine = table.filter(pl.col("run") == proxy.run_id)
+        for row in evals:
+            got = mine.filter((pl.col("step") == row["step"]) & (pl.col("metric") == f"{row['source']}/bpb"))
+            assert got["value"].to_list() == [row["bpb"]]
+        train = mine.filter(pl.col("metric") == "train/loss").sort("step")
+        assert train["value"].to_list() == [m["loss"] for m in RunRecord.load(proxy.path).metrics()]
+    # the CLI reads the same spec from YAML
+    from mixlab.pipelines.cli import main
+
+    path = tmp_path / "spec.yaml"
+    path.write_text(ablation.to_yaml())
+    assert main(["ablate", "status", str(path)]) == 0 and "2 of 2 completed" in capsys.readouterr().out
+    assert main(["ablate", "run", str(path)]) == 0  # nothing left to train
+    assert main(["ablate", "results", str(path)]) == 0 and "results.parquet" in capsys.readouterr().out
