@@ -145,3 +145,49 @@ def test_batches_may_have_a_stage_seq_len_and_a_policy_needs_a_sampler_that_take
                                           r"ByteSampler has no \['set_weights', 'current_weights'\]"):
         train(run, ModelConfig.preset("tiny"), tcfg, ByteSampler(corpora, 8, 64), policy=OnlineDataMixing())
     assert not (run.path / "mixture.jsonl").exists()
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights_and_moments(tmp_path):
+    """train.init_from (annealing ablations, mid-training): step 0 of the new run has the parent's weights and
+    AdamW moments, its own step count, LR schedule and optimizer hyper-parameters."""
+    import torch
+    from mixlab.training.checkpoint import latest_checkpoint, resolve_checkpoint
+    from mixlab.training.evaluate import load_model
+
+    corpora = stdlib_corpora()
+    mcfg = ModelConfig.preset("tiny")
+    parent_cfg = TrainConfig.preset("tiny", total_steps=40, eval_every=40, checkpoint_every=40, progress_bar=False,
+                                    threads=1)
+    store = RunStore(tmp_path)
+    parent = store.create("parent", config={})
+    train(parent, mcfg, parent_cfg, ByteSampler(train_split(corpora), 8, 64), held_out(corpora, 64))
+    parent_ckpt = latest_checkpoint(parent.checkpoint_dir)
+    assert resolve_checkpoint(parent.path) == parent_ckpt == resolve_checkpoint(parent_ckpt)
+
+    child_cfg = TrainConfig.preset("tiny", total_steps=10, warmup_steps=0, decay_fraction=1.0, lr=1e-3,
+                                   weight_decay=0.0, eval_every=10, checkpoint_every=10, progress_bar=False,
+                                   threads=1, log_every=1, init_from=str(parent.path))
+    child = store.create("child", config={})
+    train(child, mcfg, child_cfg, ByteSampler(train_split(corpora), 8, 64), held_out(corpora, 64), stop_after=1)
+    assert child.summary["initialized_from"] == {"checkpoint": str(parent_ckpt), "step": 40}
+    # one step from the parent's weights: far closer to the parent than to a fresh model, and loss continues
+    parent_model, _ = load_model(parent_ckpt)
+    child_model, step = load_model(latest_checkpoint(child.checkpoint_dir))
+    assert step == 1
+    drift = max((a - b).abs().max().item() for a, b in zip(parent_model.parameters(), child_model.parameters(),
+                                                         strict=True))
+    assert 0 < drift < 5e-3
+    assert child.metrics()[0]["loss"] < parent.metrics()[0]["loss"] - 0.5  # not an untrained model's loss
+    state = torch.load(latest_checkpoint(child.checkpoint_dir) / "optimizer.pt", weights_only=True)
+    assert all(g["weight_decay"] == 0.0 for g in state["param_groups"])  # the child's hyper-parameters
+
+    mismatched = TrainConfig.preset("tiny", total_steps=10, warmup_steps=0, progress_bar=False, threads=1,
+                                    init_from=str(parent.path))
+    with pytest.raises(ConfigError, match="another model config"):
+        train(store.create("wrong-model", config={}), ModelConfig.preset("tiny", n_layers=1), mismatched,
+              ByteSampler(train_split(corpora), 8, 64), held_out(corpora, 64))
+    with pytest.raises(TrainingError, match="no checkpoint here"):
+        train(store.create("no-parent", config={}), mcfg,
+              TrainConfig.preset("tiny", total_steps=10, warmup_steps=0, progress_bar=False, threads=1,
+                                 init_from=str(tmp_path / "nowhere")),
+              ByteSampler(train_split(corpora), 8, 64), held_out(corpora, 64))

@@ -130,6 +130,19 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint from what a user names: a `step_*` directory, a checkpoints directory (its latest), or a run
+    directory (the latest of its `checkpoints/`)."""
+    path = Path(path)
+    if (path / "state.json").exists():
+        return path
+    for candidate in (path, path / "checkpoints"):
+        if (found := latest_checkpoint(candidate)) is not None:
+            return found
+    raise CheckpointError(f"{path}: no checkpoint here (expected a step_* directory, a checkpoints directory or a run "
+                          "directory with checkpoints/); train the parent run first or point at one of its checkpoints")
+
+
 def save_checkpoint(
     checkpoint_dir: str | Path,
     step: int,

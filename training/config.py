@@ -88,6 +88,10 @@ class TrainConfig(ConfigDict):
     threads: int | None = None  # torch.set_num_threads; None = all cores
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     resume: bool = True  # continue from the run's latest checkpoint when there is one
+    # start a new run from another run's weights and AdamW moments (a checkpoint step dir, or a run directory /
+    # its checkpoints dir: the latest checkpoint), at step 0 with a fresh sampler and this config's LR schedule:
+    # annealing ablations, mid-training. The model config must match the checkpoint's.
+    init_from: str | None = None
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
@@ -124,6 +128,9 @@ class TrainConfig(ConfigDict):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps!r} must be a whole number >= 0",
                               ["train.warmup_steps"])
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise ConfigError(f"train.init_from={self.init_from!r} must be a checkpoint or run directory path "
+                              "(or null)", ["train.init_from"])
         steps = self.steps
         if self.warmup_steps > steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds the run's {steps} steps: shorten the "

@@ -6,6 +6,7 @@ Layout of a run directory (all plain files):
     <runs_root>/<run_id>/run.json        config, status, paths (schema-versioned)
     <runs_root>/<run_id>/metrics.jsonl   one line per logged training step
     <runs_root>/<run_id>/evals.jsonl     one line per (step, eval source)
+    <runs_root>/<run_id>/tasks.jsonl     one line per (step, downstream task): accuracy, margin, items, chance
     <runs_root>/<run_id>/checkpoints/    written by the training backend
     <runs_root>/<run_id>/run.lock        held (flock) by the process training the run, while it lives
 
@@ -33,8 +34,8 @@ RUN_SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 # every file and folder mixlab reads or writes in a run directory; none may resolve (through a symlink) outside it
 RUN_DIR_ENTRIES = ("run.json", "run.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "evals.jsonl", "evals.jsonl.tmp",
-                   "mixture.jsonl", "mixture.jsonl.tmp", "run.lock", "checkpoints")
-LOG_FILES = ("metrics.jsonl", "evals.jsonl", "mixture.jsonl")  # step-keyed logs, truncated together on resume
+                   "tasks.jsonl", "tasks.jsonl.tmp", "mixture.jsonl", "mixture.jsonl.tmp", "run.lock", "checkpoints")
+LOG_FILES = ("metrics.jsonl", "evals.jsonl", "tasks.jsonl", "mixture.jsonl")  # step-keyed logs, truncated together on resume
 # run.json fields and the types they must have (the summary's keys that commands format)
 _RUN_FIELDS: dict[str, tuple[type, ...]] = {"run_id": (str,), "status": (str,), "created": (str,), "updated": (str,),
                                             "tags": (dict,), "config": (dict,), "summary": (dict,)}
@@ -235,6 +236,9 @@ class RunRecord:
     def log_eval(self, step: int, source: str, **values: Any) -> None:
         _append_jsonl(self.path / "evals.jsonl", {"step": step, "source": source, **values})
 
+    def log_task(self, step: int, task: str, **values: Any) -> None:
+        _append_jsonl(self.path / "tasks.jsonl", {"step": step, "task": task, **values})
+
     def log_mixture(self, step: int, weights: dict[str, float], cause: str, policy: str | None = None) -> None:
         """A change of the sampling weights, in force from step `step` on (0-based: the batch after `step` steps),
         and why. No wall time in the row: a resumed run writes exactly the rows of an uninterrupted one."""
@@ -244,8 +248,8 @@ class RunRecord:
     def truncate_after(self, step: int) -> None:
         """On resume, forget metrics, evals and mixture changes logged after the checkpoint we restart from."""
         for name in LOG_FILES:
-            if name == "mixture.jsonl" and not (self.path / name).exists():
-                continue  # only runs with a mixture policy have one
+            if name in ("mixture.jsonl", "tasks.jsonl") and not (self.path / name).exists():
+                continue  # only runs with a mixture policy / downstream tasks have one
             path = self.path / name
             rows = [r for r in _read_jsonl(path) if r["step"] <= step]
             tmp = path.with_suffix(".jsonl.tmp")
@@ -262,6 +266,13 @@ class RunRecord:
         latest: dict[tuple[int, str], dict[str, Any]] = {}
         for row in _read_jsonl(self.path / "evals.jsonl"):
             latest[(row["step"], row["source"])] = row
+        return list(latest.values())
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """One row per (step, downstream task); scoring the same step again replaces the earlier row."""
+        latest: dict[tuple[int, str], dict[str, Any]] = {}
+        for row in _read_jsonl(self.path / "tasks.jsonl"):
+            latest[(row["step"], row["task"])] = row
         return list(latest.values())
 
     def mixture_changes(self) -> list[dict[str, Any]]:

@@ -21,7 +21,13 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from mixlab.training.checkpoint import latest_checkpoint, load_checkpoint, read_checkpoint, save_checkpoint
+from mixlab.training.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from mixlab.training.config import TrainConfig
 from mixlab.training.errors import ConfigError, NonFiniteLossError, ResumeError
 from mixlab.training.evaluate import HeldOutEvaluator
@@ -48,6 +54,13 @@ class Sampler(Protocol):
     def next_batch(self) -> Batch: ...
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TaskScorer(Protocol):
+    """What the trainer needs from downstream tasks (ablations.tasks.ClozeEvaluator): one row per task, each
+    with its name under "task" (and accuracy, margin, items, chance)."""
+
+    def evaluate(self, model: torch.nn.Module, device: torch.device | str | None = None) -> list[dict[str, Any]]: ...
 
 
 class Policy(Protocol):
@@ -183,6 +196,23 @@ def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
                   f"(= {data_start // cfg.grad_accum})", stacklevel=3)
 
 
+def _init_from(path: Path, run: RunRecord, model: Transformer, optimizer: torch.optim.Optimizer,
+               model_config: ModelConfig) -> dict[str, Any]:
+    """Start a new run from another run's checkpoint: its weights and AdamW moments, not its step, sampler, RNG or
+    LR schedule (this run has its own). Returns what the run records about its origin."""
+    saved = read_checkpoint(path)
+    now = model_config.to_dict()
+    if saved.model_config is not None and saved.model_config != now:
+        diff = {k: (v, now.get(k)) for k, v in saved.model_config.items() if now.get(k) != v}
+        raise ConfigError(f"run {run.run_id!r}: train.init_from={path} was trained with another model config "
+                          f"(field: (checkpoint, now)) {diff}; use the parent's model section", ["train.init_from"])
+    hyper = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
+    load_checkpoint(path, model, optimizer, restore_rng=False)
+    for group, own in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(own)  # the moments are the parent's; betas, eps and weight decay are this run's
+    return {"checkpoint": str(path), "step": saved.step}
+
+
 def _resume(
     path: Path, run: RunRecord, model: Transformer, optimizer: torch.optim.Optimizer, sampler: Sampler,
     model_config: ModelConfig, cfg: TrainConfig, policy: Policy | None = None,
@@ -238,6 +268,7 @@ def train(
     *,
     stop_after: int | None = None,
     policy: Policy | None = None,
+    tasks: TaskScorer | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) `run` to train_config.steps and return its summary (also stored in run.json).
 
@@ -248,6 +279,7 @@ def train(
     policy (a mixtures.policies.MixturePolicy): after every step it gets the mean loss of each source's rows,
     after every eval the eval rows, and at its cadence the sampler's weights follow its decisions; each change
     is logged to mixture.jsonl with its cause and the policy state is in every checkpoint.
+    tasks (e.g. ablations.tasks.ClozeEvaluator): downstream tasks scored at every eval, logged to tasks.jsonl.
     The run's lock (`RunRecord.acquire`) is held while training, so `mixlab runs` can tell a live run from a dead one.
     Any error once the run is touched (resuming included) marks it "failed" with the error in its summary; the
     errors raised on purpose are `training.TrainingError`s (ValueErrors) that say what to do.
@@ -265,6 +297,7 @@ def train(
     device = cfg.resolved_device()
     if device.type == "cpu":
         torch.set_num_threads(cfg.resolved_threads())
+    init_path = resolve_checkpoint(cfg.init_from) if cfg.init_from and latest is None else None
     _check_policy(policy, sampler, run)
     _check_sampler_budget(sampler, cfg)
     _check_decay_alignment(sampler, cfg)
@@ -300,6 +333,9 @@ def train(
             bar.set_description_str(run.run_id)
         for row in rows:
             run.log_eval(at, row["source"], **{k: v for k, v in row.items() if k != "source"})
+        if tasks is not None:
+            for row in tasks.evaluate(model, device):
+                run.log_task(at, row["task"], **{k: v for k, v in row.items() if k != "task"})
         return rows
 
     previous_status = run.display_status() if (run.path / "run.json").exists() else None  # "stale": it died
@@ -311,6 +347,8 @@ def train(
             step = read_checkpoint(latest).step  # what the run has, should the resume fail
             progress = _resume(latest, run, model, optimizer, sampler, model_config, cfg, policy)
             resumed_from = str(latest)
+        elif init_path is not None:
+            run.summary["initialized_from"] = _init_from(init_path, run, model, optimizer, model_config)
         run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
         run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
                            "decay_start_step": decay_start_step(cfg), "device": str(device)})
