@@ -124,7 +124,9 @@ class AblationSpec:
                 name = listed.pop("name", None)
                 if not listed:
                     raise AblationSpecError(f"spec {self.name!r}: variant {i} sets no field")
-                combos.append((listed, {k: _label(v, k) for k, v in listed.items()}, name))
+                # a document value (a whole schedule) is labelled by the variant's name, which it then needs
+                labels = {k: _label(v, k) if name is None or _plain(v) else str(name) for k, v in listed.items()}
+                combos.append((listed, labels, name))
         variants, seen = [], {}
         for fields, labels, name in combos:
             name = name or "-".join(f"{path.split('.')[-1]}={labels[path]}" for path in fields)
@@ -191,6 +193,10 @@ class AblationSpec:
         if not isinstance(data, Mapping):
             raise AblationSpecError(f"{path}: expected a mapping with name, base and axes or variants")
         return cls.from_dict(data, where=str(path))
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, bool | int | float | str) or value is None
 
 
 def _label(value: Any, field_path: str) -> str:

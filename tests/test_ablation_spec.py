@@ -68,3 +68,14 @@ def test_an_unknown_section_names_the_variant():
     spec = AblationSpec("typo", BASE, axes=(Axis("trian.lr", [1e-3]),))
     with pytest.raises(ValueError, match=r"variant 'lr=0.001': trian.lr: unknown section 'trian'"):
         spec.documents()
+
+
+def test_a_named_list_variant_may_set_a_whole_document():
+    schedule = {"stages": [{"name": "all", "weights": {"web-en": 0.2, "code-python": 0.8}}]}
+    spec = AblationSpec(name="docs", base={"runs_dir": "runs", "train": {"lr": 0.001}}, mode="list",
+                        variants=({"name": "code-heavy", "mixture": schedule, "train.lr": 0.002},))
+    variant = spec.expand()[-1]
+    assert variant.name == "code-heavy" and variant.labels == {"mixture": "code-heavy", "train.lr": "0.002"}
+    assert variant.document(spec.base)["mixture"] == schedule
+    with pytest.raises(AblationSpecError, match="is a document"):
+        AblationSpec(name="docs", base={"runs_dir": "runs"}, mode="list", variants=({"mixture": schedule},)).expand()
