@@ -1,5 +1,6 @@
 """Ablations: specs of proxy runs to compare, and reports on runs (tables, plots, noise)."""
 
+from mixlab.ablations.ablation_report import build_ablation_report, exceeds_seed_noise, ranked_table
 from mixlab.ablations.compare import (
     config_differences,
     curation_funnel,
@@ -12,15 +13,25 @@ from mixlab.ablations.compare import (
     target_segments,
 )
 from mixlab.ablations.launch import LocalLauncher, ProxyRun, proxy_runs, run_ablation
+from mixlab.ablations.regmix import RegMixConfig, RegMixReport, run_regmix
 from mixlab.ablations.report import RunReport, build_report
-from mixlab.ablations.results import ablation_results, write_results
+from mixlab.ablations.results import ablation_results, task_chance, write_results
 from mixlab.ablations.signal import TaskSignal, signal_table, task_signal
+from mixlab.ablations.slurm import SlurmLauncher
 from mixlab.ablations.spec import AblationSpec, AblationSpecError, AblationVariant, Axis
 
 __all__ = [
+    "build_ablation_report",
+    "exceeds_seed_noise",
+    "ranked_table",
+    "RegMixConfig",
+    "RegMixReport",
+    "run_regmix",
+    "task_chance",
     "ablation_results",
     "write_results",
     "LocalLauncher",
+    "SlurmLauncher",
     "ProxyRun",
     "TaskSignal",
     "proxy_runs",

@@ -111,12 +111,27 @@ class LocalLauncher:
             return dict(pool.map(one, proxies))
 
 
+def prepare_curation_variants(spec: AblationSpec, proxies: Sequence[ProxyRun]) -> list[Path]:
+    """Curate (or find, by fingerprint) the dataset of every curation variant among `proxies`: only the sources a
+    variant changes are curated again, with the base's tokenizer; the others are the base's files."""
+    from mixlab.ablations.curation_variants import curated_variant
+
+    built: dict[str, Path] = {}
+    for proxy in proxies:
+        settings = proxy.variant.curation
+        key = repr(sorted(settings.items()))
+        if settings and key not in built:
+            built[key] = curated_variant(Path(spec.base["data"]["curated"]), settings, raw_dir=spec.raw_dir)
+    return list(built.values())
+
+
 def run_ablation(spec: AblationSpec, launcher: Launcher | None = None) -> list[ProxyRun]:
     """Train every proxy that has not completed (pending, interrupted, stale or failed runs are (re)started; a
     run resumes from its last checkpoint) and return the proxies' statuses afterwards."""
     proxies = proxy_runs(spec)
     todo = [p for p in proxies if p.status != DONE]
     if todo:
+        prepare_curation_variants(spec, todo)
         write_documents(spec, todo)
         (launcher or LocalLauncher()).launch(todo)
     return proxy_runs(spec)
@@ -188,6 +203,8 @@ def plan_lines(spec: AblationSpec, launcher: LocalLauncher | None = None, measur
     total_s = 0.0
     for proxy in proxies:
         document = proxy.variant.document(spec.base)
+        if proxy.variant.curation and not (Path(document["data"]["curated"]) / "manifest.json").exists():
+            document["data"] = dict(spec.base["data"])  # curated at launch; its steps and model are the base's
         config = resolved_config(document)
         steps = config.train.steps
         tokens = steps * config.train.tokens_per_step

@@ -27,7 +27,7 @@ from mixlab.training import RunRecord
 
 logger = logging.getLogger("mixlab.report")
 
-_CSS = """
+REPORT_CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222;line-height:1.4}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}
@@ -47,7 +47,7 @@ class RunReport:
     run_ids: list[str] = field(default_factory=list)
 
 
-class _Page:
+class HtmlPage:
     """Sections of HTML plus the figures, each saved as PNG next to the page and embedded in it."""
 
     def __init__(self, out: Path):
@@ -79,7 +79,7 @@ def _cell(value: Any, floats: int) -> str:
     return html.escape(str(value))
 
 
-def _table(frame: pl.DataFrame, floats: int = 4) -> str:
+def html_table(frame: pl.DataFrame, floats: int = 4) -> str:
     if frame.is_empty():
         return "<p class=note>(nothing recorded)</p>"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in frame.columns)
@@ -194,7 +194,7 @@ def _mixture_change_table(rows: list[dict[str, Any]]) -> pl.DataFrame:
                                        "cause": pl.String})
 
 
-def _data_section(page: _Page, manifest: ShardManifest, where: str) -> None:
+def _data_section(page: HtmlPage, manifest: ShardManifest, where: str) -> None:
     page.add("<h2>Data: curation funnel</h2>", f"<p class=note>From the manifest in {html.escape(where)}.</p>")
     volumes = compare.source_volumes(manifest)
     if not volumes.is_empty():
@@ -207,7 +207,7 @@ def _data_section(page: _Page, manifest: ShardManifest, where: str) -> None:
     problems = manifest.check()
     page.add("<p>Counts add up for every source.</p>" if not problems
              else "<p class=bad>Accounting problems:<br>" + "<br>".join(map(html.escape, problems)) + "</p>")
-    page.add(_table(curation_funnel(manifest), floats=3))
+    page.add(html_table(curation_funnel(manifest), floats=3))
     per_source = pl.DataFrame([
         {
             "source": n,
@@ -223,7 +223,7 @@ def _data_section(page: _Page, manifest: ShardManifest, where: str) -> None:
         }
         for n, s in sorted(manifest.sources.items())
     ])
-    page.add("<h3>Sources</h3>", _table(per_source, floats=2))
+    page.add("<h3>Sources</h3>", html_table(per_source, floats=2))
 
 
 def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord], out_dir: str | Path,
@@ -234,7 +234,7 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
     labels = compare.run_labels(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    page = _Page(out)
+    page = HtmlPage(out)
     metrics = [run.metrics() for run in records]
     evals = [run.evals() for run in records]
     manifest_dirs = [_manifest_dir(run, manifest_dir) for run in records]
@@ -253,20 +253,20 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
     else:
         page.add(f"<h1>mixlab: {len(records)} runs compared</h1>",
                  "<p>" + " · ".join(f"<code>{html.escape(label)}</code>" for label in labels) + "</p>")
-    page.add("<h2>Summary</h2>", _table(_summary_rows(records, labels)))
+    page.add("<h2>Summary</h2>", html_table(_summary_rows(records, labels)))
     if len(records) == 1 and records[0].summary:
         def show(value) -> str:
             return f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value)
 
         fields = [{"field": k, "value": show(v)} for k, v in records[0].summary.items() if not isinstance(v, dict | list)]
-        page.add("<h3>Run details</h3>", _table(pl.DataFrame(fields)))
+        page.add("<h3>Run details</h3>", html_table(pl.DataFrame(fields)))
 
     # ---- config differences
     if len(records) > 1:
         page.add("<h2>Config differences</h2>")
         diff = compare.config_differences({label: run.config for run, label in zip(records, labels, strict=True)})
         page.add("<p>Only the config keys whose values differ between the runs (flattened run.json config).</p>"
-                 + _table(diff) if not diff.is_empty()
+                 + html_table(diff) if not diff.is_empty()
                  else "<p>No config key differs between the runs (apart from the run id).</p>")
 
     # ---- training curves
@@ -298,7 +298,7 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
         page.figure("eval", plots.final_bpb_bars(finals), "final bits per byte per source", "eval_bpb.png")
         steps = ", ".join(f"{label}: step {f['step'][0]}" for label, f in finals if not f.is_empty())
         page.add(f"<p>Last evaluation ({html.escape(steps)}); brackets: 95% bootstrap interval over eval windows.</p>",
-                 _table(_final_eval_table(records, labels)))
+                 html_table(_final_eval_table(records, labels)))
     else:
         page.add("<p class=note>No evals recorded.</p>")
 
@@ -308,7 +308,7 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
         page.add(f"<p class=bad>Manifest left out: {html.escape(problem)}</p>")
     if any(m is not None for m in manifests):
         page.add("<p>Tokens served to the run / the source's train tokens: above 1 the run repeated that source's data."
-                 "</p>", _table(_epochs_table(records, labels, manifests), floats=3))
+                 "</p>", html_table(_epochs_table(records, labels, manifests), floats=3))
     else:
         page.add("<p class=note>No manifest found (give the curated directory) to relate tokens served to the data."
                  "</p>")
@@ -330,7 +330,7 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
     distinct = {str(s): s for _, s in schedules}
     for label, schedule in schedules if len(distinct) > 1 else schedules[:1]:
         owner = f" of {html.escape(label)}" if len(distinct) > 1 else ""
-        page.add(f"<p>Target weights per stage{owner}:</p>", _table(compare.schedule_table(schedule), floats=3))
+        page.add(f"<p>Target weights per stage{owner}:</p>", html_table(compare.schedule_table(schedule), floats=3))
 
     # ---- adaptive mixture: every weight change a policy made, with its cause
     changes = [(label, _mixture_changes(run), compare.run_total_steps(run)) for run, label in
@@ -343,7 +343,7 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
         page.figure("mixture_weights", plots.mixture_weights(changes), "mixture weights over the run, per change")
         for label, rows, _ in changes:
             owner = f" of {html.escape(label)}" if len(changes) > 1 else ""
-            page.add(f"<p>Weight changes{owner} ({len(rows)}):</p>", _table(_mixture_change_table(rows), floats=3))
+            page.add(f"<p>Weight changes{owner} ({len(rows)}):</p>", html_table(_mixture_change_table(rows), floats=3))
 
     # ---- data
     first = next(((d, m) for d, m in zip(manifest_dirs, manifests, strict=True) if m is not None), None)
@@ -354,7 +354,7 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
 
     title = records[0].run_id if len(records) == 1 else " vs ".join(labels)
     html_page = (f"<!doctype html><html><head><meta charset='utf-8'><title>mixlab {html.escape(title)}</title>"
-                 f"<style>{_CSS}</style></head><body>{''.join(page.sections)}</body></html>")
+                 f"<style>{REPORT_CSS}</style></head><body>{''.join(page.sections)}</body></html>")
     html_path = out / "report.html"
     html_path.write_text(html_page)
     return RunReport(html_path=html_path, plots=page.plots, run_ids=[r.run_id for r in records])

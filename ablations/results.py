@@ -2,7 +2,8 @@
 
 One Parquet file (`<runs>/../ablations/<spec>/results.parquet`) that polars, pandas and DuckDB read, so any
 question about the ablation is a query: per-source held-out loss and bits per byte (`<source>/loss`,
-`<source>/bpb`, `all/...`), the training loss (`train/loss`), with the run's variant, seed and axis labels.
+`<source>/bpb`, `all/...`), downstream cloze tasks (`task/<name>/accuracy`, `task/<name>/margin`), the training
+loss (`train/loss`), with the run's variant, seed and axis labels.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from mixlab.ablations.spec import AblationSpec
 from mixlab.training import RunRecord
 
 EVAL_METRICS = ("loss", "bpb")
+TASK_METRICS = ("accuracy", "margin")
 
 
 def ablation_results(spec: AblationSpec) -> pl.DataFrame:
@@ -34,12 +36,28 @@ def ablation_results(spec: AblationSpec) -> pl.DataFrame:
                 if isinstance(row.get(metric), int | float):
                     rows.append({**common, "step": int(row["step"]), "metric": f"{row['source']}/{metric}",
                                  "value": float(row[metric])})
+        for row in record.tasks():
+            for metric in TASK_METRICS:
+                if isinstance(row.get(metric), int | float):
+                    rows.append({**common, "step": int(row["step"]), "metric": f"task/{row['task']}/{metric}",
+                                 "value": float(row[metric])})
         for row in record.metrics():
             if isinstance(row.get("loss"), int | float):
                 rows.append({**common, "step": int(row["step"]), "metric": "train/loss", "value": float(row["loss"])})
     schema = {"run": pl.String, "variant": pl.String, "seed": pl.Int64, "status": pl.String,
               **dict.fromkeys(axes, pl.String), "step": pl.Int64, "metric": pl.String, "value": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
+
+
+def task_chance(spec: AblationSpec) -> dict[str, float]:
+    """Chance accuracy of each downstream task the spec's proxies were scored on (from their tasks.jsonl)."""
+    chance: dict[str, float] = {}
+    for proxy in proxy_runs(spec):
+        if proxy.status != "pending":
+            for row in RunRecord.load(proxy.path).tasks():
+                if isinstance(row.get("chance"), int | float):
+                    chance.setdefault(str(row["task"]), float(row["chance"]))
+    return chance
 
 
 def write_results(spec: AblationSpec, path: str | Path | None = None) -> Path:

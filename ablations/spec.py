@@ -4,7 +4,9 @@ A spec is a base run config document (the `mixlab.run/1` sections: data, mixture
 either axes (`mode="grid"`: every combination) or an explicit list of variants (`mode="list"`), each crossed with
 the seeds. An axis sets one field of the run document (`train.lr`, `model.n_layers`, `mixture`, `plan.max_epochs`)
 to each of its values; a value may be a whole section, e.g. a schedule, under a label (`{"code-heavy": {...}}`).
-Every variant is named by what differs from the base (`lr=0.002`, `mixture=code-heavy`), so run ids say what they
+A field `curation.<key>` (`curation.web.language_threshold`, `curation.dedup`) is a curation setting: such a variant
+trains on its own curated variant of the base's dataset, which re-curates only the sources it changes
+(`ablations.curation_variants`). Every variant is named by what differs from the base (`lr=0.002`, `mixture=code-heavy`), so run ids say what they
 test and a rerun of the spec finds the same runs again.
 """
 
@@ -21,6 +23,7 @@ import yaml
 from mixlab.pipelines.run_config import set_fields
 
 SPEC_FORMAT = "mixlab.ablation/1"
+CURATION_PREFIX = "curation."  # an axis or list field `curation.<key>` is a curation setting, not a run field
 MODES = ("grid", "list")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -67,11 +70,28 @@ class AblationVariant:
     seed: int
     run_id: str
 
+    @property
+    def curation(self) -> dict[str, Any]:
+        """The curation settings this variant changes (`curation.<key>` fields without the prefix, e.g.
+        `web.language_threshold`, `dedup`): it trains on its own curated variant of the base's dataset."""
+        return {path[len(CURATION_PREFIX):]: value for path, value in self.fields.items()
+                if path.startswith(CURATION_PREFIX)}
+
     def document(self, base: Mapping[str, Any]) -> dict[str, Any]:
-        """The run config document of this proxy: the base with the variant's fields, seed and run id set."""
+        """The run config document of this proxy: the base with the variant's fields, seed and run id set; a
+        curation variant's `data.curated` is its curated variant's directory (built by the launcher)."""
         assignments = [(path.split("."), value, f"variant {self.name!r}: {path}") for path, value in
-                       self.fields.items()]
+                       self.fields.items() if not path.startswith(CURATION_PREFIX)]
         assignments.append((["train", "seed"], self.seed, f"variant {self.name!r}: seed"))
+        if self.curation:
+            from mixlab.ablations.curation_variants import variant_dir
+
+            curated = (base.get("data") or {}).get("curated")
+            if not curated:
+                raise AblationSpecError(f"variant {self.name!r} changes curation, but the base has no data.curated "
+                                        "to curate a variant of")
+            assignments.append((["data", "curated"], str(variant_dir(curated, self.curation)),
+                                f"variant {self.name!r}: curation"))
         document = set_fields(dict(base), assignments)
         document["run_id"] = self.run_id
         return document
@@ -89,6 +109,7 @@ class AblationSpec:
     mode: str = "grid"
     include_base: bool = True  # the base itself is a variant (what every difference is measured against)
     description: str = ""
+    raw_dir: str | None = None  # curation axes: the raw corpus the base was curated from (default: as curation recorded)
 
     def __post_init__(self) -> None:
         if not self.name or _NAME_CHARS.search(self.name):
@@ -104,8 +125,23 @@ class AblationSpec:
             raise AblationSpecError(f"spec {self.name!r}: variants are listed, so set mode: list (grid uses axes)")
         if self.mode == "list" and self.axes:
             raise AblationSpecError(f"spec {self.name!r}: mode list takes variants, not axes")
+        for settings in self._curation_settings():
+            from mixlab.ablations.curation_variants import CurationSettings, CurationSettingsError
+
+            try:
+                CurationSettings.parse(settings)
+            except CurationSettingsError as err:
+                raise AblationSpecError(f"spec {self.name!r}: {err}") from err
         if any(a.field == "train.seed" for a in self.axes):
             raise AblationSpecError(f"spec {self.name!r}: seeds are the spec's `seeds` (they set train.seed), not an axis")
+
+    def _curation_settings(self) -> list[dict[str, Any]]:
+        """Every curation field of an axis value or listed variant, one setting at a time (checked early)."""
+        out = [{a.field[len(CURATION_PREFIX):]: v} for a in self.axes if a.field.startswith(CURATION_PREFIX)
+               for _, v in a.labelled()]
+        out += [{k[len(CURATION_PREFIX):]: v} for listed in self.variants for k, v in listed.items()
+                if k.startswith(CURATION_PREFIX)]
+        return out
 
     # ---- expansion ---------------------------------------------------------------------------------------
     def expand(self) -> list[AblationVariant]:
@@ -157,6 +193,8 @@ class AblationSpec:
             data["variants"] = [dict(v) for v in self.variants]
         if self.description:
             data["description"] = self.description
+        if self.raw_dir:
+            data["raw_dir"] = self.raw_dir
         return data
 
     @classmethod
@@ -164,7 +202,8 @@ class AblationSpec:
         fmt = data.get("format", SPEC_FORMAT)
         if fmt != SPEC_FORMAT:
             raise AblationSpecError(f"{where}: format {fmt!r}; this mixlab reads {SPEC_FORMAT!r}")
-        known = {"format", "name", "base", "axes", "variants", "seeds", "mode", "include_base", "description"}
+        known = {"format", "name", "base", "axes", "variants", "seeds", "mode", "include_base", "description",
+                 "raw_dir"}
         unknown = sorted(set(data) - known)
         if unknown or "name" not in data or "base" not in data:
             raise AblationSpecError(f"{where}: expected name, base and axes or variants"
@@ -174,7 +213,8 @@ class AblationSpec:
                        axes=tuple(Axis(**a) for a in data.get("axes") or ()),
                        variants=tuple(data.get("variants") or ()), seeds=tuple(data.get("seeds") or (0,)),
                        mode=str(data.get("mode") or ("list" if data.get("variants") else "grid")),
-                       include_base=bool(data.get("include_base", True)), description=str(data.get("description", "")))
+                       include_base=bool(data.get("include_base", True)), description=str(data.get("description", "")),
+                       raw_dir=str(data["raw_dir"]) if data.get("raw_dir") else None)
         except (TypeError, AblationSpecError) as err:
             raise AblationSpecError(f"{where}: {err}") from err
 
