@@ -151,6 +151,21 @@ def build_evaluator(manifest: ShardManifest, sources: list[str], seq_len: int, e
                             bootstrap_resamples=eval_config.bootstrap_resamples)
 
 
+def build_task_scorer(manifest: ShardManifest, config: RunConfig):
+    """The downstream cloze tasks of `eval.tasks` (None without), scored with the dataset's tokenizer at the
+    run's context length; the tasks are built from the dataset's held-out documents the first time."""
+    wanted = config.eval.tasks
+    if not wanted:
+        return None
+    from mixlab.ablations.tasks import ClozeEvaluator
+
+    scorer = ClozeEvaluator.for_curated(manifest.root, max_seq_len=config.train.seq_len,
+                                        max_items=config.eval.task_items, batch_size=config.eval.batch_size)
+    if wanted != "all":
+        scorer = scorer.select(wanted)
+    return scorer
+
+
 def align_lr_decay(train_config: TrainConfig, sampler: MixtureSampler) -> TrainConfig:
     """With a staged mixture, the WSD learning-rate decay starts exactly where the last data stage starts
     (SmolLM3 anneals on its richest mix), computed by the sampler's own stage rule."""
@@ -204,7 +219,8 @@ def pretrain(config: RunConfig, policy: MixturePolicy | None = None) -> RunRecor
     config = replace(config, train=align_lr_decay(config.train, sampler))
     evaluator = build_evaluator(manifest, evaluated_sources(manifest, plan.schedule), config.train.seq_len,
                                 config.eval)
+    tasks = build_task_scorer(manifest, config)
     run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest, policy), tags=config.tags)
     train(run, config.model, config.train, sampler, evaluator,
-          policy=policy if policy is not None else config.build_policy())
+          policy=policy if policy is not None else config.build_policy(), tasks=tasks)
     return RunRecord.load(run.path)

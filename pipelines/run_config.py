@@ -12,7 +12,7 @@ reproduces the run. Every field can be overridden with `--set section.field=valu
     plan: {max_epochs: 4}            # the planner refuses a source repeated more (per source: max_epochs_by_source)
     model: {preset: demo}            # a ModelConfig preset plus any field; vocab_size comes from the tokenizer
     train: {preset: demo, lr: 1.0e-3, total_steps: 400}
-    eval: {windows_per_source: 48}
+    eval: {windows_per_source: 48, tasks: all}   # tasks: downstream cloze tasks scored at every eval
     policy: {name: odm, update_every: 50, exploration: 0.05, bounds: {web-en: [0.2, 0.9]}}   # optional
     backend: embedded
     tags: {recipe: web-heavy}
@@ -55,12 +55,20 @@ class EvalConfig(ConfigDict):
     windows_per_source: int = 48  # windows of seq_len + 1 tokens from each source's val split
     batch_size: int = 16  # windows per forward pass
     bootstrap_resamples: int = 1000  # for the confidence interval over windows
+    # downstream cloze tasks (ablations.tasks) scored at every eval: "all" the dataset's tasks (built from its
+    # held-out documents on first use), a list of task names, or none
+    tasks: str | list[str] | None = None
+    task_items: int = 1000  # at most this many items per task
 
     def __post_init__(self) -> None:
-        for name in ("windows_per_source", "batch_size", "bootstrap_resamples"):
+        for name in ("windows_per_source", "batch_size", "bootstrap_resamples", "task_items"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"eval.{name}={value!r} must be a whole number >= 1", [f"eval.{name}"])
+        tasks = self.tasks
+        if tasks is not None and tasks != "all" and (
+                not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks)):
+            raise ConfigError(f"eval.tasks={tasks!r}: give \"all\", a list of task names, or null", ["eval.tasks"])
 
 
 @dataclass
