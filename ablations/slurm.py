@@ -39,8 +39,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TASK_ID = re.compile(r"^(\d+)_(\d+|\[[^\]]*\])$")
 
 
-class SlurmError(RuntimeError):
-    """Slurm could not be reached, refused the job, or answered in a way mixlab cannot read."""
+class SlurmError(ValueError):
+    """Slurm could not be reached, refused the job, or answered in a way mixlab cannot read (a ValueError: the
+    CLI prints its message, which says what to do)."""
 
 
 class SlurmNotAvailable(SlurmError):

@@ -255,28 +255,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ablate(args: argparse.Namespace) -> int:
-    from mixlab.ablations.launch import LocalLauncher, plan_lines, proxy_runs, run_ablation, status_lines
-    from mixlab.ablations.spec import AblationSpec
-
-    spec = AblationSpec.from_yaml(args.spec)
-    launcher = LocalLauncher(**_overrides(args, ["parallel", "threads"]))
-    if args.action == "plan":
-        print("\n".join(plan_lines(spec, launcher, measure=not args.no_measure)))
-        return 0
-    if args.action == "status":
-        print("\n".join(status_lines(proxy_runs(spec))))
-        return 0
-    if args.action == "results":
-        from mixlab.ablations.results import write_results
-
-        print(f"results: {write_results(spec)}")
-        return 0
-    proxies = run_ablation(spec, launcher)
-    print("\n".join(status_lines(proxies)))
-    return 0 if all(p.status == "completed" for p in proxies) else 1
-
-
 def cmd_smollm3(args: argparse.Namespace) -> int:
     from mixlab.pipelines.smollm3 import LongContextStage, SmolLM3ProxyConfig, run_smollm3
 
@@ -426,20 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-id", help=f"run name (default {_default(DemoConfig, 'run_id')})")
     demo.set_defaults(func=cmd_demo)
 
-    abl = sub.add_parser(
-        "ablate", help="an ablation spec's proxy runs: plan them, run them (rerun: resume), see their status",
-        description="An ablation spec (YAML: name, base run document, axes or variants, seeds) expands into one "
-                    "proxy run per variant and seed, named by what differs from the base. `plan` lists them with "
-                    "tokens and a time estimated from a step measured here; `run` trains every proxy that has not "
-                    "completed (a rerun skips finished proxies and resumes interrupted ones from their "
-                    "checkpoints); `status` shows where each stands; `results` writes every logged value as one Parquet "
-                    "table (run x step x metric x value, with the axes as columns).")
-    abl.add_argument("action", choices=["plan", "run", "status", "results"], help="what to do")
-    abl.add_argument("spec", type=Path, help="the ablation spec (YAML)")
-    abl.add_argument("--parallel", type=int, help="proxies trained at once (default: one per 2 cores)")
-    abl.add_argument("--threads", type=int, help="CPU threads per proxy (default: cores / parallel)")
-    abl.add_argument("--no-measure", action="store_true", help="plan without measuring a step (no time estimate)")
-    abl.set_defaults(func=cmd_ablate)
+    from mixlab.pipelines.ablate_cli import add_ablate_parser
+
+    add_ablate_parser(sub)
 
     from mixlab.pipelines.smollm3 import LongContextStage, SmolLM3ProxyConfig
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mixlab.ablations.launch import LocalLauncher, plan_lines, proxy_runs, run_ablation, status_lines
 from mixlab.ablations.spec import AblationSpec, Axis
 from mixlab.training import RunRecord
@@ -83,5 +84,29 @@ def test_results_are_one_long_table_with_the_axes_as_columns(tokenized_curated: 
     path = tmp_path / "spec.yaml"
     path.write_text(ablation.to_yaml())
     assert main(["ablate", "status", str(path)]) == 0 and "2 of 2 completed" in capsys.readouterr().out
-    assert main(["ablate", "run", str(path)]) == 0  # nothing left to train
+    assert main(["ablate", "run", str(path)]) == 0  # nothing left to train; the report is written
+    report = tmp_path / "ablations" / ablation.name / "report" / "report.html"
+    assert "report.html" in capsys.readouterr().out and report.exists()
+    report.unlink()
+    assert main(["ablate", "report", str(path)]) == 0 and report.exists()
     assert main(["ablate", "results", str(path)]) == 0 and "results.parquet" in capsys.readouterr().out
+    assert main(["ablate", "run", str(path), "--launcher", "slurm"]) == 0  # nothing to launch: Slurm never asked
+
+
+def test_every_ablate_action_explains_itself_and_slurm_absence_is_a_clear_error(tokenized_curated, tmp_path, capsys):
+    from mixlab.pipelines.cli import main
+
+    for action in ("plan", "run", "status", "results", "report", "example", "regmix", "doremi", "anneal"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["ablate", action, "--help"])
+        assert exit_.value.code == 0 and "usage: mixlab ablate " + action in capsys.readouterr().out
+    path = tmp_path / "spec.yaml"
+    path.write_text(spec(tokenized_curated, tmp_path / "runs").to_yaml())
+    env_path = os.environ.get("PATH", "")
+    try:  # no sbatch on the PATH (as on this machine): the message says what to do instead
+        os.environ["PATH"] = str(tmp_path / "empty")
+        assert main(["ablate", "run", str(path), "--launcher", "slurm"]) == 2
+    finally:
+        os.environ["PATH"] = env_path
+    err = capsys.readouterr().err
+    assert "Slurm is not installed" in err and "LocalLauncher" in err
