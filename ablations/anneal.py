@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mixlab.ablations.doremi import check_same_runs, write_report_json
+from mixlab.ablations.doremi import check_same_runs
 from mixlab.ablations.launch import (
-    DONE,
     Launcher,
     LocalLauncher,
     ProxyRun,
+    require_completed,
     resolved_config,
     run_ablation,
     runs_dir,
 )
+from mixlab.ablations.outputs import write_report_json
 from mixlab.ablations.spec import AblationSpec
 from mixlab.training import RunRecord
 
@@ -303,14 +304,6 @@ class AnnealReport:
         return lines
 
 
-def _require_completed(spec: AblationSpec, proxies: Sequence[ProxyRun]) -> None:
-    failed = [p for p in proxies if p.status != DONE]
-    if failed:
-        listed = ", ".join(f"{p.run_id} ({p.status}; log {p.document_path.with_suffix('.log')})" for p in failed)
-        raise AnnealError(f"anneal {spec.name!r}: {len(failed)} of {len(proxies)} runs did not complete: {listed}. "
-                          "Fix the cause and rerun: finished runs are not trained again")
-
-
 def final_metrics(run: str | Path) -> tuple[int, dict[str, float]]:
     """(last eval step, {metric: value}) of a run: `<source>/loss|bpb`, `all/...`, `task/<name>/accuracy|margin`."""
     record = RunRecord.load(run)
@@ -360,7 +353,7 @@ def run_anneal(config: AnnealConfig, launcher: Launcher | None = None) -> Anneal
     spec = anneal_spec(config)
     check_same_runs(spec, ("init_from", "lr", "total_steps"), error=AnnealError)
     proxies = run_ablation(spec, launcher or LocalLauncher())
-    _require_completed(spec, proxies)
+    require_completed(spec, proxies, AnnealError)
     by_variant: dict[str, dict[int, dict[str, float]]] = {name: {} for name in VARIANTS}
     steps = set()
     for proxy in proxies:

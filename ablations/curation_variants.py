@@ -23,7 +23,6 @@ alone turns MinHash dedup off for every source, `<selector>.dedup: false` for so
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,12 +31,12 @@ import re
 import shutil
 import types
 import typing
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
+from mixlab.ablations.outputs import exclusive_lock
 from mixlab.curation import (
     DOCS_SUFFIX,
     ManifestError,
@@ -539,17 +538,6 @@ def _sync_tokenizer(base: ShardManifest, variant: ShardManifest) -> bool:
     return True
 
 
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    """One writer per variant folder (two proxies of an ablation may ask for the same variant at once)."""
-    with open(folder / ".variant.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 # ---- the variant ---------------------------------------------------------------------------------
 def variant_dir(base_curated: str | Path, settings: Mapping[str, Any] | CurationSettings,
                 out_root: str | Path | None = None) -> Path:
@@ -608,7 +596,7 @@ def curated_variant(
               "base": str(base_curated.resolve()), "curated": sorted(plan.recipes), "reused": plan.reused,
               "tasks": tasks}
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out):
+    with exclusive_lock(out / ".variant.lock"):  # two proxies may ask for the same variant at once
         previous = json.loads((out / VARIANT_JSON).read_text()) if (out / VARIANT_JSON).exists() else None
         if previous is not None and previous.get("base") != record["base"]:
             raise ValueError(f"{out / VARIANT_JSON}: this folder is a variant of {previous.get('base')}, not of "

@@ -19,8 +19,6 @@ seed other than the reference's, or the proxy repeats the reference exactly and 
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,14 +26,15 @@ from typing import Any, Literal
 
 import numpy as np
 from mixlab.ablations.launch import (
-    DONE,
     Launcher,
     LocalLauncher,
     ProxyRun,
+    require_completed,
     resolved_config,
     run_ablation,
     runs_dir,
 )
+from mixlab.ablations.outputs import write_report_json
 from mixlab.ablations.spec import AblationSpec
 from mixlab.training import RunRecord
 
@@ -166,14 +165,6 @@ def final_spec(spec: AblationSpec, config: DoReMiConfig, mixtures: Mapping[str, 
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
-def _require_completed(spec: AblationSpec, proxies: Sequence[ProxyRun]) -> None:
-    failed = [p for p in proxies if p.status != DONE]
-    if failed:
-        listed = ", ".join(f"{p.run_id} ({p.status}; log {p.document_path.with_suffix('.log')})" for p in failed)
-        raise DoReMiError(f"spec {spec.name!r}: {len(failed)} of {len(proxies)} runs did not complete: {listed}. "
-                          "Fix the cause and rerun: finished runs are not trained again")
-
-
 def check_same_runs(spec: AblationSpec, train_fields: Sequence[str] = (),
                     error: type[ValueError] = ValueError) -> None:
     """A completed run trained on another mixture, policy or `train_fields` than its document now says (the
@@ -201,7 +192,7 @@ def check_same_runs(spec: AblationSpec, train_fields: Sequence[str] = (),
 def _run_stage(spec: AblationSpec, launcher: Launcher) -> list[ProxyRun]:
     check_same_runs(spec, error=DoReMiError)
     proxies = run_ablation(spec, launcher)
-    _require_completed(spec, proxies)
+    require_completed(spec, proxies, DoReMiError)
     return proxies
 
 
@@ -409,23 +400,6 @@ def run_doremi(spec: AblationSpec, config: DoReMiConfig | None = None,
     write_report_json(report.json_path, report.to_dict())
     plot_doremi(report, report.png_path)
     return report
-
-
-def write_report_json(path: Path, data: Mapping[str, Any]) -> None:
-    """JSON with NaN/inf as null, written atomically (a report is never half-written)."""
-
-    def clean(value: Any) -> Any:
-        if isinstance(value, float):
-            return value if math.isfinite(value) else None
-        if isinstance(value, Mapping):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(data), indent=2) + "\n")
-    tmp.replace(path)
 
 
 def plot_doremi(report: DoReMiReport, path: Path) -> Path:

@@ -137,6 +137,15 @@ def run_ablation(spec: AblationSpec, launcher: Launcher | None = None) -> list[P
     return proxy_runs(spec)
 
 
+def require_completed(spec: AblationSpec, proxies: Sequence[ProxyRun], error: type[ValueError] = ValueError) -> None:
+    """Refuse to read results while a proxy has not completed: name each one with its status and log."""
+    failed = [p for p in proxies if p.status != DONE]
+    if failed:
+        listed = ", ".join(f"{p.run_id} ({p.status}; log {p.document_path.with_suffix('.log')})" for p in failed)
+        raise error(f"spec {spec.name!r}: {len(failed)} of {len(proxies)} runs did not complete: {listed}. "
+                    "Fix the cause and rerun: finished runs are not trained again")
+
+
 def status_lines(proxies: Sequence[ProxyRun]) -> list[str]:
     """One line per proxy: run id, status, steps done."""
     width = max((len(p.run_id) for p in proxies), default=10)

@@ -15,7 +15,6 @@ Results land in `<runs_dir>/../ablations/<spec>/regmix/` (regmix.json, regmix.pn
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,14 +24,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 from mixlab.ablations.launch import (
-    DONE,
     Launcher,
     LocalLauncher,
-    ProxyRun,
+    require_completed,
     resolved_config,
     run_ablation,
     runs_dir,
 )
+from mixlab.ablations.outputs import write_report_json
 from mixlab.ablations.results import ablation_results
 from mixlab.ablations.spec import AblationSpec
 from mixlab.mixtures.search import (
@@ -319,7 +318,7 @@ def run_regmix(spec: AblationSpec, config: RegMixConfig | None = None,
     launcher = launcher or LocalLauncher()
     space = mixture_space(spec, config.sources)
     swarm_spec = regmix_swarm_spec(spec, config, space)
-    _require_completed(swarm_spec, run_ablation(swarm_spec, launcher))
+    require_completed(swarm_spec, run_ablation(swarm_spec, launcher), RegMixError)
     swarm_values = final_values(swarm_spec, config.target)
     swarm = []
     for variant in swarm_spec.expand():
@@ -338,7 +337,7 @@ def run_regmix(spec: AblationSpec, config: RegMixConfig | None = None,
 
     verify_spec = regmix_verify_spec(spec, config, chosen, space)
     _check_verify_mixtures(verify_spec, space.sources)
-    _require_completed(verify_spec, run_ablation(verify_spec, launcher))
+    require_completed(verify_spec, run_ablation(verify_spec, launcher), RegMixError)
     verify_values = final_values(verify_spec, config.target)
     verify: dict[str, VerifyRun] = {}
     for variant in verify_spec.expand():
@@ -360,17 +359,9 @@ def run_regmix(spec: AblationSpec, config: RegMixConfig | None = None,
     out = regmix_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
     report.json_path, report.png_path = out / "regmix.json", out / "regmix.png"
-    _write_json(report.json_path, report.to_dict())
+    write_report_json(report.json_path, report.to_dict())
     plot_regmix(report, report.png_path)
     return report
-
-
-def _require_completed(spec: AblationSpec, proxies: Sequence[ProxyRun]) -> None:
-    failed = [p for p in proxies if p.status != DONE]
-    if failed:
-        listed = ", ".join(f"{p.run_id} ({p.status}; log {p.document_path.with_suffix('.log')})" for p in failed)
-        raise RegMixError(f"spec {spec.name!r}: {len(failed)} of {len(proxies)} proxies did not complete: {listed}. "
-                          "Fix the cause and rerun: finished proxies are not trained again")
 
 
 def final_values(spec: AblationSpec, target: str) -> dict[str, float]:
@@ -491,21 +482,6 @@ def _chosen_kind(config: RegMixConfig, fits: Mapping[str, FitSummary]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- outputs
-
-
-def _write_json(path: Path, data: Mapping[str, Any]) -> None:
-    def clean(value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, Mapping):
-            return {str(k): clean(v) for k, v in value.items()}
-        if isinstance(value, list | tuple):
-            return [clean(v) for v in value]
-        return value
-
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(data), indent=1))
-    tmp.replace(path)
 
 
 def plot_regmix(report: RegMixReport, path: Path) -> Path:

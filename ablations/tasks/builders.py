@@ -20,7 +20,6 @@ with `max_items=k`. A task with fewer than `MIN_ITEMS` items is skipped with its
 from __future__ import annotations
 
 import bisect
-import fcntl
 import gzip
 import hashlib
 import json
@@ -29,12 +28,12 @@ import random
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+from mixlab.ablations.outputs import exclusive_lock
 from mixlab.ablations.tasks.items import (
     INDEX_NAME,
     TASKS_DIR,
@@ -609,16 +608,9 @@ def build_gsm8k(manifest: ShardManifest, source: str, max_items: int, seed: int,
 
 
 # ---- all tasks ------------------------------------------------------------------------------------------------
-@contextmanager
-def build_lock(tasks_dir: Path) -> Iterator[None]:
+def build_lock(tasks_dir: Path):
     """One builder at a time per task folder: proxies of an ablation may start together."""
-    tasks_dir.mkdir(parents=True, exist_ok=True)
-    with open(tasks_dir / ".build.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return exclusive_lock(tasks_dir / ".build.lock")
 
 
 def default_raw_dir(manifest: ShardManifest) -> Path | None:
