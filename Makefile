@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mixlab-installed
 WORKDIR ?= demo-output
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo ablation test lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/mixlab demo --workdir $(WORKDIR)
+
+ablation: setup
+	$(BIN)/mixlab ablate example --workdir $(WORKDIR)
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from mixlab.ablations.doremi import check_same_runs
 from mixlab.ablations.launch import (
     Launcher,
     LocalLauncher,
     ProxyRun,
+    check_same_runs,
     require_completed,
     resolved_config,
     run_ablation,
@@ -351,7 +351,7 @@ def anneal_dir(spec: AblationSpec) -> Path:
 def run_anneal(config: AnnealConfig, launcher: Launcher | None = None) -> AnnealReport:
     """Train the control and candidate anneals (what has not completed), compare them and write anneal.json."""
     spec = anneal_spec(config)
-    check_same_runs(spec, ("init_from", "lr", "total_steps"), error=AnnealError)
+    check_same_runs(spec, error=AnnealError)
     proxies = run_ablation(spec, launcher or LocalLauncher())
     require_completed(spec, proxies, AnnealError)
     by_variant: dict[str, dict[int, dict[str, float]]] = {name: {} for name in VARIANTS}

@@ -29,6 +29,7 @@ from mixlab.ablations.launch import (
     Launcher,
     LocalLauncher,
     ProxyRun,
+    check_same_runs,
     require_completed,
     resolved_config,
     run_ablation,
@@ -165,30 +166,6 @@ def final_spec(spec: AblationSpec, config: DoReMiConfig, mixtures: Mapping[str, 
 
 
 # ---------------------------------------------------------------------------------------------- reading runs
-def check_same_runs(spec: AblationSpec, train_fields: Sequence[str] = (),
-                    error: type[ValueError] = ValueError) -> None:
-    """A completed run trained on another mixture, policy or `train_fields` than its document now says (the
-    sources, settings or parent changed since) would be skipped by the rerun and reported as this one: refuse it."""
-    from mixlab.mixtures import MixtureSchedule
-
-    for variant in spec.expand():
-        path = runs_dir(spec) / variant.run_id
-        if not (path / "run.json").exists():
-            continue
-        have = RunRecord.load(path).config
-        want = variant.document(spec.base)
-        differ = [] if (have.get("mixture") is not None and MixtureSchedule.from_dict(have["mixture"])
-                        == MixtureSchedule.from_dict(want["mixture"])) else ["mixture"]
-        if (have.get("policy") or None) != (want.get("policy") or None):
-            differ.append("policy")
-        differ += [f"train.{k}" for k in train_fields
-                   if (have.get("train") or {}).get(k) != (want.get("train") or {}).get(k)]
-        if differ:
-            raise error(f"{path}: this run was trained with another {', '.join(differ)} than its document now says "
-                        f"(e.g. mixture {have.get('mixture')}); remove the run directory to retrain it, or give the "
-                        "spec another name")
-
-
 def _run_stage(spec: AblationSpec, launcher: Launcher) -> list[ProxyRun]:
     check_same_runs(spec, error=DoReMiError)
     proxies = run_ablation(spec, launcher)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 import yaml
-from mixlab.ablations.spec import AblationSpec, AblationVariant
+from mixlab.ablations.spec import AblationSpec, AblationSpecError, AblationVariant
 from mixlab.training import RunRecord
 
 DONE = "completed"
@@ -125,10 +125,52 @@ def prepare_curation_variants(spec: AblationSpec, proxies: Sequence[ProxyRun]) -
     return list(built.values())
 
 
+# what may differ between a proxy's run and its document without it being another experiment
+RUNTIME_TRAIN_FIELDS = ("threads", "progress_bar", "device", "resume", "log_every", "keep_last_checkpoints")
+
+
+def run_differences(proxy: ProxyRun, document: dict) -> list[str]:
+    """The sections in which a proxy's existing run (its run.json) differs from the document the spec now gives
+    it: mixture, policy, data, plan, eval, model or train fields (run-time fields such as threads excepted)."""
+    from mixlab.mixtures import MixtureSchedule
+
+    have = RunRecord.load(proxy.path).config
+    want = resolved_config(document).to_dict()
+    differ = []
+    if want["mixture"] is not None and (have.get("mixture") is None or MixtureSchedule.from_dict(have["mixture"])
+                                        != MixtureSchedule.from_dict(want["mixture"])):
+        differ.append("mixture")
+    for section in ("policy", "data", "plan", "eval", "model"):
+        if (have.get(section) or None) != (want.get(section) or None):
+            differ.append(section)
+    trained = have.get("train") or {}
+    for key, value in want["train"].items():
+        if key in RUNTIME_TRAIN_FIELDS or (key == "decay_start_step" and value is None):
+            continue  # the run pins the WSD decay to its mixture's last stage when the document leaves it open
+        if trained.get(key) != value:
+            differ.append(f"train.{key}")
+    return differ
+
+
+def check_same_runs(spec: AblationSpec, proxies: Sequence[ProxyRun] | None = None,
+                    error: type[ValueError] = ValueError) -> None:
+    """Refuse a spec whose existing runs were trained from other documents (the spec, its base or the protocol's
+    settings changed since): a rerun would skip or resume them and report them as the new experiment."""
+    for proxy in proxies if proxies is not None else proxy_runs(spec):
+        if proxy.status == "pending":
+            continue
+        if differ := run_differences(proxy, proxy.variant.document(spec.base)):
+            raise error(f"{proxy.path}: this run was trained with another {', '.join(differ)} than spec "
+                        f"{spec.name!r} now gives it; remove the run directory to train it again, or give the spec "
+                        "another name to keep both")
+
+
 def run_ablation(spec: AblationSpec, launcher: Launcher | None = None) -> list[ProxyRun]:
     """Train every proxy that has not completed (pending, interrupted, stale or failed runs are (re)started; a
-    run resumes from its last checkpoint) and return the proxies' statuses afterwards."""
+    run resumes from its last checkpoint) and return the proxies' statuses afterwards. Runs trained from other
+    documents than the spec now gives are refused (`check_same_runs`), never silently reused."""
     proxies = proxy_runs(spec)
+    check_same_runs(spec, proxies, error=AblationSpecError)
     todo = [p for p in proxies if p.status != DONE]
     if todo:
         prepare_curation_variants(spec, todo)

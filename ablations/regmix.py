@@ -2,7 +2,7 @@
 
 1. Sample mixtures from a Dirichlet around the natural token shares of the base's curated data, capped so that no
    source passes the planner's epoch limit in the base's token budget (the planner never refuses a swarm member).
-2. Train the swarm: an ordinary list spec `<spec>-swarm`, one proxy per mixture (a rerun skips finished proxies).
+2. Train the swarm: an ordinary list spec `<spec>-swarm-<draw key>`, one proxy per mixture (a rerun skips finished proxies).
 3. Fit the target metric at each proxy's last step on the weights: linear, Olmix's log-linear law and LightGBM,
    each scored by cross-validated Spearman (the ranking is what the search relies on).
 4. Search the simplex within the caps for the best predicted mixture.
@@ -26,6 +26,7 @@ import polars as pl
 from mixlab.ablations.launch import (
     Launcher,
     LocalLauncher,
+    check_same_runs,
     require_completed,
     resolved_config,
     run_ablation,
@@ -62,7 +63,7 @@ class RegMixConfig:
     concentration: float = 1.0  # Dirichlet alpha = concentration * natural share: small = varied, sparse mixtures
     seed: int = 0  # sampling, CV folds and the simplex search
     target: str = "all/loss"  # a metric of the results table at each proxy's last step (`web-en/loss`, ...)
-    higher_is_better: bool = False  # True for accuracies/margins: the search then maximises
+    higher_is_better: bool | None = None  # None: from the target's name (loss/bpb: lower; accuracy/margin: higher)
     regressor: str = "lightgbm"  # the fit the search uses: linear | log-linear | lightgbm | best (highest CV rho)
     sources: tuple[str, ...] | None = None  # default: every source with a train window in the base's curated dir
     verify_seeds: tuple[int, ...] = (0, 1, 2)
@@ -89,6 +90,29 @@ class RegMixConfig:
                 raise RegMixError(f"regmix sources={list(self.sources)} must be distinct and at least one")
         if self.cv_folds < 2:
             raise RegMixError(f"regmix cv_folds={self.cv_folds} must be >= 2")
+        from mixlab.ablations.ablation_report import higher_is_better
+
+        try:
+            known = higher_is_better(self.target)
+        except ValueError:
+            known = None
+        if self.higher_is_better is None:
+            if known is None:
+                raise RegMixError(f"regmix target {self.target!r}: say whether higher is better (higher_is_better= / "
+                                  "--higher-is-better or --no-higher-is-better)")
+            self.higher_is_better = known
+        elif known is not None and self.higher_is_better != known:
+            raise RegMixError(f"regmix target {self.target!r} is {'higher' if known else 'lower'}-is-better, but "
+                              f"higher_is_better={self.higher_is_better} was given: leave it out")
+
+    def swarm_key(self) -> str:
+        """A short digest of what decides the swarm's mixtures: another draw is another swarm, never mixed up."""
+        import hashlib
+        import json
+
+        drawn = {"proxies": self.proxies, "concentration": float(self.concentration), "seed": self.seed,
+                 "sources": list(self.sources) if self.sources else None}
+        return hashlib.sha256(json.dumps(drawn, sort_keys=True).encode()).hexdigest()[:6]
 
 
 # ------------------------------------------------------------------------------------------------- the swarm
@@ -188,13 +212,13 @@ def sampled_mixtures(spec: AblationSpec, config: RegMixConfig, space: MixtureSpa
 
 
 def regmix_swarm_spec(spec: AblationSpec, config: RegMixConfig, space: MixtureSpace | None = None) -> AblationSpec:
-    """The list spec `<spec>-swarm`: the base once per sampled mixture (`mix-00`, ...), trained with the spec's
-    first seed."""
+    """The list spec `<spec>-swarm-<draw key>`: the base once per sampled mixture (`mix-00`, ...), trained with the
+    spec's first seed."""
     space = space or mixture_space(spec, config.sources)
     table = sampled_mixtures(spec, config, space)
     width = max(2, len(str(table.height - 1)))
     variants = tuple(_variant(f"mix-{i:0{width}d}", row) for i, row in enumerate(table.iter_rows(named=True)))
-    return AblationSpec(f"{spec.name}-swarm", _mixture_base(spec, space.natural), variants=variants,
+    return AblationSpec(f"{spec.name}-swarm-{config.swarm_key()}", _mixture_base(spec, space.natural), variants=variants,
                         seeds=(spec.seeds[0],), mode="list", include_base=False,
                         description=f"regmix swarm of {spec.name}: {table.height} mixtures around the natural shares")
 
@@ -336,7 +360,7 @@ def run_regmix(spec: AblationSpec, config: RegMixConfig | None = None,
     chosen = space.clip(best.mixture)  # already inside; the clip only guards float noise at a cap
 
     verify_spec = regmix_verify_spec(spec, config, chosen, space)
-    _check_verify_mixtures(verify_spec, space.sources)
+    check_same_runs(verify_spec, error=RegMixError)
     require_completed(verify_spec, run_ablation(verify_spec, launcher), RegMixError)
     verify_values = final_values(verify_spec, config.target)
     verify: dict[str, VerifyRun] = {}
@@ -382,23 +406,6 @@ def final_values(spec: AblationSpec, target: str) -> dict[str, float]:
         raise RegMixError(f"spec {spec.name!r}: {target!r} is not finite in runs {bad}: the regression needs "
                           "finite targets; look at those runs (diverged?) and rerun them")
     return {run: float(v) for run, v in values.items()}
-
-
-def _check_verify_mixtures(spec: AblationSpec, sources: Sequence[str]) -> None:
-    """A completed verify run of another mixture (e.g. the swarm changed) would be reported as this one's."""
-    from mixlab.training import RunRecord
-
-    root = runs_dir(spec)
-    for variant in spec.expand():
-        path = root / variant.run_id
-        if not (path / "run.json").exists():
-            continue
-        stages = ((RunRecord.load(path).config.get("mixture") or {}).get("stages") or [{}])
-        trained = stages[0].get("weights") or {}
-        wanted = variant_weights(variant.fields, sources)
-        if set(trained) != set(wanted) or any(abs(float(trained[s]) - w) > 1e-9 for s, w in wanted.items()):
-            raise RegMixError(f"{path}: this verify run trained mixture {trained}, but regmix now chose {wanted} for "
-                              f"{variant.name!r}: remove {path} to train it again")
 
 
 # ------------------------------------------------------------------------------------------------- fitting

@@ -93,9 +93,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 def cmd_regmix(args: argparse.Namespace) -> int:
     from mixlab.ablations.regmix import RegMixConfig, run_regmix
 
-    fields = _given(args, ["proxies", "concentration", "seed", "target", "regressor"])
-    if args.higher_is_better:
-        fields["higher_is_better"] = True
+    fields = _given(args, ["proxies", "concentration", "seed", "target", "regressor", "higher_is_better"])
     report = run_regmix(_spec(args), RegMixConfig(**fields), _launcher(args))
     print("\n".join(report.lines()))
     return 0
@@ -198,7 +196,9 @@ def add_ablate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concentration", type=float, help="Dirichlet concentration around the natural shares")
     p.add_argument("--seed", type=int, help="sampling seed")
     p.add_argument("--target", help="the metric to optimise, e.g. all/loss, code-python/bpb, task/gsm8k/margin")
-    p.add_argument("--higher-is-better", action="store_true", help="the target is to be maximised (task scores)")
+    p.add_argument("--higher-is-better", action=argparse.BooleanOptionalAction,
+                   help="whether the target is maximised (default: from its name: loss/bpb lower, accuracy/margin "
+                        "higher)")
     p.add_argument("--regressor", choices=["linear", "log-linear", "lightgbm", "best"],
                    help="the regression that searches (best: the highest cross-validated Spearman)")
     _launch_options(p)

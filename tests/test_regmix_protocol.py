@@ -66,7 +66,7 @@ def test_the_swarm_respects_the_caps_and_the_planner_accepts_every_member(tokeni
     assert space.caps["math"] < space.natural["math"]  # the limit binds
     swarm = regmix_swarm_spec(spec, CONFIG)
     variants = swarm.expand()
-    assert swarm.name == "mixsearch-swarm" and swarm.mode == "list"
+    assert swarm.name == f"mixsearch-swarm-{CONFIG.swarm_key()}" and swarm.mode == "list"
     assert [v.name for v in variants] == [f"mix-{i:02d}" for i in range(6)]
     assert len({tuple(variant_weights(v.fields, space.sources).values()) for v in variants}) == 6
     for variant in variants:
