@@ -46,6 +46,7 @@ from mixlab.curation import (
     TokenizeConfig,
     held_out_leakage,
     record_leakage,
+    split_source,
     tokenize_manifest,
 )
 from mixlab.pipelines.chat import ChatRecipe, chat_pipeline
@@ -656,11 +657,15 @@ def _build(base: ShardManifest, out: Path, plan: VariantPlan, raw_root: Path | N
     empty = [name for name in stale if not variant.sources[name].shards]
     for name in empty:
         log.warning("%s: the variant's filters keep no document of %s; it has no token shards", out, name)
+    # the base's validation documents stay held out (and are the only ones): nothing a variant trains on is in
+    # the base's held-out split, on which every variant of an ablation is scored (`eval.curated`)
+    held_out = {name: split_source(base, name, split).val_ids for name in plan.recipes}
     if to_tokenize := [name for name in stale if name not in empty]:
-        variant = tokenize_manifest(out, None, config=split, sources=to_tokenize, show_progress=False)
+        variant = tokenize_manifest(out, None, config=split, sources=to_tokenize, show_progress=False,
+                                    held_out_ids=held_out)
         touched = True
     if touched:
-        record_leakage(variant, held_out_leakage(variant, split))
+        record_leakage(variant, held_out_leakage(variant, split, held_out_ids=held_out))
     else:  # curate rebuilt the entries it found unchanged: give them back the leakage counts they had
         restored = False
         for name, counts in leakage.items():

@@ -79,7 +79,8 @@ class AblationVariant:
 
     def document(self, base: Mapping[str, Any]) -> dict[str, Any]:
         """The run config document of this proxy: the base with the variant's fields, seed and run id set; a
-        curation variant's `data.curated` is its curated variant's directory (built by the launcher)."""
+        curation variant's `data.curated` is its curated variant's directory (built by the launcher), and it is
+        scored on the base's held-out documents and tasks (`eval.curated`), which it never trains on."""
         assignments = [(path.split("."), value, f"variant {self.name!r}: {path}") for path, value in
                        self.fields.items() if not path.startswith(CURATION_PREFIX)]
         assignments.append((["train", "seed"], self.seed, f"variant {self.name!r}: seed"))
@@ -92,6 +93,8 @@ class AblationVariant:
                                         "to curate a variant of")
             assignments.append((["data", "curated"], str(variant_dir(curated, self.curation)),
                                 f"variant {self.name!r}: curation"))
+            if not (base.get("eval") or {}).get("curated"):  # every variant is scored on the same held-out text
+                assignments.append((["eval", "curated"], str(curated), f"variant {self.name!r}: curation"))
         document = set_fields(dict(base), assignments)
         document["run_id"] = self.run_id
         return document

@@ -9,12 +9,13 @@ datasketch's MinHashLSH indexes the (small) validation side and every training d
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 from mixlab.curation.manifest import ShardManifest
-from mixlab.curation.splits import TokenizeConfig, split_source
+from mixlab.curation.splits import TokenizeConfig, source_val_ids
 
 
 @dataclass
@@ -59,11 +60,13 @@ def held_out_leakage(
     split: TokenizeConfig,
     config: LeakageConfig | None = None,
     sources: list[str] | None = None,
+    held_out_ids: Mapping[str, Collection[str]] | None = None,
 ) -> LeakageReport:
-    """Count, for each source, validation documents that have a near-duplicate in any source's train split."""
+    """Count, for each source, validation documents that have a near-duplicate in any source's train split
+    (`held_out_ids`: fixed validation documents of some sources, as `tokenize_manifest` takes them)."""
     config = config or LeakageConfig()
     names = sources or sorted(n for n, s in manifest.sources.items() if s.shards)
-    val_ids = {name: split_source(manifest, name, split).val_ids for name in names}
+    val_ids = {name: source_val_ids(manifest, name, split, held_out_ids) for name in names}
     lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
     report = LeakageReport()
     for name in names:

@@ -9,7 +9,7 @@ the validation documents out of the tokenizer's training text, `tokenize_manifes
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,3 +120,13 @@ def split_source(manifest: ShardManifest, source: str, config: TokenizeConfig) -
     val_ids = select_val_ids(ids, sizes, config.val_fraction, config.min_val_docs, config.max_val_fraction)
     val_bytes = sum(size for doc_id, size in zip(ids, sizes, strict=True) if doc_id in val_ids)
     return SourceSplit(val_ids=val_ids, train_bytes=sum(sizes) - val_bytes, val_bytes=val_bytes)
+
+
+def source_val_ids(manifest: ShardManifest, source: str, config: TokenizeConfig,
+                   fixed: Mapping[str, Collection[str]] | None = None) -> frozenset[str]:
+    """The validation documents of a source: `fixed[source]` (those ids the source has) when given, e.g. a
+    curated variant's base's validation documents, else `config`'s rule (`split_source`)."""
+    if fixed is not None and source in fixed:
+        wanted = frozenset(str(i) for i in fixed[source])
+        return frozenset(i for i in read_ids_and_sizes(manifest, source)[0] if i in wanted)
+    return split_source(manifest, source, config).val_ids

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -47,7 +47,7 @@ from mixlab.curation.splits import (
     SPLITS,
     TokenizeConfig,
     select_val_ids,  # noqa: F401  (re-exported: the split rule lives in curation.splits)
-    split_source,
+    source_val_ids,
 )
 from mixlab.curation.tokenizer import (
     EOS_TOKEN,
@@ -469,6 +469,7 @@ def tokenize_manifest(
     *,
     sources: Iterable[str] | None = None,
     show_progress: bool = True,
+    held_out_ids: Mapping[str, Collection[str]] | None = None,
 ) -> ShardManifest:
     """Tokenize every (or the named) curated source into `<curated>/tokens/<source>/{train,val}/*.ds`,
     record tokens per split and token shards in the manifest, save it and return it.
@@ -477,6 +478,9 @@ def tokenize_manifest(
     the validation split of `config` (pass the same `TokenizeConfig` to `TokenizerConfig(held_out=...)`);
     another tokenizer.json is copied into `<curated>/tokenizer/` (with the transformers config files) and
     recorded, so the manifest always names the tokenizer its shards use. `config=None` is `TokenizeConfig()`.
+    `held_out_ids` fixes the validation documents of the sources it names (those of its ids the source has)
+    instead of `config`'s rule: a curated variant holds out exactly its base's validation documents, so no base
+    validation document is ever trained on and every variant is scored on the same held-out text.
     """
     config = config or TokenizeConfig()
     manifest = ShardManifest.load(curated_dir)
@@ -512,7 +516,7 @@ def tokenize_manifest(
     tasks = [(name, i, shard) for name in names for i, shard in enumerate(manifest.sources[name].shards)]
     val_ids = {}
     for name in names:
-        val_ids[name] = split_source(manifest, name, config).val_ids
+        val_ids[name] = source_val_ids(manifest, name, config, held_out_ids)
         manifest.sources[name].token_shards = []
         manifest.sources[name].tokens = dict.fromkeys(SPLITS, 0)
         shutil.rmtree(token_dirs[name], ignore_errors=True)

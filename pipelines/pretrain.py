@@ -151,6 +151,19 @@ def build_evaluator(manifest: ShardManifest, sources: list[str], seq_len: int, e
                             bootstrap_resamples=eval_config.bootstrap_resamples)
 
 
+def held_out_manifest(config: RunConfig, manifest: ShardManifest) -> ShardManifest:
+    """The dataset whose held-out split and tasks the run is scored on: `eval.curated` (a curation variant's base)
+    when set, which must use the same tokenizer, else the training data's own."""
+    if not config.eval.curated:
+        return manifest
+    scored = tokenized_manifest(config.eval.curated)
+    if scored.tokenizer.sha256 != manifest.tokenizer.sha256:
+        raise PretrainError(f"eval.curated={config.eval.curated}: its tokenizer is not the one of data.curated="
+                            f"{config.curated_dir}, so their token ids mean different things; score a dataset "
+                            "tokenized with the same tokenizer (a curation variant's base is)")
+    return scored
+
+
 def build_task_scorer(manifest: ShardManifest, config: RunConfig):
     """The downstream cloze tasks of `eval.tasks` (None without), scored with the dataset's tokenizer at the
     run's context length; the tasks are built from the dataset's held-out documents the first time."""
@@ -217,9 +230,9 @@ def pretrain(config: RunConfig, policy: MixturePolicy | None = None) -> RunRecor
             existing.acquire()  # raises RunLockedError naming the live process, before anything is touched
     sampler = build_sampler(manifest, plan.schedule, config.train)  # the flat schedule the plan resolved
     config = replace(config, train=align_lr_decay(config.train, sampler))
-    evaluator = build_evaluator(manifest, evaluated_sources(manifest, plan.schedule), config.train.seq_len,
-                                config.eval)
-    tasks = build_task_scorer(manifest, config)
+    scored = held_out_manifest(config, manifest)
+    evaluator = build_evaluator(scored, evaluated_sources(scored, plan.schedule), config.train.seq_len, config.eval)
+    tasks = build_task_scorer(scored, config)
     run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest, policy), tags=config.tags)
     train(run, config.model, config.train, sampler, evaluator,
           policy=policy if policy is not None else config.build_policy(), tasks=tasks)

@@ -59,12 +59,21 @@ class EvalConfig(ConfigDict):
     # held-out documents on first use), a list of task names, or none
     tasks: str | list[str] | None = None
     task_items: int = 1000  # at most this many items per task
+    # score the held-out split and tasks of this tokenized dataset (same tokenizer) instead of data.curated's:
+    # the curation variants of an ablation are all scored on their base's held-out documents
+    curated: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("windows_per_source", "batch_size", "bootstrap_resamples", "task_items"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"eval.{name}={value!r} must be a whole number >= 1", [f"eval.{name}"])
+        if self.task_items > 1000:
+            raise ConfigError(f"eval.task_items={self.task_items}: a task has at most 1000 items (cheap enough to "
+                              "score at every eval)", ["eval.task_items"])
+        if self.curated is not None and (not isinstance(self.curated, str) or not self.curated.strip()):
+            raise ConfigError(f"eval.curated={self.curated!r} must be a tokenized curated directory (or null)",
+                              ["eval.curated"])
         tasks = self.tasks
         if tasks is not None and tasks != "all" and (
                 not isinstance(tasks, list) or not all(isinstance(t, str) and t for t in tasks)):

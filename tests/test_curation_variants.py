@@ -99,6 +99,13 @@ def test_changed_sources_are_tokenized_with_the_base_tokenizer(base, language_va
     source = TokenSource.from_manifest(variant, "web-en", "train")  # refuses shards of another tokenizer
     assert len(source) == entry.tokens["train"]
     assert "held_out_leakage" in entry.metadata_summary
+    # the variant holds out exactly the base's validation documents it kept, and trains on none of the base's
+    from mixlab.ablations.tasks.builders import held_out_split
+
+    base_val, _ = held_out_split(base, "web-en")
+    variant_val, variant_train = held_out_split(variant, "web-en")
+    kept = set(web_scores(variant, "web-en"))
+    assert variant_val == base_val & kept and not variant_train & base_val
 
 
 def test_a_second_call_runs_nothing(tokenized_curated, language_variant, threshold):
@@ -204,6 +211,7 @@ def test_a_spec_with_a_curation_axis_trains_each_variant_on_its_own_curated_data
     document = variant_proxy.variant.document(spec.base)
     assert document["data"]["curated"] == str(variant_dir(tokenized_curated, settings))
     assert "curation" not in document  # a curation setting is not a run field
+    assert document["eval"]["curated"] == str(tokenized_curated)  # scored on the base's held-out documents
     assert base_proxy.variant.document(spec.base)["data"]["curated"] == str(tokenized_curated)
     assert len(plan_lines(spec, measure=False)) == 4  # planned before the variant exists
 
@@ -211,6 +219,10 @@ def test_a_spec_with_a_curation_axis_trains_each_variant_on_its_own_curated_data
     assert built == [variant_dir(tokenized_curated, settings)]
     variant = ShardManifest.load(built[0])
     assert variant.source("web-en").docs < ShardManifest.load(tokenized_curated).source("web-en").docs
-    assert resolved_config(document).curated_dir == built[0]
+    config = resolved_config(document)
+    assert config.curated_dir == built[0]
+    from mixlab.pipelines.pretrain import held_out_manifest
+
+    assert held_out_manifest(config, variant).root == Path(tokenized_curated)
     with pytest.raises(Exception, match="web-en.nonsense"):
         AblationSpec(name="bad", base=spec.base, axes=(Axis("curation.web-en.nonsense", [1]),))

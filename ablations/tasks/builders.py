@@ -43,7 +43,7 @@ from mixlab.ablations.tasks.items import (
     read_index,
     write_tasks,
 )
-from mixlab.curation import ManifestError, ShardManifest, TokenizeConfig, split_source
+from mixlab.curation import ManifestError, ShardManifest
 from mixlab.curation.token_shards import read_doc_metadata
 
 logger = logging.getLogger("mixlab.tasks")
@@ -123,16 +123,14 @@ def tokenized_manifest(curated_dir: str | Path | ShardManifest) -> ShardManifest
 
 
 def held_out_split(manifest: ShardManifest, source: str) -> tuple[frozenset[str], frozenset[str]]:
-    """(validation ids, train ids) of a source: validation by the tokenizer's recorded split settings (the rule
-    tokenization used), train from the ids written to the train token shards; they must not overlap."""
-    train_ids = frozenset(str(i) for i in read_doc_metadata(manifest, source, "train", columns=["id"])
-                          .column("id").to_pylist())
-    settings = manifest.tokenizer.held_out if manifest.tokenizer is not None else None
-    if settings is not None:
-        val_ids = split_source(manifest, source, TokenizeConfig(**settings)).val_ids
-    else:  # a tokenizer brought from elsewhere records no split: the val token shards say what was held out
-        val_ids = frozenset(str(i) for i in read_doc_metadata(manifest, source, "val", columns=["id"])
-                            .column("id").to_pylist())
+    """(validation ids, train ids) of a source, as tokenization wrote them to its val and train token shards
+    (whatever rule chose them: the split settings, or a curated variant's base's documents); they must not
+    overlap."""
+    def ids(split: str) -> frozenset[str]:
+        return frozenset(str(i) for i in read_doc_metadata(manifest, source, split, columns=["id"])
+                         .column("id").to_pylist())
+
+    train_ids, val_ids = ids("train"), ids("val")
     if overlap := sorted(val_ids & train_ids):
         raise ManifestError(
             f"{manifest.root}: source {source!r}: {len(overlap)} documents (e.g. {overlap[0]!r}) are held out by the "
