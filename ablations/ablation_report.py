@@ -158,7 +158,7 @@ def _signal_rows(results: pl.DataFrame, metrics: Sequence[str]) -> pl.DataFrame:
     return rows.select("run", "seed", "step", pl.col("metric").alias("task"), "value", "variant")
 
 
-def task_signal(results: pl.DataFrame, chance: Mapping[str, float] | None, metrics: Sequence[str] | None = None
+def report_task_signal(results: pl.DataFrame, chance: Mapping[str, float] | None, metrics: Sequence[str] | None = None
                 ) -> tuple[pl.DataFrame | None, list[str]]:
     """The signal checks on the task metrics: accuracy against `chance[task]`, margin against
     `chance["<task>/margin"]` (default 0). A task without a chance for its accuracy is left out, named in the
@@ -397,7 +397,7 @@ def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
                  "differ more than seeds (seed std vs variant spread), above random (margin over chance), stable "
                  "ranking of the variants over the last evaluations (tau). Trust an eval only when it passes all "
                  "four.</p>")
-        tasks, task_notes = task_signal(results, chance, wanted)
+        tasks, task_notes = report_task_signal(results, chance, wanted)
         page.add("<h3>Downstream tasks</h3>")
         if tasks is not None:
             page.add("<p class=note>Chance: the accuracy of a random guess (given per task); for a margin, 0.</p>",

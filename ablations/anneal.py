@@ -212,7 +212,7 @@ def anneal_spec(config: AnnealConfig) -> AblationSpec:
     train = {k: v for k, v in dict(document.get("train") or {}).items() if k != "preset"}
     train.update(total_steps=steps, token_budget=None, lr=lr, min_lr=0.0, warmup_steps=0, schedule="wsd",
                  decay_start_step=0, decay_fraction=1.0, init_from=str(checkpoint), resume=True, log_every=1,
-                 eval_every=config.eval_every or steps, checkpoint_every=steps, progress_bar=False)
+                 eval_every=config.eval_every or steps, checkpoint_every=max(1, steps // 4), progress_bar=False)
     base = {**document, "train": train, "policy": None,
             "tags": {**(document.get("tags") or {}), "anneal_parent": parent.run_id, "anneal_step": str(step)}}
     selections = (document.get("mixture") or {}).get("selections")

@@ -29,6 +29,7 @@ from mixlab.ablations.launch import (
     Launcher,
     LocalLauncher,
     ProxyRun,
+    base_document,
     check_same_runs,
     require_completed,
     resolved_config,
@@ -101,16 +102,11 @@ class DoReMiConfig:
 
 
 # ---------------------------------------------------------------------------------------------- mixtures
-def _base_document(spec: AblationSpec) -> dict[str, Any]:
-    runs_dir(spec)  # a clear error when the base has no runs_dir
-    return {**spec.base, "run_id": spec.base.get("run_id") or f"{spec.name}-base"}
-
-
 def natural_shares(spec: AblationSpec, sources: Sequence[str] | None = None) -> dict[str, float]:
     """Train-token shares of `sources` (default: every source with train tokens) in the base's curated data."""
     from mixlab.pipelines.pretrain import tokenized_manifest
 
-    config = resolved_config(_base_document(spec))
+    config = resolved_config(base_document(spec))
     manifest = tokenized_manifest(config.curated_dir)
     train_tokens = {name: int(entry.tokens.get("train", 0)) for name, entry in manifest.sources.items()}
     if sources is None:

@@ -49,6 +49,12 @@ def runs_dir(spec: AblationSpec) -> Path:
     return Path(spec.base["runs_dir"])
 
 
+def base_document(spec: AblationSpec) -> dict:
+    """The spec's base as a run document of its own (a protocol resolves its data, model and budget from it)."""
+    runs_dir(spec)  # a clear error when the base has no runs_dir
+    return {**spec.base, "run_id": spec.base.get("run_id") or f"{spec.name}-base"}
+
+
 def proxy_runs(spec: AblationSpec) -> list[ProxyRun]:
     """Every proxy of the spec with its current status (from its run directory, if any)."""
     root = runs_dir(spec)
@@ -87,6 +93,12 @@ class LocalLauncher:
     parallel: int | None = None
     threads: int | None = None  # per proxy; default: cores // parallel
     log_dir: Path | None = None  # each proxy's stdout+stderr; default: beside its run document
+
+    def __post_init__(self) -> None:
+        for name in ("parallel", "threads"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"LocalLauncher {name}={value!r} must be a whole number >= 1 (or unset: automatic)")
 
     def plan(self, count: int) -> tuple[int, int]:
         cores = os.cpu_count() or 1
@@ -165,6 +177,24 @@ def check_same_runs(spec: AblationSpec, proxies: Sequence[ProxyRun] | None = Non
                         "another name to keep both")
 
 
+def prepare_tasks(spec: AblationSpec, proxies: Sequence[ProxyRun]) -> list[Path]:
+    """Build the cloze tasks the proxies are scored on once, before they start (a proxy would otherwise build
+    them at its first step while the others wait, and on a cluster the folder lock may not hold across nodes)."""
+    from mixlab.ablations.tasks import ClozeEvaluator
+
+    built: dict[tuple, Path] = {}
+    for proxy in proxies:
+        config = resolved_config(proxy.variant.document(spec.base))
+        if not config.eval.tasks:
+            continue
+        scored = Path(config.eval.curated or config.curated_dir)
+        key = (scored, config.eval.task_items)
+        if key not in built:
+            ClozeEvaluator.for_curated(scored, max_seq_len=config.train.seq_len, max_items=config.eval.task_items)
+            built[key] = scored
+    return list(built.values())
+
+
 def run_ablation(spec: AblationSpec, launcher: Launcher | None = None) -> list[ProxyRun]:
     """Train every proxy that has not completed (pending, interrupted, stale or failed runs are (re)started; a
     run resumes from its last checkpoint) and return the proxies' statuses afterwards. Runs trained from other
@@ -174,6 +204,7 @@ def run_ablation(spec: AblationSpec, launcher: Launcher | None = None) -> list[P
     todo = [p for p in proxies if p.status != DONE]
     if todo:
         prepare_curation_variants(spec, todo)
+        prepare_tasks(spec, todo)
         write_documents(spec, todo)
         (launcher or LocalLauncher()).launch(todo)
     return proxy_runs(spec)

@@ -26,6 +26,7 @@ import polars as pl
 from mixlab.ablations.launch import (
     Launcher,
     LocalLauncher,
+    base_document,
     check_same_runs,
     require_completed,
     resolved_config,
@@ -145,7 +146,7 @@ def mixture_space(spec: AblationSpec, sources: Sequence[str] | None = None) -> M
     drawing w * R tokens of it makes w * R / (windows * seq_len) passes, which must stay within its limit."""
     from mixlab.pipelines.pretrain import tokenized_manifest
 
-    document = _base_document(spec)
+    document = base_document(spec)
     config = resolved_config(document)
     if config.policy is not None:
         raise RegMixError(f"spec {spec.name!r}: the base has an adaptive mixture policy ({config.policy.get('name')})"
@@ -180,11 +181,6 @@ def mixture_space(spec: AblationSpec, sources: Sequence[str] | None = None) -> M
     total = sum(train_tokens[s] for s in sources)
     natural = {s: train_tokens[s] / total for s in sources}
     return MixtureSpace(sources, natural, caps, run_tokens)
-
-
-def _base_document(spec: AblationSpec) -> dict[str, Any]:
-    runs_dir(spec)  # a clear error when the base has no runs_dir
-    return {**spec.base, "run_id": spec.base.get("run_id") or f"{spec.name}-base"}
 
 
 def _weight_field(source: str) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 
 SPEC_HELP = "the ablation spec (YAML: name, base run document, axes or variants, seeds)"
 LAUNCHERS = ("local", "slurm")
+LOCAL_FLAGS = ["parallel", "threads"]
+SLURM_FLAGS = ["partition", "time_limit", "cpus_per_task", "max_parallel"]
 
 
 def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
@@ -17,14 +19,20 @@ def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 def _launcher(args: argparse.Namespace):
     """The launcher the flags ask for: the local process pool (default) or Slurm job arrays."""
+    local, slurm = _given(args, LOCAL_FLAGS), _given(args, SLURM_FLAGS)
     if getattr(args, "launcher", "local") == "slurm":
+        if local:
+            raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in local)}: local-launcher options; with "
+                             "--launcher slurm use --max-parallel and --cpus-per-task")
         from mixlab.ablations.slurm import SlurmLauncher
 
-        fields = _given(args, ["partition", "time_limit", "cpus_per_task", "max_parallel"])
-        return SlurmLauncher(**fields)
+        return SlurmLauncher(**slurm)
+    if slurm:
+        raise ValueError(f"--{'/--'.join(k.replace('_', '-') for k in slurm)}: Slurm options; add --launcher slurm "
+                         "(the default launcher is the local process pool)")
     from mixlab.ablations.launch import LocalLauncher
 
-    return LocalLauncher(**_given(args, ["parallel", "threads"]))
+    return LocalLauncher(**local)
 
 
 def _spec(args: argparse.Namespace):

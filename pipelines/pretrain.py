@@ -175,7 +175,11 @@ def build_task_scorer(manifest: ShardManifest, config: RunConfig):
     scorer = ClozeEvaluator.for_curated(manifest.root, max_seq_len=config.train.seq_len,
                                         max_items=config.eval.task_items, batch_size=config.eval.batch_size)
     if wanted != "all":
-        scorer = scorer.select(wanted)
+        try:
+            scorer = scorer.select(wanted)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"eval.tasks={wanted}: {err} (built from {manifest.root}'s held-out documents, "
+                              f"listed in {manifest.root / 'tasks' / 'tasks.json'})", ["eval.tasks"]) from err
     return scorer
 
 

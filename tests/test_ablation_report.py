@@ -23,7 +23,7 @@ from mixlab.ablations.ablation_report import (
     key_metrics,
     pooled_seed_std,
     ranked_table,
-    task_signal,
+    report_task_signal,
     trained_shares,
     weight_points,
 )
@@ -166,10 +166,10 @@ def test_ranked_table_and_signal_on_constructed_task_rows():
     assert single["exceeds_seed_noise"].null_count() == 3
     assert "no seed noise estimate" in single.filter(pl.col("variant") == "big")["verdict"][0]
 
-    tasks, notes = task_signal(results, {"cloze": 0.25})
+    tasks, notes = report_task_signal(results, {"cloze": 0.25})
     assert tasks["task"].to_list() == ["task/cloze/accuracy"] and tasks["chance"][0] == 0.25 and not notes
     assert tasks["rho"][0] == pytest.approx(1.0) and tasks["above_random"][0] is True
-    missing, notes = task_signal(results, {})
+    missing, notes = report_task_signal(results, {})
     assert missing is None and "no chance level for task 'cloze'" in notes[0]
     bpb, _ = bpb_signal(results, vocab_size=600)
     assert bpb["chance"][0] == pytest.approx(0.5 * math.log(600))  # uniform guess: bpb / loss x ln(V)
