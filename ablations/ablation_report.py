@@ -30,7 +30,7 @@ import yaml
 from mixlab.ablations import ablation_plots, compare
 from mixlab.ablations.launch import DONE, proxy_runs, runs_dir
 from mixlab.ablations.report import REPORT_CSS, HtmlPage, html_table
-from mixlab.ablations.results import ablation_results
+from mixlab.ablations.results import ablation_results, task_sources
 from mixlab.ablations.signal import signal_table
 from mixlab.ablations.spec import AblationSpec
 from mixlab.training import RunRecord
@@ -234,11 +234,11 @@ def trained_shares(spec: AblationSpec) -> pl.DataFrame:
                                       "tokens": pl.Int64, "share": pl.Float64})
 
 
-def weight_points(results: pl.DataFrame, shares: pl.DataFrame, metrics: Sequence[str], max_sources: int = 3
-                  ) -> pl.DataFrame:
+def weight_points(results: pl.DataFrame, shares: pl.DataFrame, metrics: Sequence[str], max_sources: int = 3,
+                  task_sources: Mapping[str, str] | None = None) -> pl.DataFrame:
     """Rows (run, variant, seed, metric, source, share, value) to plot a final metric against a source's share:
-    `<source>/<loss|bpb>` against its own source; a task against the source its name starts with, else the
-    `max_sources` sources whose share varies most across the runs."""
+    `<source>/<loss|bpb>` against its own source; a task against the source it was built from (`task_sources`,
+    else the source its name starts with), else the `max_sources` sources whose share varies most."""
     sources = sorted(shares["source"].unique().to_list())
     ranges = shares.group_by("source").agg((pl.col("share").max() - pl.col("share").min()).alias("range"))
     varying = [s for s, r in sorted(ranges.rows(), key=lambda sr: (-sr[1], sr[0])) if r > 0][:max_sources]
@@ -246,8 +246,10 @@ def weight_points(results: pl.DataFrame, shares: pl.DataFrame, metrics: Sequence
     for metric in metrics:
         head = metric.split("/")[0]
         if metric.startswith("task/"):
-            named = sorted((s for s in sources if _task_name(metric).startswith(s)), key=len)
-            against = named[-1:] or varying
+            built_from = (task_sources or {}).get(_task_name(metric))
+            named = [built_from] if built_from in sources else sorted(
+                (s for s in sources if _task_name(metric).startswith(s)), key=len)[-1:]
+            against = named or varying
         else:
             against = [head] if head in sources else []
         if not against:
@@ -427,7 +429,7 @@ def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
                  "logged tokens_by_source), whatever the schedule or policy did.</p>")
         loss_metrics = [m for m in wanted if m.endswith("/loss") and m.split("/")[0] != "all"]
         task_metrics = [m for m in wanted if m.startswith("task/")]
-        points = weight_points(results, shares, [*loss_metrics, *task_metrics])
+        points = weight_points(results, shares, [*loss_metrics, *task_metrics], task_sources=task_sources(spec))
         for key, chosen, title in (("weight_loss", loss_metrics, "Held-out loss vs the source's trained share"),
                                    ("weight_tasks", task_metrics, "Task metrics vs trained source shares")):
             mine = points.filter(pl.col("metric").is_in(chosen))

@@ -9,6 +9,7 @@ loss (`train/loss`), with the run's variant, seed and axis labels.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 from mixlab.ablations.launch import proxy_runs
@@ -49,15 +50,24 @@ def ablation_results(spec: AblationSpec) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=schema)
 
 
-def task_chance(spec: AblationSpec) -> dict[str, float]:
-    """Chance accuracy of each downstream task the spec's proxies were scored on (from their tasks.jsonl)."""
-    chance: dict[str, float] = {}
+def _task_facts(spec: AblationSpec, key: str) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
     for proxy in proxy_runs(spec):
         if proxy.status != "pending":
             for row in RunRecord.load(proxy.path).tasks():
-                if isinstance(row.get("chance"), int | float):
-                    chance.setdefault(str(row["task"]), float(row["chance"]))
-    return chance
+                if row.get(key) is not None:
+                    facts.setdefault(str(row["task"]), row[key])
+    return facts
+
+
+def task_chance(spec: AblationSpec) -> dict[str, float]:
+    """Chance accuracy of each downstream task the spec's proxies were scored on (from their tasks.jsonl)."""
+    return {task: float(value) for task, value in _task_facts(spec, "chance").items()}
+
+
+def task_sources(spec: AblationSpec) -> dict[str, str]:
+    """The source each downstream task was built from (what the report plots it against)."""
+    return {task: str(value) for task, value in _task_facts(spec, "source").items()}
 
 
 def write_results(spec: AblationSpec, path: str | Path | None = None) -> Path:

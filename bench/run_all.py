@@ -12,6 +12,9 @@ Anchors:
   `train()` (sampler, LR schedule, logging, no eval/checkpoint in the window);
 - sampler: a plain numpy memmap read of the same windows, versus `MixtureSampler.next_batch()` at batch 8 x 256
   in window and document packing, and the process RSS over 10**6 steps (bench/sampler_bench.py);
+- proxies per hour: the bare loop above on the proxy model, versus `pretrain()` of a proxy document, then a swarm
+  of proxies launched as `mixlab ablate run` launches them (bench/proxy_bench.py; here 2 proxies, extrapolated
+  to the goal's 16; run it alone for the measured 16);
 - mixture search: no speed anchor but a quality one, RegMix's published figures (Spearman rho ~0.90 linear,
   ~0.97+ LightGBM on their 1M-parameter runs) against mixlab's regressors on the same split (bench/regmix_bench.py).
 """
@@ -105,11 +108,28 @@ def bench_tokenization(curated: Path) -> dict:
     return {"tokens": tokens, "anchor_tok_s": _rate(tokens, anchor_s), "mixlab_tok_s": _rate(written, mixlab_s)}
 
 
+def bare_loop_seconds(model_config, batches: list[torch.Tensor], lr: float, weight_decay: float) -> float:
+    """The training anchor: forward, backward and AdamW over `batches` ([B, T+1] tokens), nothing else (no
+    sampler, clipping, logging, eval or checkpoint); seconds, at the caller's torch threads."""
+    from mixlab.training import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(model_config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    start = time.perf_counter()
+    for batch in batches:
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
 def bench_training(curated: Path, steps: int) -> dict:
     from mixlab.curation import ShardManifest
     from mixlab.mixtures import MixtureSchedule
     from mixlab.pipelines.pretrain import build_sampler
-    from mixlab.training import ModelConfig, RunStore, TrainConfig, Transformer, train
+    from mixlab.training import ModelConfig, RunStore, TrainConfig, train
 
     manifest = ShardManifest.load(curated)
     schedule = MixtureSchedule.constant({"web-en": 0.3, "code-python": 0.4, "math": 0.3})
@@ -121,16 +141,7 @@ def bench_training(curated: Path, steps: int) -> dict:
     # anchor: the same model and batches in a bare loop
     sampler = build_sampler(manifest, schedule, config)
     batches = [torch.from_numpy(sampler.next_batch().tokens) for _ in range(steps)]
-    torch.manual_seed(0)
-    model = Transformer(model_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start = time.perf_counter()
-    for batch in batches:
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    anchor_s = time.perf_counter() - start
+    anchor_s = bare_loop_seconds(model_config, batches, config.lr, config.weight_decay)
     tokens = steps * config.tokens_per_step
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -148,6 +159,19 @@ def bench_sampler(curated: Path, quick: bool) -> dict:
     import sampler_bench
 
     return sampler_bench.run(curated, steps=2_000 if quick else 20_000, memory_steps=100_000 if quick else 1_000_000)
+
+
+def bench_proxies(quick: bool) -> list[str]:
+    """The proxy swarm (bench/proxy_bench.py) at 2 proxies, extrapolated to 16; its report lines."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import proxy_bench
+
+    config = proxy_bench.BenchConfig(workdir=WORK, proxies=2, ratio_steps=32 if quick else 128)
+    if quick:
+        config.train.update(total_steps=32, warmup_steps=4, log_every=8, eval_every=32, checkpoint_every=32)
+    return proxy_bench.report_lines(proxy_bench.run(config))
 
 
 def bench_regmix() -> dict | None:
@@ -180,6 +204,8 @@ def main() -> None:
         print(f"{name:34s} {anchor:12,.0f} {ours:12,.0f} {ours / anchor:6.2f}x")
     marks = sampler["rss_mib"]
     print(f"sampler RSS over {marks[-1][0]:,d} steps: {marks[1][1]:.1f} MiB after 10%, {marks[-1][1]:.1f} MiB at the end")
+    print("\nproxies per hour (bench/proxy_bench.py):")
+    print("\n".join(bench_proxies(args.quick)))
     regmix = bench_regmix()
     if regmix is None:
         print("mixture search (RegMix): reference data not found in ../shared/reference/regmix, skipped")

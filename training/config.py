@@ -44,6 +44,10 @@ TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     # pairs with ModelConfig.preset("tiny"): seconds on a CPU, for tests and smoke runs
     "tiny": dict(total_steps=60, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=10, log_every=5,
                  eval_every=30, checkpoint_every=30),
+    # pairs with ModelConfig.preset("proxy"): 1M tokens per ablation proxy (256 steps x 32 x 128), 4 evals;
+    # bench/proxy_bench.py: 16 such proxies in ~28 min on 2 cores (vocab 4096)
+    "proxy": dict(total_steps=256, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=16, log_every=16,
+                  eval_every=64, checkpoint_every=64),
     # pairs with ModelConfig.preset("demo"): a few minutes on 2 CPU cores (~1.2M tokens)
     "demo": dict(total_steps=600, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=50, log_every=10,
                  eval_every=100, checkpoint_every=100),

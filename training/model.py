@@ -21,6 +21,8 @@ from mixlab.training.errors import ConfigError
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: trains in well under a second per step on one core
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=176, max_seq_len=128),
+    # ablation proxies (RegMix-sized): ~1.2M non-embedding params, a short context; cheap on a CPU core
+    "proxy": dict(d_model=128, n_layers=6, n_heads=4, n_kv_heads=2, ffn_hidden=384, max_seq_len=128),
     # the CPU demo: ~3M non-embedding params, learns visibly within a few minutes on 2 cores
     "demo": dict(d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden=688, max_seq_len=256),
     # longer CPU runs or a single GPU: ~25M non-embedding params

@@ -201,7 +201,7 @@ class ClozeEvaluator:
                 margins.append(margin)
                 right += margin > 0
             rows.append({"task": task.name, "accuracy": right / len(task.items), "margin": float(np.mean(margins)),
-                         "items": len(task.items), "chance": task.chance})
+                         "items": len(task.items), "chance": task.chance, "source": task.source})
         return rows
 
 
