@@ -201,3 +201,20 @@ def test_weight_plot_uses_the_tokens_each_run_trained(ablation: AblationSpec):
                           for r in expected["run"]]
             assert np.allclose(dots.get_offsets()[:, 0], run_shares)  # x: each seed's trained share
             assert np.allclose(dots.get_offsets()[:, 1], expected["value"].to_numpy())
+
+
+def test_the_examples_favoured_source_check_reads_the_ranked_table(ablation: AblationSpec):
+    """`mixlab ablate example`'s verdict: code-heavy favours code-python (2.4x the base's weight) and is judged on
+    code-python/loss against the base, with the ranked table's own numbers (whatever the outcome)."""
+    from mixlab.ablations import ranked_table
+    from mixlab.pipelines.ablation_example import favoured_source_checks
+
+    (check,) = favoured_source_checks(ablation)
+    table = ranked_table(ablation_results(ablation), "code-python/loss")
+    row = table.filter(pl.col("variant") == CODE_HEAVY).row(0, named=True)
+    assert (check.variant, check.source, check.metric) == ("code-heavy", "code-python", "code-python/loss")
+    assert check.weight_ratio == pytest.approx(0.6 / 0.25)
+    assert (check.difference, check.noise, check.beyond_noise) == (row["diff_to_base"], row["noise_bar"],
+                                                                   row["exceeds_seed_noise"])
+    assert check.holds == (row["diff_to_base"] < 0 and bool(row["exceeds_seed_noise"]))
+    assert check.source in check.line() and ("beyond seed noise" in check.line()) == check.holds
