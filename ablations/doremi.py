@@ -20,7 +20,7 @@ seed other than the reference's, or the proxy repeats the reference exactly and 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,7 @@ from mixlab.ablations.launch import (
     run_ablation,
     runs_dir,
 )
-from mixlab.ablations.outputs import write_report_json
+from mixlab.ablations.outputs import report_dict, write_report_json
 from mixlab.ablations.spec import AblationSpec
 from mixlab.training import RunRecord
 
@@ -266,10 +266,7 @@ class DoReMiReport:
     png_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["json_path"] = str(self.json_path) if self.json_path else None
-        data["png_path"] = str(self.png_path) if self.png_path else None
-        return data
+        return report_dict(self)
 
     def lines(self) -> list[str]:
         sources = self.sources

@@ -8,11 +8,14 @@ import json
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 
 def _clean(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
@@ -20,6 +23,11 @@ def _clean(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
+
+
+def report_dict(report: Any) -> dict[str, Any]:
+    """A protocol's report dataclass as plain JSON-ready data (paths as strings, NaN as None)."""
+    return _clean(asdict(report))
 
 
 def write_report_json(path: Path, data: Mapping[str, Any]) -> None:

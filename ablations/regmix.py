@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from mixlab.ablations.launch import (
     run_ablation,
     runs_dir,
 )
-from mixlab.ablations.outputs import write_report_json
+from mixlab.ablations.outputs import report_dict, write_report_json
 from mixlab.ablations.results import ablation_results
 from mixlab.ablations.spec import AblationSpec
 from mixlab.mixtures.search import (
@@ -282,10 +282,7 @@ class RegMixReport:
     png_path: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["json_path"] = str(self.json_path) if self.json_path else None
-        data["png_path"] = str(self.png_path) if self.png_path else None
-        return data
+        return report_dict(self)
 
     def lines(self) -> list[str]:
         """The report for the console: fits, chosen mixture against natural, and the verify runs."""
