@@ -21,7 +21,7 @@ from typing import Protocol
 
 import yaml
 from mixlab.ablations.spec import AblationSpec, AblationSpecError, AblationVariant
-from mixlab.training import RunRecord
+from mixlab.training import ModelConfig, RunRecord
 
 DONE = "completed"
 
@@ -153,7 +153,10 @@ def run_differences(proxy: ProxyRun, document: dict) -> list[str]:
                                         != MixtureSchedule.from_dict(want["mixture"])):
         differ.append("mixture")
     for section in ("policy", "data", "plan", "eval", "model"):
-        if (have.get(section) or None) != (want.get(section) or None):
+        had = have.get(section) or None
+        if section == "model" and had is not None:  # fields added since the run started are at their defaults
+            had = ModelConfig.from_dict(had).to_dict()
+        if had != (want.get(section) or None):
             differ.append(section)
     trained = have.get("train") or {}
     for key, value in want["train"].items():

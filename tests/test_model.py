@@ -107,6 +107,18 @@ def test_nope_layer_ignores_the_order_of_the_prefix():
         tiny(nope_layers=[5])
 
 
+def test_rnope_every_nth_layer_is_the_smollm3_pattern():
+    smollm3 = ModelConfig.preset("smollm3-3b")
+    assert ModelConfig.from_dict({**smollm3.to_dict(), "nope_layers": [], "nope_every": 4}).nope_layers == \
+        smollm3.nope_layers == [3, 7, 11, 15, 19, 23, 27, 31, 35]
+    cfg = tiny(n_layers=5, nope_every=2, nope_layers=[0])
+    assert cfg.nope_layers == [0, 1, 3]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg  # a round trip does not add layers again
+    assert [layer.attn.use_rope for layer in Transformer(cfg).layers] == [False, False, True, False, True]
+    with pytest.raises(ValueError, match="nope_every"):
+        tiny(nope_every=0)
+
+
 def test_configs_share_dict_round_trip_and_presets():
     for cls, name in ((ModelConfig, "demo"), (TrainConfig, "demo")):
         config = cls.preset(name, seed=3) if cls is TrainConfig else cls.preset(name, vocab_size=512)

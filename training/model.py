@@ -53,6 +53,9 @@ class ModelConfig(ConfigDict):
     qk_norm: bool = False  # RMSNorm on each head's queries and keys before RoPE (stabilises attention logits)
     z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2), added to the training loss only
     nope_layers: list[int] = field(default_factory=list)  # layer indices that use no positional encoding
+    # RNoPE shorthand: every Nth layer has no positional encoding (layers N-1, 2N-1, ...; SmolLM3: 4), added to
+    # nope_layers
+    nope_every: int | None = None
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -61,6 +64,10 @@ class ModelConfig(ConfigDict):
             raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.nope_every is not None:
+            if isinstance(self.nope_every, bool) or not isinstance(self.nope_every, int) or self.nope_every < 1:
+                raise ConfigError(f"nope_every={self.nope_every!r} must be a whole number >= 1 (or null)")
+            self.nope_layers = [*self.nope_layers, *range(self.nope_every - 1, self.n_layers, self.nope_every)]
         bad = [i for i in self.nope_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ConfigError(f"nope_layers {bad} outside 0..{self.n_layers - 1}")

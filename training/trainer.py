@@ -196,13 +196,22 @@ def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
                   f"(= {data_start // cfg.grad_accum})", stacklevel=3)
 
 
+def _filled(saved_model_config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model config with the fields added since it was written at their defaults (a switch that
+    did not exist then was off), so an older run still resumes; a config it cannot read stays as it is."""
+    try:
+        return ModelConfig.from_dict(saved_model_config).to_dict()
+    except (ConfigError, TypeError, ValueError):
+        return saved_model_config
+
+
 def _init_from(path: Path, run: RunRecord, model: Transformer, optimizer: torch.optim.Optimizer,
                model_config: ModelConfig) -> dict[str, Any]:
     """Start a new run from another run's checkpoint: its weights and AdamW moments, not its step, sampler, RNG or
     LR schedule (this run has its own). Returns what the run records about its origin."""
     saved = read_checkpoint(path)
     now = model_config.to_dict()
-    if saved.model_config is not None and saved.model_config != now:
+    if saved.model_config is not None and _filled(saved.model_config) != now:
         diff = {k: (v, now.get(k)) for k, v in saved.model_config.items() if now.get(k) != v}
         raise ConfigError(f"run {run.run_id!r}: train.init_from={path} was trained with another model config "
                           f"(field: (checkpoint, now)) {diff}; use the parent's model section", ["train.init_from"])
@@ -221,7 +230,7 @@ def _resume(
     counters."""
     saved = read_checkpoint(path)
     now_model = model_config.to_dict()
-    if saved.model_config is not None and saved.model_config != now_model:
+    if saved.model_config is not None and _filled(saved.model_config) != now_model:
         diff = {k: (v, now_model.get(k)) for k, v in saved.model_config.items() if now_model.get(k) != v}
         raise ResumeError(f"run {run.run_id!r}: its checkpoint {path} was trained with another model config "
                           f"(field: (checkpoint, now)) {diff}; resume with the run's model config, or use a new "
