@@ -197,3 +197,33 @@ def test_generate_extends_the_sequence():
     model = Transformer(tiny())
     out = model.generate(torch.zeros(2, 3, dtype=torch.long), max_new_tokens=5, top_k=10)
     assert out.shape == (2, 8) and out.max() < 256
+
+
+def test_yarn_frequencies_and_attention_factor_match_the_formula_as_transformers_computes_it():
+    """YaRN against transformers' own implementation of the paper's formula (a real LlamaConfig, nothing downloaded):
+    the same inverse frequencies and attention factor, and cos/sin scaled by it."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    cfg = tiny(max_seq_len=512, yarn_factor=4.0, yarn_original_max_seq_len=128, rope_theta=10000.0)
+    hf = transformers.LlamaConfig(hidden_size=cfg.d_model, num_attention_heads=cfg.n_heads, max_position_embeddings=512,
+                                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                   "original_max_position_embeddings": 128})
+    hf_inv_freq, hf_factor = _compute_yarn_parameters(hf)
+    cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg)
+    plain_cos, _ = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+    factor = 0.1 * math.log(4.0) + 1
+    assert hf_factor == pytest.approx(factor)
+    positions = torch.arange(cfg.max_seq_len, dtype=torch.float64)
+    expected = torch.outer(positions, hf_inv_freq.double())
+    torch.testing.assert_close(cos[:, : cfg.head_dim // 2], (expected.cos() * factor).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sin[:, cfg.head_dim // 2:], (expected.sin() * factor).float(), atol=1e-5, rtol=1e-5)
+    # the highest frequency is kept, the lowest interpolated by the factor
+    assert torch.allclose(cos[:, 0], plain_cos[:, 0] * factor, atol=1e-6)
+    assert not torch.allclose(cos[:, cfg.head_dim // 2 - 1], plain_cos[:, cfg.head_dim // 2 - 1] * factor, atol=1e-3)
+    model = Transformer(cfg)  # trains: a finite loss and gradients at the extended length
+    _, loss = model(torch.randint(0, cfg.vocab_size, (2, 512)), torch.randint(0, cfg.vocab_size, (2, 512)))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="yarn_factor"):
+        tiny(yarn_factor=0.5)

@@ -56,6 +56,13 @@ class ModelConfig(ConfigDict):
     # RNoPE shorthand: every Nth layer has no positional encoding (layers N-1, 2N-1, ...; SmolLM3: 4), added to
     # nope_layers
     nope_every: int | None = None
+    # YaRN context extension (Peng et al. 2023): factor > 1 stretches RoPE from yarn_original_max_seq_len (default:
+    # max_seq_len / factor) to max_seq_len, interpolating the low frequencies, keeping the high ones (the ramp
+    # between yarn_beta_fast and yarn_beta_slow rotations) and scaling attention by 0.1 ln(factor) + 1
+    yarn_factor: float = 1.0
+    yarn_original_max_seq_len: int | None = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -68,6 +75,10 @@ class ModelConfig(ConfigDict):
             if isinstance(self.nope_every, bool) or not isinstance(self.nope_every, int) or self.nope_every < 1:
                 raise ConfigError(f"nope_every={self.nope_every!r} must be a whole number >= 1 (or null)")
             self.nope_layers = [*self.nope_layers, *range(self.nope_every - 1, self.n_layers, self.nope_every)]
+        if isinstance(self.yarn_factor, bool) or not isinstance(self.yarn_factor, int | float) or self.yarn_factor < 1:
+            raise ConfigError(f"yarn_factor={self.yarn_factor!r} must be a number >= 1 (1: no YaRN scaling)")
+        if not self.yarn_beta_fast > self.yarn_beta_slow > 0:
+            raise ConfigError(f"yarn_beta_fast={self.yarn_beta_fast} must exceed yarn_beta_slow={self.yarn_beta_slow} > 0")
         bad = [i for i in self.nope_layers if not 0 <= i < self.n_layers]
         if bad:
             raise ConfigError(f"nope_layers {bad} outside 0..{self.n_layers - 1}")
@@ -91,12 +102,33 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of position * frequency, shape [max_seq_len, head_dim]; halves layout (not interleaved, as HF Llama)."""
+def yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, theta: float, factor: float, original_len: int,
+                  beta_fast: float, beta_slow: float) -> tuple[torch.Tensor, float]:
+    """YaRN's frequencies and attention factor: a frequency that turns fewer than beta_slow times over the
+    original context is interpolated (divided by factor), one that turns more than beta_fast times is kept, and a
+    linear ramp over the dimensions blends between; attention logits scale by (0.1 ln factor + 1)^2 through cos/sin."""
+    def dim_of(rotations: float) -> float:  # the dimension whose frequency turns `rotations` times in original_len
+        return head_dim * math.log(original_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = max(math.floor(dim_of(beta_fast)), 0), min(math.ceil(dim_of(beta_slow)), head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+    keep = 1 - ramp  # 1: high frequency, kept as it is; 0: low frequency, interpolated
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, 0.1 * math.log(factor) + 1.0
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float,
+                cfg: ModelConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of position * frequency, shape [max_seq_len, head_dim]; halves layout (not interleaved, as HF Llama).
+    With `cfg.yarn_factor > 1` the frequencies and the attention factor are YaRN's."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    scale = 1.0
+    if cfg is not None and cfg.yarn_factor > 1:
+        original = cfg.yarn_original_max_seq_len or int(max_seq_len / cfg.yarn_factor)
+        inv_freq, scale = yarn_inv_freq(inv_freq, head_dim, theta, cfg.yarn_factor, original, cfg.yarn_beta_fast,
+                                        cfg.yarn_beta_slow)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -167,7 +199,7 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # derived tables, not state: kept out of the state dict so checkpoints hold only learned weights
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
