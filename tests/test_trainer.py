@@ -191,3 +191,23 @@ def test_init_from_starts_a_new_run_from_another_runs_weights_and_moments(tmp_pa
               TrainConfig.preset("tiny", total_steps=10, warmup_steps=0, progress_bar=False, threads=1,
                                  init_from=str(tmp_path / "nowhere")),
               ByteSampler(train_split(corpora), 8, 64), held_out(corpora, 64))
+
+
+def test_init_from_may_extend_the_context_with_yarn_or_a_larger_rope_theta(tmp_path):
+    """Mid-training context extension: the child reads the parent's weights at a longer context with YaRN (or a
+    larger RoPE theta); the parent's knowledge carries over (its loss starts far below a fresh model's)."""
+    corpora = stdlib_corpora()
+    store = RunStore(tmp_path)
+    parent = store.create("short", config={})
+    train(parent, ModelConfig.preset("tiny"), TrainConfig.preset("tiny", total_steps=40, checkpoint_every=40,
+                                                                   eval_every=40, progress_bar=False, threads=1),
+          ByteSampler(train_split(corpora), 8, 64), held_out(corpora, 64))
+    for name, switch in (("yarn", {"yarn_factor": 2.0, "yarn_original_max_seq_len": 128}),
+                         ("theta", {"rope_theta": 40000.0})):
+        longer = ModelConfig.preset("tiny", max_seq_len=256, **switch)
+        child = store.create(f"long-{name}", config={})
+        cfg = TrainConfig.preset("tiny", total_steps=5, seq_len=256, warmup_steps=0, log_every=1, eval_every=5,
+                                 checkpoint_every=5, progress_bar=False, threads=1, init_from=str(parent.path))
+        train(child, longer, cfg, ByteSampler(train_split(corpora), 8, 256), held_out(corpora, 256), stop_after=1)
+        assert child.summary["initialized_from"]["step"] == 40
+        assert child.metrics()[0]["loss"] < parent.metrics()[0]["loss"] - 0.5

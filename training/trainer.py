@@ -196,6 +196,13 @@ def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
                   f"(= {data_start // cfg.grad_accum})", stacklevel=3)
 
 
+# what a run started from another run's checkpoint may change about the model: the context and how positions are
+# encoded (mid-training context extension: a longer max_seq_len with a larger RoPE theta or YaRN); no weight depends
+# on them
+POSITION_FIELDS = ("max_seq_len", "rope_theta", "yarn_factor", "yarn_original_max_seq_len", "yarn_beta_fast",
+                   "yarn_beta_slow")
+
+
 def _filled(saved_model_config: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's model config with the fields added since it was written at their defaults (a switch that
     did not exist then was off), so an older run still resumes; a config it cannot read stays as it is."""
@@ -210,11 +217,14 @@ def _init_from(path: Path, run: RunRecord, model: Transformer, optimizer: torch.
     """Start a new run from another run's checkpoint: its weights and AdamW moments, not its step, sampler, RNG or
     LR schedule (this run has its own). Returns what the run records about its origin."""
     saved = read_checkpoint(path)
-    now = model_config.to_dict()
-    if saved.model_config is not None and _filled(saved.model_config) != now:
-        diff = {k: (v, now.get(k)) for k, v in saved.model_config.items() if now.get(k) != v}
-        raise ConfigError(f"run {run.run_id!r}: train.init_from={path} was trained with another model config "
-                          f"(field: (checkpoint, now)) {diff}; use the parent's model section", ["train.init_from"])
+    now = {k: v for k, v in model_config.to_dict().items() if k not in POSITION_FIELDS}
+    if saved.model_config is not None:
+        had = {k: v for k, v in _filled(saved.model_config).items() if k not in POSITION_FIELDS}
+        if had != now:
+            diff = {k: (v, now.get(k)) for k, v in had.items() if now.get(k) != v}
+            raise ConfigError(f"run {run.run_id!r}: train.init_from={path} was trained with another model config "
+                              f"(field: (checkpoint, now)) {diff}; use the parent's model section (only the context: "
+                              f"{', '.join(POSITION_FIELDS)} may change)", ["train.init_from"])
     hyper = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
     load_checkpoint(path, model, optimizer, restore_rng=False)
     for group, own in zip(optimizer.param_groups, hyper, strict=True):
