@@ -33,6 +33,7 @@ from mixlab.training import (
     TrainConfig,
     train,
 )
+from mixlab.training.monitor import TrainingMonitor
 
 log = logging.getLogger("mixlab.pretrain")
 
@@ -239,5 +240,6 @@ def pretrain(config: RunConfig, policy: MixturePolicy | None = None) -> RunRecor
     tasks = build_task_scorer(scored, config)
     run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest, policy), tags=config.tags)
     train(run, config.model, config.train, sampler, evaluator,
-          policy=policy if policy is not None else config.build_policy(), tasks=tasks)
+          policy=policy if policy is not None else config.build_policy(), tasks=tasks,
+          monitor=TrainingMonitor(config.monitor) if config.monitor is not None else None)
     return RunRecord.load(run.path)

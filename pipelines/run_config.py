@@ -14,6 +14,7 @@ reproduces the run. Every field can be overridden with `--set section.field=valu
     train: {preset: demo, lr: 1.0e-3, total_steps: 400}
     eval: {windows_per_source: 48, tasks: all}   # tasks: downstream cloze tasks scored at every eval
     policy: {name: odm, update_every: 50, exploration: 0.05, bounds: {web-en: [0.2, 0.9]}}   # optional
+    monitor: {on_alert: stop, loss_z: 6}   # optional: training alerts (training.monitor.MonitorConfig)
     backend: embedded
     tags: {recipe: web-heavy}
 
@@ -36,10 +37,11 @@ from mixlab.mixtures import MixtureSchedule, PlanLimits, ScheduleError
 from mixlab.mixtures.policies import MixturePolicy, PolicyError, policy_from_dict
 from mixlab.training import ConfigError, ModelConfig, TrainConfig
 from mixlab.training.config import ConfigDict
+from mixlab.training.monitor import MonitorConfig
 
 RUN_CONFIG_FORMAT = "mixlab.run/1"
-SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "plan", "model", "train", "eval", "policy", "backend",
-            "tags")
+SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "plan", "model", "train", "eval", "policy", "monitor",
+            "backend", "tags")
 # facts a run records next to its document; not inputs, so a run.json read back as a config drops them
 DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device", "python_policy")
 BACKENDS = ("embedded",)
@@ -98,6 +100,7 @@ class RunConfig:
     backend: str = "embedded"
     plan: PlanLimits = field(default_factory=PlanLimits)  # the planner's limits (epochs per source)
     policy: dict[str, Any] | None = None  # an adaptive mixture policy: {name: doremi|odm|ado, ...its parameters}
+    monitor: MonitorConfig | None = None  # training alerts (loss / grad-norm spikes, throughput, data order)
 
     def __post_init__(self) -> None:
         self.curated_dir, self.runs_dir = Path(self.curated_dir), Path(self.runs_dir)
@@ -135,6 +138,7 @@ class RunConfig:
             "train": self.train.to_dict(),
             "eval": self.eval.to_dict(),
             "policy": dict(self.policy) if self.policy is not None else None,
+            "monitor": self.monitor.to_dict() if self.monitor is not None else None,
             "backend": self.backend,
             "tags": dict(self.tags),
         }
@@ -286,7 +290,11 @@ def run_config_from_document(document: Mapping[str, Any], vocab_size: int | None
         plan = PlanLimits.from_dict(_section(document, "plan"))
     except (ScheduleError, TypeError) as err:
         raise ConfigError(str(err), ["plan.max_epochs"]) from err
+    monitor = document.get("monitor")
+    if monitor is not None and not isinstance(monitor, Mapping):
+        raise ConfigError(f"monitor: expected a mapping like {{on_alert: stop}}, got {monitor!r}", ["monitor"])
     return RunConfig(
+        monitor=MonitorConfig.from_dict(monitor) if monitor is not None else None,
         curated_dir=Path(data["curated"]), runs_dir=Path(document["runs_dir"]), run_id=str(document["run_id"]),
         schedule=_schedule(document.get("mixture")), model=model, train=train, eval=eval_config, tags=tags,
         backend=document.get("backend") or "embedded", plan=plan, policy=dict(policy) if policy else None,

@@ -113,3 +113,14 @@ def test_schedule_that_leaves_out_a_curated_source_says_so(tokenized_curated, tm
     assert main(["mix", "--curated", str(tokenized_curated), "--schedule", str(schedule), "--train-preset", "tiny"]) == 0
     out = capsys.readouterr().out
     assert "leaves out curated source(s)" in out and "web-en (" in out and "math (" not in out.split("leaves out")[1]
+
+
+def test_the_monitor_section_is_read_and_refused_by_field():
+    from mixlab.pipelines.run_config import run_config_from_document
+
+    document = {"run_id": "r", "runs_dir": "runs", "data": {"curated": "c"}, "monitor": {"on_alert": "stop"}}
+    config = run_config_from_document(document, vocab_size=256)
+    assert config.monitor.on_alert == "stop" and config.to_dict()["monitor"]["on_alert"] == "stop"
+    assert run_config_from_document({**document, "monitor": None}, vocab_size=256).monitor is None
+    with pytest.raises(ConfigError, match="unknown fields"):
+        run_config_from_document({**document, "monitor": {"loss_zz": 3}}, vocab_size=256)

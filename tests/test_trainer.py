@@ -211,3 +211,45 @@ def test_init_from_may_extend_the_context_with_yarn_or_a_larger_rope_theta(tmp_p
         train(child, longer, cfg, ByteSampler(train_split(corpora), 8, 256), held_out(corpora, 256), stop_after=1)
         assert child.summary["initialized_from"]["step"] == 40
         assert child.metrics()[0]["loss"] < parent.metrics()[0]["loss"] - 0.5
+
+
+class _RepeatingSampler(ByteSampler):
+    """A data-order bug: from step `from_step` on, the batch of that step is served again and again."""
+
+    def __init__(self, *args, from_step: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.from_step, self.served, self.stuck = from_step, 0, None
+
+    def next_batch(self):
+        self.served += 1
+        if self.stuck is not None:
+            return self.stuck
+        batch = super().next_batch()
+        if self.served >= self.from_step:
+            self.stuck = batch
+        return batch
+
+
+def test_the_monitor_logs_alerts_and_stops_before_the_offending_update(tmp_path):
+    """A repeated batch (a data-order anomaly) is an alert in alerts.jsonl and on the console; with on_alert="stop"
+    the run stops before applying that update, checkpointed, "interrupted", and says why."""
+    from mixlab.training.checkpoint import latest_checkpoint, read_checkpoint
+    from mixlab.training.monitor import MonitorConfig, TrainingMonitor
+
+    corpora = stdlib_corpora()
+    run = RunStore(tmp_path).create("stuck", config={})
+    cfg = TrainConfig.preset("tiny", total_steps=30, progress_bar=False, threads=1, checkpoint_every=10)
+    sampler = _RepeatingSampler(train_split(corpora), 8, 64, from_step=12)
+    summary = train(run, ModelConfig.preset("tiny"), cfg, sampler, held_out(corpora, 64),
+                    monitor=TrainingMonitor(MonitorConfig(on_alert="stop", warmup_steps=5)))
+    (alert,) = run.alerts()
+    assert alert["kind"] == "repeated_window" and alert["step"] == 13 and alert["action"] == "stop"
+    assert run.status == "interrupted" and summary["step"] == 12
+    assert summary["stopped_by"] == "monitor: repeated_window at step 13"
+    ckpt = latest_checkpoint(run.checkpoint_dir)
+    assert read_checkpoint(ckpt).step == 12 and "monitor" in read_checkpoint(ckpt).trainer_state
+
+    logged = RunStore(tmp_path / "log").create("stuck-log", config={})
+    train(logged, ModelConfig.preset("tiny"), cfg, _RepeatingSampler(train_split(corpora), 8, 64, from_step=12),
+          held_out(corpora, 64), monitor=TrainingMonitor(MonitorConfig(on_alert="log", warmup_steps=5)))
+    assert logged.status == "completed" and {a["kind"] for a in logged.alerts()} == {"repeated_window"}

@@ -7,6 +7,7 @@ Layout of a run directory (all plain files):
     <runs_root>/<run_id>/metrics.jsonl   one line per logged training step
     <runs_root>/<run_id>/evals.jsonl     one line per (step, eval source)
     <runs_root>/<run_id>/tasks.jsonl     one line per (step, downstream task): accuracy, margin, items, chance
+    <runs_root>/<run_id>/alerts.jsonl    one line per training alert (loss / grad-norm spike, throughput drop, ...)
     <runs_root>/<run_id>/checkpoints/    written by the training backend
     <runs_root>/<run_id>/run.lock        held (flock) by the process training the run, while it lives
 
@@ -34,8 +35,8 @@ RUN_SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 # every file and folder mixlab reads or writes in a run directory; none may resolve (through a symlink) outside it
 RUN_DIR_ENTRIES = ("run.json", "run.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "evals.jsonl", "evals.jsonl.tmp",
-                   "tasks.jsonl", "tasks.jsonl.tmp", "mixture.jsonl", "mixture.jsonl.tmp", "run.lock", "checkpoints")
-LOG_FILES = ("metrics.jsonl", "evals.jsonl", "tasks.jsonl", "mixture.jsonl")  # step-keyed logs, truncated together on resume
+                   "tasks.jsonl", "tasks.jsonl.tmp", "alerts.jsonl", "alerts.jsonl.tmp", "mixture.jsonl", "mixture.jsonl.tmp", "run.lock", "checkpoints")
+LOG_FILES = ("metrics.jsonl", "evals.jsonl", "tasks.jsonl", "alerts.jsonl", "mixture.jsonl")  # step-keyed logs, truncated together on resume
 # run.json fields and the types they must have (the summary's keys that commands format)
 _RUN_FIELDS: dict[str, tuple[type, ...]] = {"run_id": (str,), "status": (str,), "created": (str,), "updated": (str,),
                                             "tags": (dict,), "config": (dict,), "summary": (dict,)}
@@ -239,6 +240,13 @@ class RunRecord:
     def log_task(self, step: int, task: str, **values: Any) -> None:
         _append_jsonl(self.path / "tasks.jsonl", {"step": step, "task": task, **values})
 
+    def log_alert(self, alert: dict[str, Any]) -> None:
+        """A training alert (`training.monitor.Alert.to_dict()`: step, kind, message, value, threshold, action)."""
+        _append_jsonl(self.path / "alerts.jsonl", dict(alert))
+
+    def alerts(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.path / "alerts.jsonl")
+
     def log_mixture(self, step: int, weights: dict[str, float], cause: str, policy: str | None = None) -> None:
         """A change of the sampling weights, in force from step `step` on (0-based: the batch after `step` steps),
         and why. No wall time in the row: a resumed run writes exactly the rows of an uninterrupted one."""
@@ -248,8 +256,8 @@ class RunRecord:
     def truncate_after(self, step: int) -> None:
         """On resume, forget metrics, evals and mixture changes logged after the checkpoint we restart from."""
         for name in LOG_FILES:
-            if name in ("mixture.jsonl", "tasks.jsonl") and not (self.path / name).exists():
-                continue  # only runs with a mixture policy / downstream tasks have one
+            if name in ("mixture.jsonl", "tasks.jsonl", "alerts.jsonl") and not (self.path / name).exists():
+                continue  # only runs with a mixture policy / downstream tasks / alerts have one
             path = self.path / name
             rows = [r for r in _read_jsonl(path) if r["step"] <= step]
             tmp = path.with_suffix(".jsonl.tmp")

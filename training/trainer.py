@@ -33,6 +33,7 @@ from mixlab.training.errors import ConfigError, NonFiniteLossError, ResumeError
 from mixlab.training.evaluate import HeldOutEvaluator
 from mixlab.training.lr_schedule import decay_start_step, lr_at
 from mixlab.training.model import ModelConfig, Transformer
+from mixlab.training.monitor import TrainingMonitor, window_ids
 from mixlab.training.run_record import RunRecord
 from tqdm.auto import tqdm
 
@@ -288,6 +289,7 @@ def train(
     stop_after: int | None = None,
     policy: Policy | None = None,
     tasks: TaskScorer | None = None,
+    monitor: TrainingMonitor | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) `run` to train_config.steps and return its summary (also stored in run.json).
 
@@ -299,6 +301,10 @@ def train(
     after every eval the eval rows, and at its cadence the sampler's weights follow its decisions; each change
     is logged to mixture.jsonl with its cause and the policy state is in every checkpoint.
     tasks (e.g. ablations.tasks.ClozeEvaluator): downstream tasks scored at every eval, logged to tasks.jsonl.
+    monitor (training.monitor.TrainingMonitor): every step's loss, grad norm, throughput and data are checked for the
+    playbook's silent failures; alerts go to alerts.jsonl and the console, and with on_alert="stop" (or "rewind",
+    which this backend treats as a stop for now) the run stops before the offending update, checkpointed and
+    "interrupted" (summary.stopped_by names the alert). Its state is in every checkpoint.
     The run's lock (`RunRecord.acquire`) is held while training, so `mixlab runs` can tell a live run from a dead one.
     Any error once the run is touched (resuming included) marks it "failed" with the error in its summary; the
     errors raised on purpose are `training.TrainingError`s (ValueErrors) that say what to do.
@@ -326,7 +332,7 @@ def train(
     configs = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
     sampler_counts = callable(getattr(sampler, "tokens_by_source", None))
 
-    step, progress, resumed_from = 0, _Progress(), None
+    step, progress, resumed_from, stopped_by = 0, _Progress(), None, None
     last_loss, eval_rows = float("nan"), []
     call_tokens = 0  # tokens trained by this call (0 when resuming an already finished run)
     bar = None
@@ -337,6 +343,8 @@ def train(
 
     def checkpoint(at: int) -> Path:
         state = progress.state_dict() | ({"policy": policy.state_dict()} if policy is not None else {})
+        if monitor is not None:
+            state["monitor"] = monitor.state_dict()
         return save_checkpoint(run.checkpoint_dir, at, model, optimizer, sampler_state=sampler.state_dict(),
                                trainer_state=state, configs=configs, keep_last=cfg.keep_last_checkpoints)
 
@@ -366,6 +374,8 @@ def train(
             step = read_checkpoint(latest).step  # what the run has, should the resume fail
             progress = _resume(latest, run, model, optimizer, sampler, model_config, cfg, policy)
             resumed_from = str(latest)
+            if monitor is not None and (saved_monitor := read_checkpoint(latest).trainer_state.get("monitor")):
+                monitor.load_state_dict(saved_monitor)
         elif init_path is not None:
             run.summary["initialized_from"] = _init_from(init_path, run, model, optimizer, model_config)
         run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
@@ -399,6 +409,7 @@ def train(
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             sources: list[str] = []
+            windows: list[str] = []  # a hash per row, for the monitor's repeated-window check
             row_losses: list[torch.Tensor] = []
             n = 0  # tokens trained this step, from the batches' shapes (a stage may set its own seq_len)
             for _ in range(cfg.grad_accum):
@@ -416,9 +427,20 @@ def train(
                         own[source] = own.get(source, 0) + tokens.shape[1] - 1
                 n += tokens.shape[0] * (tokens.shape[1] - 1)
                 stage, sources = batch.stage, sources + list(batch.sources)
+                if monitor is not None:
+                    windows += window_ids(np.asarray(batch.tokens))
             last_loss = loss_sum.item() / cfg.grad_accum
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
                          if cfg.grad_clip > 0 else float("nan"))
+            alerts = []
+            if monitor is not None:
+                alerts = monitor.observe(step + 1, last_loss, grad_norm if cfg.grad_clip > 0 else None,
+                                         n / max(time.perf_counter() - t0, 1e-9), windows, sources,
+                                         dict(sampler.current_weights()) if hasattr(sampler, "current_weights")
+                                         else None)
+                for alert in alerts:
+                    run.log_alert(alert.to_dict())
+                    bar.write(f"[{run.run_id}] {alert.format()}", file=sys.stderr)
             if not math.isfinite(last_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
                 raise NonFiniteLossError(
                     f"run {run.run_id!r} step {step + 1}: loss {last_loss}, grad norm {grad_norm} at lr {lr:.3g} "
@@ -427,6 +449,11 @@ def train(
                     "with a lower train.lr, a longer train.warmup_steps or train.grad_clip > 0, or set model.qk_norm "
                     "/ model.z_loss; if it recurs at the same step, inspect that batch's data.",
                     ["train.lr", "train.warmup_steps", "train.grad_clip", "model.qk_norm", "model.z_loss"])
+            if alerts and monitor.decision(alerts) != "continue":
+                stopped_by = f"monitor: {alerts[0].kind} at step {step + 1}"
+                optimizer.zero_grad(set_to_none=True)  # the offending update is not applied
+                checkpoint(step)
+                break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -498,6 +525,8 @@ def train(
     })
     if stop.received is not None:
         run.summary["stopped_by"] = stop.name
+    elif stopped_by is not None:
+        run.summary["stopped_by"] = stopped_by
     if eval_rows:
         run.summary["eval"] = {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in eval_rows}
     run.save()
