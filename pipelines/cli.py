@@ -180,6 +180,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 128 + signal.Signals[stopped].value if stopped else 0
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from mixlab.training.hf import export_hf
+
+    out = export_hf(args.run, args.out, tokenizer_dir=args.tokenizer)
+    print(f"exported to {out}: transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from mixlab.mixtures import MixtureSchedule
     from mixlab.pipelines.pretrain import (
@@ -370,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _training_options(tr, runs=True)
     tr.set_defaults(func=cmd_train)
+
+    hf = sub.add_parser("export-hf", help="write a trained model as a Hugging Face Llama directory",
+                        description="config.json + model.safetensors (+ the tokenizer files) that transformers loads "
+                                    "as LlamaForCausalLM; switches Llama cannot express (QK-norm, NoPE layers, "
+                                    "YaRN) are refused by name.")
+    hf.add_argument("--run", type=Path, required=True, help="a run directory (its latest checkpoint) or a checkpoint")
+    hf.add_argument("--out", type=Path, required=True, help="the directory to write")
+    hf.add_argument("--tokenizer", type=Path, help="the tokenizer directory to copy, e.g. <curated>/tokenizer")
+    hf.set_defaults(func=cmd_export_hf)
 
     ev = sub.add_parser("eval", help="held-out loss and bits-per-byte per source of a checkpoint")
     ev.add_argument("--run", required=True, help="run directory")

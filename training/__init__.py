@@ -16,12 +16,17 @@ from mixlab.training.errors import (
     TrainingError,
 )
 from mixlab.training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model
+from mixlab.training.hf import export_hf, hf_config, import_hf, model_config_from_hf
 from mixlab.training.lr_schedule import decay_start_step, lr_at
 from mixlab.training.model import MODEL_PRESETS, ModelConfig, Transformer
 from mixlab.training.run_record import RunRecord, RunStore
 from mixlab.training.trainer import Sampler, train
 
 __all__ = [
+    "export_hf",
+    "hf_config",
+    "import_hf",
+    "model_config_from_hf",
     "MODEL_PRESETS",
     "TRAIN_PRESETS",
     "CheckpointError",
