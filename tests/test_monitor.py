@@ -168,7 +168,7 @@ def test_bad_config_and_input_are_named():
         MonitorConfig(on_alert="panic")
     with pytest.raises(ConfigError, match="throughput_drop_ratio"):
         MonitorConfig(throughput_drop_ratio=1.5)
-    with pytest.raises(ConfigError, match="unknown fields"):
+    with pytest.raises(ConfigError, match="unknown MonitorConfig fields"):
         MonitorConfig.from_dict({"loss_zz": 3})
     monitor = TrainingMonitor()
     with pytest.raises(ValueError, match="2 windows but 3 sources"):

@@ -122,5 +122,5 @@ def test_the_monitor_section_is_read_and_refused_by_field():
     config = run_config_from_document(document, vocab_size=256)
     assert config.monitor.on_alert == "stop" and config.to_dict()["monitor"]["on_alert"] == "stop"
     assert run_config_from_document({**document, "monitor": None}, vocab_size=256).monitor is None
-    with pytest.raises(ConfigError, match="unknown fields"):
+    with pytest.raises(ConfigError, match="unknown MonitorConfig fields"):
         run_config_from_document({**document, "monitor": {"loss_zz": 3}}, vocab_size=256)

@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from mixlab.training.config import ConfigDict
 from mixlab.training.errors import ConfigError, ResumeError
 
 ACTIONS = ("log", "stop", "rewind")
@@ -35,7 +36,7 @@ _MAD_TO_STD = 1.4826  # MAD of a normal sample x this = its standard deviation
 
 
 @dataclass
-class MonitorConfig:
+class MonitorConfig(ConfigDict):
     """Thresholds of the monitors. Steps are optimizer steps (1-based, as the trainer logs them)."""
 
     warmup_steps: int = 20  # loss, grad norm and throughput are neither judged nor remembered before this step
@@ -89,16 +90,6 @@ class MonitorConfig:
                 raise ConfigError(f"monitor.kind_actions[{kind!r}]={action!r}: kinds are {list(ALERT_KINDS)}, "
                                   f"actions {list(ACTIONS)}", ["monitor.kind_actions"])
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> MonitorConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"monitor config has unknown fields {unknown}; known: {sorted(known)}", ["monitor"])
-        return cls(**dict(values))
 
 
 @dataclass
