@@ -304,7 +304,8 @@ def train(
     monitor (training.monitor.TrainingMonitor): every step's loss, grad norm, throughput and data are checked for the
     playbook's silent failures; alerts go to alerts.jsonl and the console, and with on_alert="stop" (or "rewind",
     which this backend treats as a stop for now) the run stops before the offending update, checkpointed and
-    "interrupted" (summary.stopped_by names the alert). Its state is in every checkpoint.
+    "interrupted" (summary.stopped_by names the alert); the checkpoint's sampler is past the offending batches, so
+    a rerun skips them. Its state is in every checkpoint.
     The run's lock (`RunRecord.acquire`) is held while training, so `mixlab runs` can tell a live run from a dead one.
     Any error once the run is touched (resuming included) marks it "failed" with the error in its summary; the
     errors raised on purpose are `training.TrainingError`s (ValueErrors) that say what to do.
