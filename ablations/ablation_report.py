@@ -29,8 +29,9 @@ import polars as pl
 import yaml
 from mixlab.ablations import ablation_plots, compare
 from mixlab.ablations.launch import DONE, proxy_runs, runs_dir
+from mixlab.ablations.outputs import json_safe
 from mixlab.ablations.report import REPORT_CSS, HtmlPage, html_table
-from mixlab.ablations.results import ablation_results, task_sources
+from mixlab.ablations.results import ablation_results, task_chance, task_sources, write_results
 from mixlab.ablations.signal import signal_table
 from mixlab.ablations.spec import AblationSpec
 from mixlab.training import RunRecord
@@ -447,18 +448,12 @@ def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
                  f"</title><style>{REPORT_CSS}</style></head><body>{''.join(page.sections)}</body></html>")
     html_path = out / "report.html"
     html_path.write_text(html_page)
-    (out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=1, allow_nan=False))
+    (out / "summary.json").write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     return html_path
 
 
-def _strict_json(value: Any) -> Any:
-    """summary.json is strict JSON: a non-finite float becomes null, anything else unknown its string."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict_json(v) for v in value]
-    if value is None or isinstance(value, bool | int | str):
-        return value
-    return str(value)
+def report_ablation(spec: AblationSpec, out_dir: str | Path | None = None) -> Path:
+    """What `mixlab ablate run|report` leave: the results table written, then the report with each task's
+    chance level from the runs."""
+    write_results(spec)
+    return build_ablation_report(spec, out_dir=out_dir, chance=task_chance(spec))

@@ -13,27 +13,28 @@ from pathlib import Path
 from typing import Any
 
 
-def _clean(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
+def json_safe(value: Any) -> Any:
+    """Strict-JSON data: a non-finite float becomes null, a path or any other unknown object its string."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
+        return [json_safe(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    return str(value)
 
 
 def report_dict(report: Any) -> dict[str, Any]:
-    """A protocol's report dataclass as plain JSON-ready data (paths as strings, NaN as None)."""
-    return _clean(asdict(report))
+    """A protocol's report dataclass as strict-JSON data (paths as strings, NaN as None)."""
+    return json_safe(asdict(report))
 
 
 def write_report_json(path: Path, data: Mapping[str, Any]) -> None:
     """JSON with NaN/inf as null, written atomically (a report is never half-written)."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
     tmp.replace(path)
 
 

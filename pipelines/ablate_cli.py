@@ -58,7 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     print("\n".join(status_lines(proxies)))
     ok = all(p.status == "completed" for p in proxies)
     if ok and not args.no_report:
-        print(f"report: {_report(spec)}")
+        from mixlab.ablations.ablation_report import report_ablation
+
+        print(f"report: {report_ablation(spec)}")
     return 0 if ok else 1
 
 
@@ -76,16 +78,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(spec, out: Path | None = None) -> Path:
-    from mixlab.ablations.ablation_report import build_ablation_report
-    from mixlab.ablations.results import task_chance, write_results
-
-    write_results(spec)
-    return build_ablation_report(spec, out_dir=out, chance=task_chance(spec))
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    print(f"report: {_report(_spec(args), args.out)}")
+    from mixlab.ablations.ablation_report import report_ablation
+
+    print(f"report: {report_ablation(_spec(args), args.out)}")
     return 0
 
 

@@ -115,8 +115,8 @@ def run_mix_example(config: MixAblationExample) -> MixAblationOutcome:
     """Build the demo corpus (reused when present), train the spec's proxies (a rerun resumes), report."""
     import json
 
-    from mixlab.ablations.ablation_report import build_ablation_report
-    from mixlab.ablations.results import task_chance, write_results
+    from mixlab.ablations.ablation_report import report_ablation
+    from mixlab.ablations.outputs import json_safe
     from mixlab.pipelines.demo import DemoConfig, prepare_demo_data
 
     demo = DemoConfig(workdir=Path(config.workdir), **({"max_mb": config.max_mb} if config.max_mb else {}))
@@ -125,11 +125,10 @@ def run_mix_example(config: MixAblationExample) -> MixAblationOutcome:
     print(f"\n=== mixlab ablate example: {len(spec.expand())} proxies of spec {spec.name!r} ===", flush=True)
     proxies = run_ablation(spec, LocalLauncher(parallel=config.parallel, threads=config.threads))
     require_completed(spec, proxies)
-    write_results(spec)
-    report = build_ablation_report(spec, chance=task_chance(spec))
+    report = report_ablation(spec)
     checks = favoured_source_checks(spec)
     summary_path = report.parent / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     summary["favoured_source_checks"] = [{**c.__dict__, "holds": c.holds} for c in checks]
-    summary_path.write_text(json.dumps(summary, indent=1, default=str))
+    summary_path.write_text(json.dumps(json_safe(summary), indent=1, allow_nan=False))
     return MixAblationOutcome(report=report, checks=checks)
