@@ -5,8 +5,9 @@ The model is already Llama's architecture (RMSNorm, RoPE, GQA, SwiGLU), so conve
 plus a config translation. The renaming is one table, `NAME_MAP`, read in both directions. No tensor needs a
 transform: mixlab's RoPE rotates (x_i, x_{i+d/2}) pairs (the "rotate_half" halves layout), the same convention HF
 Llama applies to q_proj/k_proj outputs, so q/k weight rows keep their order (tests/test_hf_interop.py checks it
-numerically: logits agree within 1e-4 both ways). What Llama cannot express (QK-norm, NoPE layers; on import: biases,
-other activations, RoPE scaling) is refused with an error naming the field, never silently dropped.
+numerically: logits agree within 1e-4 both ways). What Llama cannot express (QK-norm, NoPE layers, YaRN, MLA, MoE,
+SSM layers; on import: biases, other activations, RoPE scaling) is refused with an error naming the field, never
+silently dropped. Intra-document masking is a way of training, not a change of weights: it exports.
 
 A directory holds config.json, model.safetensors (or shards with model.safetensors.index.json) and, when given,
 the tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
@@ -88,13 +89,28 @@ def mixlab_name(hf_tensor_name: str) -> str | None:
 # ModelConfig fields config.json carries (or that only shape training, like z_loss); any other field must hold the
 # value Llama computes with, else export is refused naming it. A field added to ModelConfig later is refused when
 # set away from its default until this module learns to express it.
+# doc_masking only changes which tokens attend to which when packed rows come with segment_ids: the weights are
+# a plain Llama's, and HF computes the same logits for one document (or with its own packed-sequence masking).
 _CARRIED_FIELDS = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "max_seq_len",
-                   "rope_theta", "norm_eps", "tie_embeddings", "init_std", "z_loss"}
+                   "rope_theta", "norm_eps", "tie_embeddings", "init_std", "z_loss", "doc_masking"}
 _LLAMA_VALUES: dict[str, tuple[Any, str]] = {
     "qk_norm": (False, "LlamaForCausalLM has no per-head query/key norm"),
     "nope_layers": ([], "LlamaForCausalLM applies RoPE in every layer (nope_every adds to nope_layers)"),
     "nope_every": (None, "LlamaForCausalLM applies RoPE in every layer"),
     "yarn_factor": (1.0, "mixlab's YaRN is not mapped onto HF's rope_parameters yet"),
+    "attention": ("mha", "LlamaForCausalLM has no multi-head latent attention (that is DeepSeek-V2's architecture)"),
+    "n_experts": (0, "LlamaForCausalLM's MLP is one dense SwiGLU, not a mixture of experts"),
+    "ssm_layers": ([], "LlamaForCausalLM has attention in every layer, no SSM mixer layers (attention_every adds "
+                       "to ssm_layers)"),
+    "attention_every": (None, "LlamaForCausalLM has attention in every layer, no SSM mixer layers"),
+}
+# fields that only take effect when another field is switched on: ignored while that one holds its "off" value
+_DEPENDS_ON: dict[str, tuple[str, Any]] = {
+    **{name: ("yarn_factor", 1.0) for name in ("yarn_beta_fast", "yarn_beta_slow", "yarn_original_max_seq_len")},
+    **{name: ("attention", "mha") for name in ("mla_kv_rank", "mla_q_rank", "mla_rope_dim")},
+    **{name: ("n_experts", 0) for name in ("moe_top_k", "expert_hidden", "n_shared_experts", "moe_first_dense",
+                                           "moe_balance", "moe_aux_loss", "moe_bias_rate", "router_z_loss")},
+    **{name: ("ssm_layers", []) for name in ("ssm_state", "ssm_expand", "ssm_conv")},
 }
 
 
@@ -108,8 +124,8 @@ def _refuse_for_llama(cfg: ModelConfig) -> None:
         else:
             expected = f.default_factory() if f.default_factory is not MISSING else f.default
             why = "training.hf does not know how to express this field in a Llama config"
-        if value != expected and not (f.name in ("yarn_beta_fast", "yarn_beta_slow", "yarn_original_max_seq_len")
-                                      and getattr(cfg, "yarn_factor", 1.0) == 1.0):
+        switch = _DEPENDS_ON.get(f.name)
+        if value != expected and not (switch is not None and getattr(cfg, switch[0], switch[1]) == switch[1]):
             raise ConfigError(f"model config has {f.name}={value!r}: {why}, so the export would change the model; "
                               f"export a model trained with {f.name}={expected!r}", fields=(f"model.{f.name}",))
 

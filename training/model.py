@@ -2,16 +2,20 @@
 
 It is an ordinary `nn.Module` with no parallelism inside: data/tensor/pipeline parallelism, activation
 checkpointing and compilation are applied from outside, so the same file serves the embedded CPU backend and a
-later nanotron backend. Ablation switches (GQA, QK-norm, NoPE layers, z-loss) live in `ModelConfig` and show up
-below as small local branches.
+later nanotron backend. Ablation switches (GQA, QK-norm, NoPE layers, z-loss, multi-head latent attention,
+intra-document masking, mixture-of-experts MLPs in training/moe.py, SSM mixer layers in training/ssm.py) live in
+`ModelConfig` and show up below as small local branches. With every switch off the model, its state-dict names
+and its initialisation are the plain Llama decoder's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -63,6 +67,37 @@ class ModelConfig(ConfigDict):
     yarn_original_max_seq_len: int | None = None
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
+    # attention kind: "mha" (multi-head; GQA/MQA through n_kv_heads) or "mla" (DeepSeek-V2 multi-head latent
+    # attention: keys and values come from one RMS-normed latent of width mla_kv_rank, queries optionally from one
+    # of width mla_q_rank (0: not compressed), plus a decoupled RoPE part of mla_rope_dim per head (0: head_dim //
+    # 2) whose key is shared by all heads). MLA ignores n_kv_heads and qk_norm is refused with it.
+    attention: str = "mha"
+    mla_kv_rank: int = 0
+    mla_q_rank: int = 0
+    mla_rope_dim: int = 0
+    # intra-document masking: with segment_ids given to forward, a token attends only to earlier tokens of its own
+    # document in the packed row (and SSM layers reset their state at document starts)
+    doc_masking: bool = False
+    # mixture of experts (training/moe.py) in place of the dense SwiGLU of layers >= moe_first_dense; 0: dense.
+    # expert_hidden 0: ffn_hidden // moe_top_k (fine-grained experts keep the active FFN width). moe_balance:
+    # "aux_loss" (Switch balance loss x moe_aux_loss), "bias" (DeepSeek-V3 aux-loss-free, step moe_bias_rate),
+    # "none"; router_z_loss: coefficient of the router logits' z-loss
+    n_experts: int = 0
+    moe_top_k: int = 2
+    expert_hidden: int = 0
+    n_shared_experts: int = 0
+    moe_first_dense: int = 0
+    moe_balance: str = "aux_loss"
+    moe_aux_loss: float = 0.01
+    moe_bias_rate: float = 0.001
+    router_z_loss: float = 0.0
+    # hybrid models: layers whose mixer is the gated linear recurrence of training/ssm.py instead of attention
+    ssm_layers: list[int] = field(default_factory=list)
+    # shorthand: only layers N-1, 2N-1, ... keep attention, the others become SSM layers (added to ssm_layers)
+    attention_every: int | None = None
+    ssm_state: int = 16
+    ssm_expand: int = 2
+    ssm_conv: int = 4
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -83,10 +118,99 @@ class ModelConfig(ConfigDict):
         if bad:
             raise ConfigError(f"nope_layers {bad} outside 0..{self.n_layers - 1}")
         self.nope_layers = sorted(set(int(i) for i in self.nope_layers))
+        self._validate_attention()
+        self._validate_moe()
+        self._validate_hybrid()
+
+    def _whole(self, name: str, minimum: int) -> int:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigError(f"model.{name}={value!r} must be a whole number >= {minimum}", [f"model.{name}"])
+        return value
+
+    def _non_negative(self, name: str) -> None:
+        value = getattr(self, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"model.{name}={value!r} must be a finite number >= 0", [f"model.{name}"])
+
+    def _validate_attention(self) -> None:
+        if self.attention not in ("mha", "mla"):
+            raise ConfigError(f"model.attention={self.attention!r} must be 'mha' (multi-head/GQA/MQA) or 'mla' "
+                              "(multi-head latent attention)", ["model.attention"])
+        for name in ("mla_kv_rank", "mla_q_rank", "mla_rope_dim"):
+            self._whole(name, 0)
+        if not isinstance(self.doc_masking, bool):
+            raise ConfigError(f"model.doc_masking={self.doc_masking!r} must be true or false", ["model.doc_masking"])
+        if self.attention != "mla":
+            return
+        if self.mla_kv_rank < 1:
+            raise ConfigError("attention='mla' needs model.mla_kv_rank >= 1 (the width of the key/value latent, "
+                              f"e.g. {max(1, self.d_model // 2)})", ["model.mla_kv_rank"])
+        if self.mla_rope_head_dim < 2 or self.mla_rope_head_dim % 2:
+            raise ConfigError(f"MLA's decoupled RoPE width {self.mla_rope_head_dim} (model.mla_rope_dim, 0: head_dim "
+                              f"// 2 = {self.head_dim // 2}) must be even and >= 2; set model.mla_rope_dim",
+                              ["model.mla_rope_dim"])
+        if self.qk_norm:
+            raise ConfigError("qk_norm is for attention='mha'; MLA normalises its latents instead: set "
+                              "model.qk_norm=false", ["model.qk_norm", "model.attention"])
+
+    def _validate_moe(self) -> None:
+        if self._whole("n_experts", 0) == 0:
+            return
+        top_k = self._whole("moe_top_k", 1)
+        if top_k > self.n_experts:
+            raise ConfigError(f"model.moe_top_k={top_k} exceeds model.n_experts={self.n_experts}; lower moe_top_k "
+                              "or add experts", ["model.moe_top_k", "model.n_experts"])
+        self._whole("expert_hidden", 0)
+        self._whole("n_shared_experts", 0)
+        if self.moe_expert_hidden < 1:
+            raise ConfigError(f"expert width is 0 (ffn_hidden={self.ffn_hidden} // moe_top_k={top_k}); set "
+                              "model.expert_hidden >= 1", ["model.expert_hidden"])
+        if self._whole("moe_first_dense", 0) >= self.n_layers:
+            raise ConfigError(f"model.moe_first_dense={self.moe_first_dense} leaves no MoE layer among "
+                              f"n_layers={self.n_layers}; lower it (or set n_experts=0 for a dense model)",
+                              ["model.moe_first_dense"])
+        if self.moe_balance not in ("aux_loss", "bias", "none"):
+            raise ConfigError(f"model.moe_balance={self.moe_balance!r} must be 'aux_loss', 'bias' or 'none'",
+                              ["model.moe_balance"])
+        for name in ("moe_aux_loss", "moe_bias_rate", "router_z_loss"):
+            self._non_negative(name)
+
+    def _validate_hybrid(self) -> None:
+        if self.attention_every is not None:
+            self._whole("attention_every", 1)
+            self.ssm_layers = [*self.ssm_layers,
+                               *(i for i in range(self.n_layers) if (i + 1) % self.attention_every)]
+        if not isinstance(self.ssm_layers, list | tuple) or any(
+                isinstance(i, bool) or not isinstance(i, int) for i in self.ssm_layers):
+            raise ConfigError(f"model.ssm_layers={self.ssm_layers!r} must be a list of layer indices",
+                              ["model.ssm_layers"])
+        bad = [i for i in self.ssm_layers if not 0 <= i < self.n_layers]
+        if bad:
+            raise ConfigError(f"model.ssm_layers {bad} outside 0..{self.n_layers - 1}", ["model.ssm_layers"])
+        self.ssm_layers = sorted(set(int(i) for i in self.ssm_layers))
+        if self.ssm_layers:
+            for name in ("ssm_state", "ssm_expand", "ssm_conv"):
+                self._whole(name, 1)
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def mla_rope_head_dim(self) -> int:
+        """Width of MLA's decoupled RoPE part of each query head and of the shared rotated key."""
+        return self.mla_rope_dim or self.head_dim // 2
+
+    @property
+    def moe_expert_hidden(self) -> int:
+        """Hidden width of one routed expert (the same rule as training/moe.py's expert_width)."""
+        return self.expert_hidden or self.ffn_hidden // max(self.moe_top_k, 1)
+
+    @property
+    def rope_table_dim(self) -> int:
+        """Width of the cos/sin tables: whole heads for MHA, the decoupled RoPE part for MLA."""
+        return self.mla_rope_head_dim if self.attention == "mla" else self.head_dim
 
 
 class RMSNorm(nn.Module):
@@ -138,6 +262,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
+def segment_ids_from_cu_seqlens(cu_seqlens: Sequence[np.ndarray | torch.Tensor], seq_len: int) -> torch.Tensor:
+    """Document index of every position, LongTensor [B, seq_len], from per-row document offsets [0, ..., seq_len]
+    (the sampler's SampledBatch.cu_seqlens): positions in [o_i, o_{i+1}) get i. Move it to the model's device."""
+    if len(cu_seqlens) == 0:
+        raise ConfigError("cu_seqlens is empty; pass one offsets array per row of the batch")
+    positions = torch.arange(seq_len)
+    rows = []
+    for r, offsets in enumerate(cu_seqlens):
+        o = torch.as_tensor(offsets).detach().cpu().long()
+        if o.dim() != 1 or len(o) < 2 or int(o[0]) != 0 or int(o[-1]) != seq_len or bool((o[1:] < o[:-1]).any()):
+            raise ConfigError(f"cu_seqlens[{r}]={o.tolist()[:8]} must be non-decreasing offsets from 0 to "
+                              f"seq_len={seq_len}")
+        rows.append(torch.searchsorted(o[1:], positions, right=True))
+    return torch.stack(rows)
+
+
+def position_ids_from_segment_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] counting from 0 at each document start (where the segment id changes)."""
+    B, T = segment_ids.shape
+    index = torch.arange(T, device=segment_ids.device).expand(B, T)
+    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
+    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, use_rope: bool):
         super().__init__()
@@ -150,7 +299,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D]; cos/sin the whole [max_seq_len, head_dim] tables or already gathered per position
+        [B, 1, T, head_dim]; mask None (causal) or boolean [B, 1, T, T], True where a query may attend."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -158,9 +310,79 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:  # NoPE layers skip this and rely on the causal mask for order
-            q, k = apply_rope(q, cos[:T], sin[:T]), apply_rope(k, cos[:T], sin[:T])
+            cos, sin = positions_of(cos, sin, T)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # enable_gqa shares each k/v head with n_heads / n_kv_heads query heads without materialising copies
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def positions_of(cos: torch.Tensor, sin: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole tables [max_seq_len, d] -> the first T rows; tables gathered per position ([B, 1, T, d]) pass."""
+    return (cos[:T], sin[:T]) if cos.dim() == 2 else (cos, sin)
+
+
+def yarn_attention_factor(cfg: ModelConfig) -> float:
+    """The factor YaRN scales cos/sin by (so rotated logits scale by its square); 1 without YaRN."""
+    return 0.1 * math.log(cfg.yarn_factor) + 1.0 if cfg.yarn_factor > 1 else 1.0
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2). Keys and values of all heads are decoded from one latent
+    c_kv = RMSNorm(x W_kv_a) of width mla_kv_rank, which is what an inference cache would hold; queries come from
+    x directly or, with mla_q_rank > 0, from their own normed latent. RoPE is not applied to the decoded keys (it
+    would not commute with the decoding); a separate rope_dim part carries position instead: each head gets its
+    own rotated q_rope, and one rotated k_rope, computed from x, is shared by all heads. Per head
+
+        q = [q_nope (head_dim), q_rope (rope_dim)],  k = [k_nope (head_dim, from c_kv), k_rope (rope_dim, shared)],
+        v = v (head_dim, from c_kv),  softmax scale 1 / sqrt(head_dim + rope_dim).
+
+    NoPE layers leave the rope part unrotated. Under YaRN the rotated part's logits scale by the factor squared
+    through cos/sin, so q_nope is scaled by it too: all logits scale alike, as in the MHA path."""
+
+    def __init__(self, cfg: ModelConfig, use_rope: bool):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim = cfg.n_heads, cfg.head_dim, cfg.mla_rope_head_dim
+        self.use_rope, self.compress_q = use_rope, cfg.mla_q_rank > 0
+        self.nope_scale = yarn_attention_factor(cfg) ** 2 if use_rope else 1.0
+        H, D, R = self.n_heads, self.head_dim, self.rope_dim
+        if self.compress_q:
+            self.wq_a = nn.Linear(cfg.d_model, cfg.mla_q_rank, bias=False)
+            self.q_latent_norm = RMSNorm(cfg.mla_q_rank, cfg.norm_eps)
+            self.wq_b = nn.Linear(cfg.mla_q_rank, H * (D + R), bias=False)
+        else:
+            self.wq = nn.Linear(cfg.d_model, H * (D + R), bias=False)
+        self.wkv_a = nn.Linear(cfg.d_model, cfg.mla_kv_rank, bias=False)
+        self.kv_norm = RMSNorm(cfg.mla_kv_rank, cfg.norm_eps)
+        self.wk_b = nn.Linear(cfg.mla_kv_rank, H * D, bias=False)
+        self.wv_b = nn.Linear(cfg.mla_kv_rank, H * D, bias=False)
+        self.wk_rope = nn.Linear(cfg.d_model, R, bias=False)
+        self.wo = nn.Linear(H * D, cfg.d_model, bias=False)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, n_heads * (head_dim + rope_dim)], from x or through the query latent."""
+        return self.wq_b(self.q_latent_norm(self.wq_a(x))) if self.compress_q else self.wq(x)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """As Attention.forward; cos/sin here are rope_dim wide."""
+        B, T, _ = x.shape
+        H, D, R = self.n_heads, self.head_dim, self.rope_dim
+        q_nope, q_rope = self.queries(x).view(B, T, H, D + R).transpose(1, 2).split([D, R], dim=-1)
+        latent = self.kv_norm(self.wkv_a(x))
+        k_nope = self.wk_b(latent).view(B, T, H, D).transpose(1, 2)
+        v = self.wv_b(latent).view(B, T, H, D).transpose(1, 2)
+        k_rope = self.wk_rope(x).view(B, 1, T, R)
+        if self.use_rope:
+            cos, sin = positions_of(cos, sin, T)
+            q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
+            if self.nope_scale != 1.0:
+                q_nope = q_nope * self.nope_scale
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        k = torch.cat([k_nope, k_rope.expand(B, H, T, R)], dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           scale=1.0 / math.sqrt(D + R))
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -176,15 +398,37 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: a token mixer (attention, or the SSM on ssm_layers) then an MLP (the dense SwiGLU,
+    or the MoE on layers >= moe_first_dense when n_experts > 0). Dense blocks keep the names attn_norm/attn and
+    mlp_norm/mlp; SSM layers name their mixer ssm_norm/ssm."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, use_rope=layer_idx not in cfg.nope_layers)
-        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg)
+        self.is_ssm = layer_idx in cfg.ssm_layers
+        self.is_moe = cfg.n_experts > 0 and layer_idx >= cfg.moe_first_dense
+        if self.is_ssm:
+            from mixlab.training.ssm import GatedLinearRecurrence
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+            self.ssm_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.ssm = GatedLinearRecurrence(cfg)
+        else:
+            attention = LatentAttention if cfg.attention == "mla" else Attention
+            self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+            self.attn = attention(cfg, use_rope=layer_idx not in cfg.nope_layers)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        if self.is_moe:
+            from mixlab.training.moe import MoEFeedForward
+
+            self.mlp = MoEFeedForward(cfg)
+        else:
+            self.mlp = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_ssm:  # the recurrence is causal by construction; segment_ids reset its state per document
+            x = x + self.ssm(self.ssm_norm(x), segment_ids)
+        else:
+            x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -199,34 +443,83 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         # derived tables, not state: kept out of the state dict so checkpoints hold only learned weights
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, cfg)
+        cos, sin = rope_tables(cfg.rope_table_dim, cfg.max_seq_len, cfg.rope_theta, cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    def use_rope_theta(self, theta: float) -> None:
+        """Rebuild the RoPE tables for another base, weights unchanged: a long-context stage raises theta mid-run
+        (mixtures Stage.rope_theta). The tables are derived state, so nothing else changes."""
+        cos, sin = rope_tables(self.config.rope_table_dim, self.config.max_seq_len, theta, self.config)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The MoEFeedForward modules, first layer first."""
+        return [layer.mlp for layer in self.layers if layer.is_moe]
+
+    def ssm_mixers(self) -> list[nn.Module]:
+        """The GatedLinearRecurrence modules, first layer first."""
+        return [layer.ssm for layer in self.layers if layer.is_ssm]
+
     def reset_parameters(self) -> None:
         """N(0, init_std) everywhere; output projections of residual branches scaled by 1/sqrt(2 n_layers)
-        (GPT-2) so the residual stream's variance does not grow with depth."""
+        (GPT-2) so the residual stream's variance does not grow with depth. MoE and SSM modules initialise
+        themselves with the same two stds (their own parameters need their own rules, e.g. the SSM's decays)."""
         residual_std = self.config.init_std / math.sqrt(2 * self.config.n_layers)
+        self_initialising = self.moe_layers() + self.ssm_mixers()
+        owned = {id(p) for module in self_initialising for p in module.parameters()}
         for name, p in self.named_parameters():
+            if id(p) in owned:
+                continue
             if p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("attn.wo.weight", "mlp.w_down.weight")):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
             else:
                 nn.init.normal_(p, mean=0.0, std=self.config.init_std)
+        for module in self_initialising:
+            module.reset_parameters(self.config.init_std, residual_std)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+        position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx [B, T] -> (logits [B, T, V] in fp32, loss). reduction="mean" gives the training loss (cross-entropy
-        plus z-loss); reduction="none" gives per-token cross-entropy [B, T] in nats, which held-out eval needs."""
-        T = idx.shape[1]
-        if T > self.config.max_seq_len:
-            raise ConfigError(f"sequence length {T} exceeds max_seq_len={self.config.max_seq_len}")
+        plus z-loss plus the MoE layers' router losses); reduction="none" gives per-token cross-entropy [B, T] in
+        nats, which held-out eval needs.
+
+        Packed rows: position_ids [B, T] (RoPE positions, restarting at each document) and, with doc_masking on,
+        segment_ids [B, T] (document index within the row, see segment_ids_from_cu_seqlens): attention is causal
+        within a document only and SSM layers restart per document. segment_ids without position_ids derives the
+        positions from them."""
+        cfg = self.config
+        B, T = idx.shape
+        if T > cfg.max_seq_len:
+            raise ConfigError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+        mask = None
+        if segment_ids is not None:
+            if not cfg.doc_masking:
+                raise ConfigError("segment_ids were given but model.doc_masking is off; set doc_masking=true to "
+                                  "mask attention between documents (or pass position_ids only)",
+                                  ["model.doc_masking"])
+            if segment_ids.shape != (B, T):
+                raise ConfigError(f"segment_ids {tuple(segment_ids.shape)} must have the shape of idx {(B, T)}")
+            causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()
+            mask = ((segment_ids[:, :, None] == segment_ids[:, None, :]) & causal).unsqueeze(1)
+            if position_ids is None:
+                position_ids = position_ids_from_segment_ids(segment_ids)
+        cos, sin = self.rope_cos, self.rope_sin
+        if position_ids is not None:
+            if position_ids.shape != (B, T):
+                raise ConfigError(f"position_ids {tuple(position_ids.shape)} must have the shape of idx {(B, T)}")
+            if T and not 0 <= int(position_ids.min()) <= int(position_ids.max()) < cfg.max_seq_len:
+                raise ConfigError(f"position_ids must lie in [0, max_seq_len={cfg.max_seq_len})")
+            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)  # [B, 1, T, d]
         x = self.tok_emb(idx)
         for layer in self.layers:
-            x = layer(x, self.rope_cos, self.rope_sin)
+            x = layer(x, cos, sin, mask, segment_ids)
         logits = self.lm_head(self.norm(x)).float()
         if targets is None:
             return logits, None
@@ -234,9 +527,22 @@ class Transformer(nn.Module):
         if reduction == "none":
             return logits, F.cross_entropy(flat, targets.reshape(-1), reduction="none").view_as(targets)
         loss = F.cross_entropy(flat, targets.reshape(-1))
-        if self.config.z_loss > 0:  # keeps logits from drifting large (PaLM); a tiny pull of log Z towards 0
-            loss = loss + self.config.z_loss * torch.logsumexp(flat, dim=-1).pow(2).mean()
+        if cfg.z_loss > 0:  # keeps logits from drifting large (PaLM); a tiny pull of log Z towards 0
+            loss = loss + cfg.z_loss * torch.logsumexp(flat, dim=-1).pow(2).mean()
+        for moe in self.moe_layers():  # balance loss and router z-loss of this forward (0 in eval mode)
+            loss = loss + moe.aux_loss
         return logits, loss
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> dict[str, Any]:
+        """Once after every optimizer step: the MoE layers' aux-loss-free bias step (moe_balance="bias"; other
+        balances only read and reset their routing counts). Returns {"moe_tokens_per_expert": one list per MoE
+        layer, "moe_max_load": the largest max/mean expert load over the layers}, {} without MoE."""
+        stats = [moe.update_bias() for moe in self.moe_layers()]
+        if not stats:
+            return {}
+        return {"moe_tokens_per_expert": [s["tokens_per_expert"] for s in stats],
+                "moe_max_load": max(float(s["max_load"]) for s in stats)}
 
     # ---- facts the trainer needs, kept next to the thing they describe --------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:
@@ -244,26 +550,60 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
 
+    def active_params(self, non_embedding: bool = False) -> int:
+        """Parameters one token uses: num_params with each MoE layer's expert matrices replaced by what a token
+        passes through (router + top-k routed + shared experts); equal to num_params without MoE."""
+        n = self.num_params(non_embedding)
+        for moe in self.moe_layers():
+            n += moe.active_matmul_params() - sum(p.numel() for p in moe.parameters() if p.dim() >= 2)
+        return n
+
+    def activation_ratio(self) -> float:
+        """Active / total non-embedding parameters (1.0 for a dense model)."""
+        return self.active_params(non_embedding=True) / self.num_params(non_embedding=True)
+
     def estimate_flops_per_token(self, seq_len: int | None = None) -> int:
-        """Training FLOPs per token (forward + backward): 6 x matmul params + 12 x layers x d_model x seq_len for
-        attention scores and values (Chinchilla/PaLM accounting; the lm_head matmul counts even when tied,
-        the embedding lookup does not)."""
+        """Training FLOPs per token (forward + backward = 3 x forward), Chinchilla/PaLM accounting, T = seq_len:
+
+            6 x active matmul params                     (lm_head counted even when tied, embedding lookup not;
+                                                          MoE and SSM layers: their active_matmul_params())
+          + 6 x T x (d_qk + d_v) per attention layer     (scores q.k: 2 T d_qk, values: 2 T d_v per token, x 3;
+                                                          MHA/GQA/MQA: d_qk = d_v = n_heads x head_dim, i.e.
+                                                          12 x T x d_model; MLA: d_qk = n_heads x (head_dim +
+                                                          rope_dim), d_v = n_heads x head_dim)
+          + nonmatmul_flops_per_token(T) per SSM layer   (scan and conv, training/ssm.py)
+
+        The full T x T score matrix is counted (no causal halving), and doc masking is not credited."""
         cfg = self.config
         T = seq_len or cfg.max_seq_len
-        matmul = sum(p.numel() for n, p in self.named_parameters() if p.dim() >= 2 and not n.startswith("tok_emb"))
+        special = self.moe_layers() + self.ssm_mixers()
+        owned = {id(p) for module in special for p in module.parameters()}
+        matmul = sum(p.numel() for n, p in self.named_parameters()
+                     if p.dim() >= 2 and not n.startswith("tok_emb") and id(p) not in owned)
         if cfg.tie_embeddings:  # the lm_head matmul still runs; its weight is the embedding's
             matmul += cfg.vocab_size * cfg.d_model
-        return 6 * matmul + 12 * cfg.n_layers * cfg.d_model * T
+        matmul += sum(module.active_matmul_params() for module in special)
+        if cfg.attention == "mla":
+            d_qk, d_v = cfg.n_heads * (cfg.head_dim + cfg.mla_rope_head_dim), cfg.n_heads * cfg.head_dim
+        else:
+            d_qk = d_v = cfg.n_heads * cfg.head_dim
+        n_attention = sum(not layer.is_ssm for layer in self.layers)
+        ssm = sum(mixer.nonmatmul_flops_per_token(T) for mixer in self.ssm_mixers())
+        return 6 * matmul + 6 * T * (d_qk + d_v) * n_attention + ssm
 
     def configure_optimizer(
         self, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8
     ) -> torch.optim.AdamW:
         """AdamW with decay on the weight matrices of attention and MLP only. Norm gains and the token embedding
         (= the tied lm_head) are not decayed: pulling gains towards 0 fights the normalisation, and SmolLM3
-        excludes the embedding too. Groups carry parameter names so checkpoints can store state by name."""
+        excludes the embedding too. Biases (1-D: the SSM's dt bias and D skip, any router bias) are not decayed,
+        nor the SSM's A_log, whose decay would drift every state's memory towards one fixed timescale (as Mamba).
+        MoE's expert_bias is a buffer, outside the optimizer. Groups carry parameter names so checkpoints can
+        store state by name."""
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            (decay if p.dim() >= 2 and not name.startswith("tok_emb") else no_decay).append((name, p))
+            decayed = p.dim() >= 2 and not name.startswith("tok_emb") and not name.endswith("A_log")
+            (decay if decayed else no_decay).append((name, p))
         groups = [
             {"params": [p for _, p in decay], "param_names": [n for n, _ in decay], "weight_decay": weight_decay},
             {"params": [p for _, p in no_decay], "param_names": [n for n, _ in no_decay], "weight_decay": 0.0},
