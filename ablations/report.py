@@ -24,6 +24,7 @@ from mixlab.ablations import compare, plots
 from mixlab.ablations.compare import curation_funnel, final_evals, with_interval
 from mixlab.curation import ManifestError, ShardManifest
 from mixlab.training import RunRecord
+from mixlab.training.evaluate import position_losses
 
 logger = logging.getLogger("mixlab.report")
 
@@ -156,6 +157,18 @@ def _final_eval_table(runs: list[RunRecord], labels: list[str]) -> pl.DataFrame:
                 row["eval tokens"] = entry.get("tokens")
         rows.append(row)
     return pl.DataFrame(rows)
+
+
+def _position_table(runs: list[RunRecord], labels: list[str]) -> pl.DataFrame:
+    """Rows: position span; a loss column per run (the final "all" eval row's buckets); empty without buckets."""
+    losses = {label: {(lo, hi): loss for lo, hi, loss in position_losses(_last_eval(run.evals()))}
+              for run, label in zip(runs, labels, strict=True)}
+    spans = sorted({span for by_span in losses.values() for span in by_span})
+    if not spans:
+        return pl.DataFrame()
+    return pl.DataFrame([{"positions": f"{lo}-{hi - 1}", **{label: by_span.get((lo, hi)) for label, by_span in
+                                                           losses.items()}} for lo, hi in spans],
+                        schema={"positions": pl.String, **dict.fromkeys(losses, pl.Float64)})
 
 
 def _epochs_table(runs: list[RunRecord], labels: list[str], manifests: list[ShardManifest | None]) -> pl.DataFrame:
@@ -299,6 +312,12 @@ def build_report(runs: str | Path | RunRecord | Sequence[str | Path | RunRecord]
         steps = ", ".join(f"{label}: step {f['step'][0]}" for label, f in finals if not f.is_empty())
         page.add(f"<p>Last evaluation ({html.escape(steps)}); brackets: 95% bootstrap interval over eval windows.</p>",
                  html_table(_final_eval_table(records, labels)))
+        by_position = _position_table(records, labels)
+        if not by_position.is_empty():
+            page.add("<h3>Loss by position</h3><p>Held-out loss (all sources) of each span of target positions at the "
+                     "last evaluation: after a context extension the late spans show whether the model uses the "
+                     "longer context (their loss at or below the early ones) or fails past its old length.</p>",
+                     html_table(by_position, floats=4))
     else:
         page.add("<p class=note>No evals recorded.</p>")
 

@@ -109,8 +109,9 @@ def bench_tokenization(curated: Path) -> dict:
 
 
 def bare_loop_seconds(model_config, batches: list[torch.Tensor], lr: float, weight_decay: float) -> float:
-    """The training anchor: forward, backward and AdamW over `batches` ([B, T+1] tokens), nothing else (no
-    sampler, clipping, logging, eval or checkpoint); seconds, at the caller's torch threads."""
+    """The training anchor: forward, backward and AdamW over `batches` ([B, T+1] tokens), and the model's own
+    after-step update (an MoE's expert-bias step; nothing for a dense model), nothing else (no sampler, clipping,
+    logging, eval or checkpoint); seconds, at the caller's torch threads."""
     from mixlab.training import Transformer
 
     torch.manual_seed(0)
@@ -122,6 +123,7 @@ def bare_loop_seconds(model_config, batches: list[torch.Tensor], lr: float, weig
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        model.after_optimizer_step()
     return time.perf_counter() - start
 
 

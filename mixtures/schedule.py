@@ -107,6 +107,10 @@ class Stage:
     (batch_size * seq_len, rounded up); steps: a length; start_step: the absolute (0-based) first step, the stage
     running to the next stage's start. No bound: the stage runs to the next stage's start_step, or to the end of
     the run when it is the last.
+
+    seq_len and rope_theta make a long-context stage inside one run: its rows are seq_len tokens and, from its first
+    step, the model's RoPE base is rope_theta (SmolLM3 raised it from 50k to 2M for 4k -> 32k); a stage without them
+    keeps the run's.
     """
 
     name: str
@@ -117,6 +121,7 @@ class Stage:
     steps: int | None = None
     start_step: int | None = None
     seq_len: int | None = None
+    rope_theta: float | None = None
     curriculum: Curriculum | None = None
 
     def __post_init__(self) -> None:
@@ -139,6 +144,11 @@ class Stage:
             object.__setattr__(self, "start_step", _positive_int(self.start_step, "start_step", where, 0))
         if self.seq_len is not None:
             object.__setattr__(self, "seq_len", _positive_int(self.seq_len, "seq_len", where))
+        if self.rope_theta is not None:
+            if (isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, int | float)
+                    or not math.isfinite(self.rope_theta) or self.rope_theta <= 1):
+                raise ScheduleError(f"{where}: rope_theta must be a number > 1 (RoPE's base), got {self.rope_theta!r}")
+            object.__setattr__(self, "rope_theta", float(self.rope_theta))
         if self.curriculum is not None:
             try:
                 object.__setattr__(self, "curriculum", Curriculum.from_dict(self.curriculum))
@@ -186,24 +196,26 @@ class Stage:
         data["weights"] = {k: weight_to_data(v) for k, v in sorted(self.weights.items())}
         if self.seq_len is not None:
             data["seq_len"] = self.seq_len
+        if self.rope_theta is not None:
+            data["rope_theta"] = self.rope_theta
         if self.curriculum is not None:
             data["curriculum"] = self.curriculum.to_dict()
         return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Stage:
-        known = {"name", "weights", *BOUNDS, "seq_len", "curriculum"}
+        known = {"name", "weights", *BOUNDS, "seq_len", "rope_theta", "curriculum"}
         if not isinstance(data, Mapping) or "name" not in data or "weights" not in data:
             raise ScheduleError(
                 f"malformed stage {data!r}; expected {{name, weights: {{leaf: w}}, fraction|tokens|steps|start_step?, "
-                "seq_len?, curriculum?}}"
+                "seq_len?, rope_theta?, curriculum?}}"
             )
         unknown = sorted(set(data) - known)
         if unknown:
             raise ScheduleError(f"stage {data['name']!r}: unknown keys {unknown}; known keys: {sorted(known)}")
         return cls(data["name"], data["weights"], data.get("fraction"), tokens=data.get("tokens"),
                    steps=data.get("steps"), start_step=data.get("start_step"), seq_len=data.get("seq_len"),
-                   curriculum=data.get("curriculum"))
+                   rope_theta=data.get("rope_theta"), curriculum=data.get("curriculum"))
 
 
 def _normalized(weights: Mapping[str, float], stage: str) -> dict[str, float]:

@@ -22,6 +22,7 @@ the flow:
   mixlab curate         datatrove pipelines -> Parquet shards + manifest.json
   mixlab tokenize       train a BPE tokenizer, write token shards (.ds)
   mixlab mix plan       the planner: tokens available, drawn per stage, epochs; refusals; a PNG
+  mixlab preflight      check a run config before training: data, plan, eval, checkpoints, speed, seeds
   mixlab train          train a proxy model on a mixture (resumes automatically)
   mixlab eval           held-out loss and bits-per-byte per source for a checkpoint
   mixlab report         report.html with loss, per-source eval, mixture and curation funnel
@@ -172,12 +173,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     if raw_schedule is not None:
         _refuse_unbuildable(args, config, raw_schedule)
     run = pretrain(config)
-    if args.json:
-        print(json.dumps({"status": run.status, "path": str(run.path), **run.summary}, indent=1, default=str))
-    else:
-        print("\n".join(train_summary_lines(run.summary, run.status, run.path)))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's) rather than one per process
+        if args.json:
+            print(json.dumps({"status": run.status, "path": str(run.path), **run.summary}, indent=1, default=str))
+        else:
+            print("\n".join(train_summary_lines(run.summary, run.status, run.path)))
     stopped = run.summary.get("stopped_by")
-    return 128 + signal.Signals[stopped].value if stopped else 0
+    if not stopped:
+        return 0
+    if stopped in signal.Signals.__members__:
+        return 128 + signal.Signals[stopped].value
+    return 3  # a training alert stopped the run (monitor.on_alert); alerts.jsonl says which
+
+
+def cmd_preflight(args: argparse.Namespace) -> int:
+    from mixlab.pipelines.preflight import load_preflight_config, preflight, world_from_env
+    from mixlab.training import ConfigError
+    from mixlab.training.preflight import summary_line
+
+    for flag, value in (("--steps", args.steps), ("--tp", args.tp), ("--dp", args.dp)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: give a whole number >= 1", [flag])
+    dp = args.dp if args.dp is not None else world_from_env(args.tp)
+    config = load_preflight_config(args.config, args.set or [])
+    results = preflight(config, dp=dp, tp=args.tp, steps=args.steps)
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results], indent=1, default=str))
+    else:
+        print("\n".join(r.line() for r in results))
+        print(summary_line(results))
+    return 1 if any(r.failed for r in results) else 0
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
@@ -374,10 +399,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model on a mixture; re-running resumes from the last checkpoint",
                         description="Train (or resume) a run. SIGTERM/SIGINT checkpoint the current step, mark the "
-                                    "run interrupted and exit; the same command resumes it.",
+                                    "run interrupted and exit with 128 + the signal; the same command resumes it. A "
+                                    "training alert that stops the run (monitor.on_alert: stop) exits with 3. Several "
+                                    "processes: `torchrun --nproc_per_node N -m mixlab.pipelines.cli train --config "
+                                    "RUN.yaml` (DDP; gloo on CPU, nccl on CUDA; train.batch_size is the global batch).",
                         epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _training_options(tr, runs=True)
     tr.set_defaults(func=cmd_train)
+
+    pre = sub.add_parser(
+        "preflight", help="check a run before it starts: data, plan, eval, checkpoint round trip, speed, seeds",
+        description="Runs the playbook's preflight checklist on a run config, in a temporary directory (the run's "
+                    "directory is not touched): token shards match the manifest and the tokenizer; the mixture "
+                    "plan is feasible; the evaluator scores a fresh model; a checkpoint round trip is bit-exact; "
+                    "a few real steps project the run's hours (against train.time_budget_h) and memory; per-rank "
+                    "seeds follow the data/tensor-parallel rules. One PASS/FAIL/SKIP line per check; exit 1 when "
+                    "any fails.")
+    pre.add_argument("config", help="run config (YAML), or a run's run.json")
+    pre.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a run config field (repeatable)")
+    pre.add_argument("--dp", type=int, help="data-parallel ranks of the planned world (default: WORLD_SIZE / tp, or 1)")
+    pre.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the planned world (default 1)")
+    pre.add_argument("--steps", type=int, default=5, help="training steps timed after one warmup step (default 5)")
+    pre.add_argument("--json", action="store_true", help="print the list of check results as JSON")
+    pre.set_defaults(func=cmd_preflight)
 
     hf = sub.add_parser("export-hf", help="write a trained model as a Hugging Face Llama directory",
                         description="config.json + model.safetensors (+ the tokenizer files) that transformers loads "

@@ -33,6 +33,7 @@ from mixlab.training import (
     TrainConfig,
     train,
 )
+from mixlab.training.data_parallel import DataParallelWorld
 from mixlab.training.monitor import TrainingMonitor
 
 log = logging.getLogger("mixlab.pretrain")
@@ -115,15 +116,24 @@ def check_stage_seq_lens(plan: MixturePlan, model: ModelConfig) -> None:
                 [f"mixture.stages.{stage.index}.seq_len", "model.max_seq_len"])
 
 
-def build_sampler(manifest: ShardManifest, schedule: MixtureSchedule, train_config: TrainConfig) -> MixtureSampler:
-    """The sampler over the train split of every leaf the (flat) schedule names."""
+def sampler_packing(model: ModelConfig) -> str:
+    """"documents" (rows carry document offsets) for a model that masks attention by document, else "window"."""
+    return "documents" if model.doc_masking else "window"
+
+
+def build_sampler(manifest: ShardManifest, schedule: MixtureSchedule, train_config: TrainConfig,
+                  packing: str = "window", sources: dict[str, Any] | None = None) -> MixtureSampler:
+    """The sampler over the train split of every leaf the (flat) schedule names; `packing="documents"` adds the
+    document offsets that intra-document masking (model.doc_masking) needs. `sources`: streams already opened
+    (open_schedule_sources) for several samplers over the same data."""
     return MixtureSampler(
         schedule,
-        open_schedule_sources(manifest, schedule),  # sources, and selections as views over them
+        sources if sources is not None else open_schedule_sources(manifest, schedule),  # selections are views
         seq_len=train_config.seq_len,
         batch_size=train_config.batch_size,
         seed=train_config.seed,
         total_steps=sampler_steps(train_config),
+        packing=packing,
     )
 
 
@@ -211,7 +221,19 @@ def pretrain(config: RunConfig, policy: MixturePolicy | None = None) -> RunRecor
 
     The planner runs first and refuses (PlanError, every refusal listed) before the run directory is touched.
     `policy` is a mixture policy built in Python (e.g. a `RulePolicy` with your own rules); it replaces the run
-    config's `policy` section, and resuming the run needs the same policy again."""
+    config's `policy` section, and resuming the run needs the same policy again.
+    Under torchrun every process calls this: rank 0 creates (or reopens) the run, the others wait for it at a
+    barrier, load it, and train their share of each batch (training.trainer.train)."""
+    world = DataParallelWorld.from_env(config.train.resolved_device())
+    created_group = world.init()
+    try:
+        return _pretrain(config, policy, world)
+    finally:
+        if created_group:
+            world.destroy()
+
+
+def _pretrain(config: RunConfig, policy: MixturePolicy | None, world: DataParallelWorld) -> RunRecord:
     if policy is not None and config.policy is not None:
         raise PretrainError("give the mixture policy either as the run config's `policy` section or as pretrain("
                             "policy=...), not both")
@@ -228,17 +250,23 @@ def pretrain(config: RunConfig, policy: MixturePolicy | None = None) -> RunRecor
     plan.check()
     check_stage_seq_lens(plan, config.model)
     run_path = Path(config.runs_dir) / config.run_id
-    if (run_path / "run.json").exists():
+    if world.is_main and (run_path / "run.json").exists():
         existing = RunRecord.load(run_path)
         check_same_tokenizer(existing.config, manifest, run_path)
         if existing.is_live():
             existing.acquire()  # raises RunLockedError naming the live process, before anything is touched
-    sampler = build_sampler(manifest, plan.schedule, config.train)  # the flat schedule the plan resolved
+    # the flat schedule the plan resolved
+    sampler = build_sampler(manifest, plan.schedule, config.train, packing=sampler_packing(config.model))
     config = replace(config, train=align_lr_decay(config.train, sampler))
     scored = held_out_manifest(config, manifest)
     evaluator = build_evaluator(scored, evaluated_sources(scored, plan.schedule), config.train.seq_len, config.eval)
-    tasks = build_task_scorer(scored, config)
-    run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest, policy), tags=config.tags)
+    tasks = build_task_scorer(scored, config) if world.is_main else None  # scored on rank 0 (built once there)
+    if world.is_main:
+        run = RunStore(config.runs_dir).create(config.run_id, run_document(config, manifest, policy),
+                                               tags=config.tags)
+    world.barrier()  # rank 0 has created the run
+    if not world.is_main:
+        run = RunRecord.load(run_path)
     train(run, config.model, config.train, sampler, evaluator,
           policy=policy if policy is not None else config.build_policy(), tasks=tasks,
           monitor=TrainingMonitor(config.monitor) if config.monitor is not None else None)

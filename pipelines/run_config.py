@@ -43,7 +43,8 @@ RUN_CONFIG_FORMAT = "mixlab.run/1"
 SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "plan", "model", "train", "eval", "policy", "monitor",
             "backend", "tags")
 # facts a run records next to its document; not inputs, so a run.json read back as a config drops them
-DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device", "python_policy")
+DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device", "python_policy", "precision",
+                "compiled", "world_size")
 BACKENDS = ("embedded",)
 DEFAULT_PRESET = "demo"
 

@@ -146,6 +146,34 @@ def test_all_row_interval_is_stratified_and_bootstrap_can_be_turned_off():
     assert rows["all"]["loss_lo"] <= rows["all"]["loss"] <= rows["all"]["loss_hi"]
 
     plain = HeldOutEvaluator(windows, token_bytes, bootstrap_resamples=0).evaluate(model)
-    assert set(plain[0]) == {"source", "loss", "ppl", "bpb", "tokens", "bytes"}
+    assert {k for k in plain[0] if not k.startswith("loss_pos_")} == {"source", "loss", "ppl", "bpb", "tokens", "bytes"}
     with pytest.raises(ValueError, match="confidence"):
         HeldOutEvaluator(windows, token_bytes, confidence=1.5)
+
+
+def test_loss_by_position_bucket_partitions_the_loss_and_matches_a_manual_count():
+    """Buckets double from 64 targets; their token-weighted mean is the row's loss, and each bucket's loss is
+    the mean nats of exactly its positions (checked against a log_softmax by hand)."""
+    from mixlab.training.evaluate import position_buckets, position_losses
+
+    assert position_buckets(256) == [(0, 64), (64, 128), (128, 256)]
+    assert position_buckets(1000) == [(0, 64), (64, 128), (128, 256), (256, 512), (512, 1000)]
+    assert position_buckets(32) == [(0, 32)]
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    rng = np.random.default_rng(1)
+    windows = {"a": rng.integers(0, 256, size=(3, 129)), "b": rng.integers(0, 256, size=(2, 33))}
+    rows = {r["source"]: r for r in HeldOutEvaluator(windows, np.ones(256, dtype=np.int64)).evaluate(model)}
+    buckets = position_losses(rows["a"])
+    assert [(lo, hi) for lo, hi, _ in buckets] == [(0, 64), (64, 128)]
+    idx = torch.from_numpy(windows["a"])
+    with torch.no_grad():
+        logp = F.log_softmax(model(idx[:, :-1])[0].double(), dim=-1)
+    nats = -logp.gather(-1, idx[:, 1:, None])[..., 0]
+    for lo, hi, loss in buckets:
+        assert loss == pytest.approx(nats[:, lo:hi].mean().item(), rel=1e-6)
+    assert sum(loss * (hi - lo) for lo, hi, loss in buckets) / 128 == pytest.approx(rows["a"]["loss"], rel=1e-6)
+    # "all": the shared bucket [0, 32) of b is a bucket of its own; a's [0, 64) is not merged with it
+    assert set(k for k in rows["all"] if k.startswith("loss_pos_")) == {"loss_pos_0_64", "loss_pos_64_128",
+                                                                       "loss_pos_0_32"}
+    assert rows["all"]["loss_pos_0_32"] == pytest.approx(rows["b"]["loss_pos_0_32"])

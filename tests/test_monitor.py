@@ -18,14 +18,15 @@ ROWS = 8
 
 
 def _feed(monitor: TrainingMonitor, steps: range, loss=None, grad=None, tps=None, windows=None, sources=None,
-          weights=None) -> list[Alert]:
+          weights=None, passes=None) -> list[Alert]:
     """Observe each step with per-step callables (defaults: benign constant-ish values, fresh windows)."""
     alerts: list[Alert] = []
     for step in steps:
         ids = windows(step) if windows else [f"w{step}-{r}" for r in range(ROWS)]
         alerts += monitor.observe(step, loss(step) if loss else 3.0, grad(step) if grad else 1.0,
                                   tps(step) if tps else 1000.0, ids,
-                                  sources(step) if sources else ["web"] * len(ids), weights)
+                                  sources(step) if sources else ["web"] * len(ids), weights,
+                                  passes(step) if passes else None)
     return alerts
 
 
@@ -91,6 +92,23 @@ def test_repeated_window_within_span_flagged_outside_not():
     assert _kinds(alerts) == [(250, "repeated_window")]
     assert alerts[0].value == 150 and "step 100" in alerts[0].message
     assert window_ids(rows[250])[5] == window_ids(rows[100])[2] != window_ids(rows[250])[4]
+
+
+def test_a_repeat_after_its_source_began_a_new_pass_is_an_epoch_not_an_alert():
+    """A small source's pass ends every 120 steps here: its windows come back well inside the 200-step span, and
+    only a repeat inside one pass is flagged."""
+    rng = np.random.default_rng(5)
+    rows = {s: rng.integers(0, 600, size=(ROWS, 65)) for s in range(1, 401)}
+    for step in (150, 300):
+        rows[step] = rows[step].copy()
+    rows[150][0] = rows[100][1]  # step 100 is pass 0, step 150 pass 1: an epoch
+    rows[300][0] = rows[260][3]  # both pass 2: a repeat
+    alerts = _feed(TrainingMonitor(MonitorConfig(repeat_span=200)), range(1, 401), windows=lambda s: rows[s],
+                   passes=lambda s: {"web": (s - 1) // 120})
+    assert _kinds(alerts) == [(300, "repeated_window")]
+    # without pass numbers both are flagged, as before
+    alerts = _feed(TrainingMonitor(MonitorConfig(repeat_span=200)), range(1, 401), windows=lambda s: rows[s])
+    assert _kinds(alerts) == [(150, "repeated_window"), (300, "repeated_window")]
 
 
 def test_dominant_source_flagged_sampling_noise_not():

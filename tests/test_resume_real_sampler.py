@@ -195,3 +195,39 @@ def test_a_sampler_that_cannot_continue_fails_the_run_with_the_reason(tmp_path, 
     assert failed.status == "failed" and failed.summary["step"] == 3
     assert failed.summary["error"].startswith("ResumeError: run 'r': the sampler cannot continue")
     assert [m["step"] for m in failed.metrics()] == [1, 2, 3]  # nothing of the run was lost
+
+
+def test_a_long_context_stage_raises_rope_theta_and_resumes_exactly(sources, tmp_path):
+    """A stage with seq_len 64 and rope_theta 40000 after a 32-token stage at the model's theta 10000: the model's
+    RoPE tables switch at the stage's first step, the checkpoints record the theta in force (so a standalone eval
+    of the last one scores the model as trained), and a run stopped inside the long stage resumes bit for bit."""
+    from mixlab.mixtures import Stage
+    from mixlab.training.evaluate import load_model
+    from mixlab.training.model import rope_tables
+
+    mix = MixtureSchedule((Stage("short", {"code": 0.5, "prose": 0.5}, 0.5),
+                           Stage("long", {"code": 0.5, "prose": 0.5}, 0.5, seq_len=64, rope_theta=40000.0)))
+    assert MixtureSchedule.from_dict(mix.to_dict()).stages[1].rope_theta == 40000.0
+    model_cfg = ModelConfig.preset("tiny", vocab_size=VOCAB, max_seq_len=64)
+    cfg = TrainConfig.preset("tiny", total_steps=16, batch_size=BATCH, seq_len=SEQ_LEN, warmup_steps=2, log_every=1,
+                             eval_every=100, checkpoint_every=4, progress_bar=False, threads=1, schedule="cosine")
+    store = RunStore(tmp_path)
+    whole = store.create("whole", config={})
+    summary = train(whole, model_cfg, cfg, sampler_for(sources, cfg, mix))
+    assert summary["rope_theta_changes"] == [{"step": 8, "rope_theta": 40000.0}]
+    trained, _ = load_model(latest_checkpoint(whole.checkpoint_dir))
+    assert trained.config.rope_theta == 40000.0
+    assert torch.equal(trained.rope_cos, rope_tables(model_cfg.head_dim, 64, 40000.0)[0])
+
+    cut = store.create("cut", config={})
+    train(cut, model_cfg, cfg, sampler_for(sources, cfg, mix), stop_after=10)
+    train(cut, model_cfg, cfg, sampler_for(sources, cfg, mix))
+    assert [m["loss"] for m in cut.metrics()] == [m["loss"] for m in whole.metrics()]
+
+    # without the stage's theta the same run differs from the first long step on (the switch did something)
+    plain = MixtureSchedule((Stage("short", {"code": 0.5, "prose": 0.5}, 0.5),
+                             Stage("long", {"code": 0.5, "prose": 0.5}, 0.5, seq_len=64)))
+    other = store.create("plain", config={})
+    train(other, model_cfg, cfg, sampler_for(sources, cfg, plain))
+    ours, theirs = [m["loss"] for m in whole.metrics()], [m["loss"] for m in other.metrics()]
+    assert ours[:8] == theirs[:8] and ours[8:] != theirs[8:]

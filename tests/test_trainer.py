@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import pydoc_data.topics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -253,3 +254,115 @@ def test_the_monitor_logs_alerts_and_stops_before_the_offending_update(tmp_path)
     train(logged, ModelConfig.preset("tiny"), cfg, _RepeatingSampler(train_split(corpora), 8, 64, from_step=12),
           held_out(corpora, 64), monitor=TrainingMonitor(MonitorConfig(on_alert="log", warmup_steps=5)))
     assert logged.status == "completed" and {a["kind"] for a in logged.alerts()} == {"repeated_window"}
+
+
+class _PoisonedSampler(ByteSampler):
+    """Bad data: the batches of draws `poisoned` are uniform random bytes (a corrupt shard), a loss spike."""
+
+    def __init__(self, *args, poisoned: set[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.poisoned = poisoned
+
+    def next_batch(self):
+        draw = self.draws
+        batch = super().next_batch()
+        if draw in self.poisoned:
+            batch.tokens = np.random.default_rng(draw).integers(0, 256, size=batch.tokens.shape)
+        return batch
+
+
+def test_the_monitor_rewinds_to_the_last_checkpoint_and_skips_the_offending_batches(tmp_path):
+    """on_alert="rewind": the spike at step 25 sends the run back to its step-20 checkpoint; it trains on from
+    there with the sampler past the poisoned batch (steps 21..25's batches are skipped), logs one metrics row per
+    step, keeps the alert, records the rewind, and a kill + resume after it continues exactly."""
+    from mixlab.training.monitor import MonitorConfig, TrainingMonitor
+
+    corpora = stdlib_corpora()
+    cfg = TrainConfig.preset("tiny", total_steps=40, progress_bar=False, threads=1, checkpoint_every=10,
+                             log_every=1, eval_every=40)
+
+    def monitor():
+        return TrainingMonitor(MonitorConfig(on_alert="rewind", warmup_steps=5, kind_actions={"repeated_window": "log"}))
+
+    run = RunStore(tmp_path).create("spiky", config={})
+    sampler = _PoisonedSampler(train_split(corpora), 8, 64, poisoned={24})  # draw 24 = step 25's batch
+    summary = train(run, ModelConfig.preset("tiny"), cfg, sampler, held_out(corpora, 64), monitor=monitor())
+    assert run.status == "completed" and summary["step"] == 40
+    (rewind,) = summary["rewinds"]
+    assert rewind["at_step"] == 25 and rewind["to_step"] == 20 and rewind["skipped_batches"] == 5
+    assert sampler.draws == 45  # 40 steps trained + 5 batches skipped
+    spikes = [a for a in run.alerts() if a["kind"] == "loss_spike"]
+    assert [(a["step"], a["action"]) for a in spikes] == [(25, "rewind")]
+    assert [m["step"] for m in run.metrics()] == list(range(1, 41))
+    losses = [m["loss"] for m in run.metrics()]
+    assert max(losses[20:]) < losses[24 - 5] + 1.0  # what was trained after the rewind has no spike
+
+    # the same run killed at step 30 (after the rewind) and resumed gives the same losses
+    again = RunStore(tmp_path / "again").create("spiky", config={})
+    train(again, ModelConfig.preset("tiny"), cfg, _PoisonedSampler(train_split(corpora), 8, 64, poisoned={24}),
+          held_out(corpora, 64), monitor=monitor(), stop_after=30)
+    resumed = train(again, ModelConfig.preset("tiny"), cfg,
+                    _PoisonedSampler(train_split(corpora), 8, 64, poisoned={24}), held_out(corpora, 64),
+                    monitor=monitor())
+    assert resumed["step"] == 40 and [m["loss"] for m in again.metrics()] == losses
+    assert len(resumed["rewinds"]) == 1
+
+
+class _AnomalousSampler(ByteSampler):
+    """A constructed run with one of each data/system fault, at known draws (0-based; step = draw + 1): a corrupt
+    batch of one byte repeated at 30 (a loss and a grad-norm spike), a loader that stalls for draws 45-50 (vanishing
+    throughput), draw 10's batch served again at 60 (a data-order bug) and from draw 70 on every row from "code"
+    while the schedule says 50/50 (a source dominating)."""
+
+    def current_weights(self) -> dict[str, float]:
+        return {"code": 0.5, "docs": 0.5}
+
+    def next_batch(self):
+        draw = self.draws
+        if draw == 60:
+            self.draws = 10
+            batch = super().next_batch()
+            self.draws = 61
+            return batch
+        if 45 <= draw <= 50:
+            time.sleep(0.25)
+        batch = super().next_batch()
+        if draw == 30:  # one byte that text never has, everywhere: every position pushes the same way
+            batch.tokens = np.full_like(batch.tokens, 255)
+            batch.tokens[:, 0] = np.arange(len(batch.tokens))  # distinct rows: not a repeated window
+        if draw >= 70:
+            start = np.random.default_rng([7, draw]).integers(0, len(self.corpora["code"]) - self.seq_len - 1,
+                                                              size=self.batch_size)
+            batch.tokens = np.stack([self.corpora["code"][s:s + self.seq_len + 1] for s in start])
+            batch.sources = ["code"] * self.batch_size
+        return batch
+
+
+def test_a_constructed_run_fires_every_alert_at_its_step(tmp_path):
+    """Each of the monitor's alerts, raised by the trainer on a real run where the fault was put on purpose; and
+    a diverging run leaves its non_finite alert on record before it stops."""
+    from mixlab.training.monitor import MonitorConfig, TrainingMonitor
+
+    corpora = stdlib_corpora()
+    cfg = TrainConfig.preset("tiny", total_steps=100, progress_bar=False, threads=1, checkpoint_every=100,
+                             eval_every=100, log_every=10)
+    run = RunStore(tmp_path).create("faults", config={})
+    # early training's grad norms swing 10x, so the grad-norm threshold is set below the default 8 robust sigma
+    monitor = TrainingMonitor(MonitorConfig(warmup_steps=10, cooldown_steps=200, throughput_window=20,
+                                            grad_norm_z=3.0))
+    train(run, ModelConfig.preset("tiny"), cfg, _AnomalousSampler(train_split(corpora), 8, 64), monitor=monitor)
+    fired = {a["kind"]: a["step"] for a in run.alerts()}
+    assert fired["loss_spike"] == 31 and fired["grad_norm_spike"] == 31
+    assert 46 <= fired["throughput_drop"] <= 51
+    assert fired["repeated_window"] == 61
+    assert 71 < fired["source_dominance"] <= 90
+    assert set(fired) == {"loss_spike", "grad_norm_spike", "throughput_drop", "repeated_window", "source_dominance"}
+    assert run.status == "completed"  # on_alert="log": alerts only
+
+    diverging = RunStore(tmp_path).create("diverges", config={})
+    tcfg = TrainConfig.preset("tiny", total_steps=30, lr=1e30, warmup_steps=0, grad_clip=0.0, weight_decay=0.0,
+                              progress_bar=False, log_every=1, threads=1)
+    with pytest.raises(NonFiniteLossError):
+        train(diverging, ModelConfig.preset("tiny"), tcfg, ByteSampler(train_split(corpora), 8, 64),
+              monitor=TrainingMonitor())
+    assert [a["kind"] for a in diverging.alerts()][-1:] == ["non_finite"]

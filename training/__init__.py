@@ -1,4 +1,5 @@
-"""Training: a plain Llama-style model, the embedded torch backend, checkpoints, held-out eval, run records."""
+"""Training: a plain Llama-style model and its switches (MoE, SSM, MLA), the embedded torch backend (one process or
+DDP), checkpoints, held-out eval, training alerts, run records. Preflight checks: `mixlab.training.preflight`."""
 
 from mixlab.training.checkpoint import (
     latest_checkpoint,
@@ -8,6 +9,7 @@ from mixlab.training.checkpoint import (
     save_checkpoint,
 )
 from mixlab.training.config import TRAIN_PRESETS, TrainConfig
+from mixlab.training.data_parallel import DataParallelWorld
 from mixlab.training.errors import (
     CheckpointError,
     ConfigError,
@@ -15,11 +17,16 @@ from mixlab.training.errors import (
     ResumeError,
     TrainingError,
 )
-from mixlab.training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model
+from mixlab.training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model, position_losses
 from mixlab.training.hf import export_hf, hf_config, import_hf, model_config_from_hf
 from mixlab.training.lr_schedule import decay_start_step, lr_at
-from mixlab.training.model import MODEL_PRESETS, ModelConfig, Transformer
-from mixlab.training.run_record import RunRecord, RunStore
+from mixlab.training.model import MODEL_PRESETS, ModelConfig, Transformer, segment_ids_from_cu_seqlens
+from mixlab.training.moe import MoEFeedForward
+from mixlab.training.monitor import MonitorConfig, TrainingMonitor
+from mixlab.training.run_record import RunLockedError, RunRecord, RunStore
+from mixlab.training.seeds import RankSeeds, rank_seeds, seed_violations, world_seeds
+from mixlab.training.ssm import GatedLinearRecurrence
+from mixlab.training.throughput import measure_matmul_peak, mfu
 from mixlab.training.trainer import Sampler, train
 
 __all__ = [
@@ -30,6 +37,19 @@ __all__ = [
     "MODEL_PRESETS",
     "TRAIN_PRESETS",
     "CheckpointError",
+    "DataParallelWorld",
+    "GatedLinearRecurrence",
+    "MoEFeedForward",
+    "MonitorConfig",
+    "RankSeeds",
+    "TrainingMonitor",
+    "measure_matmul_peak",
+    "mfu",
+    "position_losses",
+    "rank_seeds",
+    "seed_violations",
+    "segment_ids_from_cu_seqlens",
+    "world_seeds",
     "ConfigError",
     "HeldOutEvaluator",
     "ModelConfig",

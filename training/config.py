@@ -97,6 +97,13 @@ class TrainConfig(ConfigDict):
     # annealing ablations, mid-training. The model config must match the checkpoint's.
     init_from: str | None = None
     progress_bar: bool = True
+    # numerics: "auto" = bf16 autocast on CUDA (fp32 master weights, fused AdamW), fp32 on CPU (bf16 matmuls are
+    # ~100x slower without bf16 instructions); "fp32" everywhere; "bf16" asks for autocast on any device
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # torch.compile the model (CUDA mainly; the first steps pay the compile time)
+    tensorboard: bool = True  # metrics also as TensorBoard events under the run's tb/ (beside metrics.jsonl)
+    # wall-clock hours the whole run must finish in: `mixlab preflight` measures a few steps against it
+    time_budget_h: float | None = None
 
     def __post_init__(self) -> None:
         positive = ["batch_size", "seq_len", "grad_accum", "log_every", "eval_every", "checkpoint_every",
@@ -132,6 +139,13 @@ class TrainConfig(ConfigDict):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps!r} must be a whole number >= 0",
                               ["train.warmup_steps"])
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}",
+                              ["train.precision"])
+        if self.time_budget_h is not None and (isinstance(self.time_budget_h, bool) or not isinstance(
+                self.time_budget_h, int | float) or not self.time_budget_h > 0):
+            raise ConfigError(f"train.time_budget_h={self.time_budget_h!r} must be a number of hours > 0 (or null)",
+                              ["train.time_budget_h"])
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
             raise ConfigError(f"train.init_from={self.init_from!r} must be a checkpoint or run directory path "
                               "(or null)", ["train.init_from"])

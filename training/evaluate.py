@@ -2,6 +2,10 @@
 
 Bits per byte is the number to compare across tokenizers and mixtures: nats per token depend on how many bytes a
 token covers, bpb = total nats / (ln 2 x total UTF-8 bytes of the predicted tokens) does not.
+
+Every row also carries the loss by position bucket (`loss_pos_<lo>_<hi>`, buckets doubling from 64 tokens): after a
+context extension the late buckets show whether the model uses the longer context (their loss falls below the
+early ones) or breaks down past the old length (it rises).
 """
 
 from __future__ import annotations
@@ -60,16 +64,22 @@ class HeldOutEvaluator:
         out: dict[str, WindowSums] = {}
         try:
             for source, windows in self.windows.items():
-                nats = []
+                nats, by_position = [], []
+                buckets = position_buckets(windows.shape[1] - 1)
+                starts = [lo for lo, _ in buckets]
                 for start in range(0, len(windows), self.batch_size):
                     batch = torch.from_numpy(windows[start:start + self.batch_size]).to(device)
                     _, per_token = model(batch[:, :-1], batch[:, 1:], reduction="none")
-                    nats.append(per_token.double().sum(dim=1).cpu().numpy())  # fp64: thousands of windows add up
+                    per_token = per_token.double().cpu().numpy()  # fp64: thousands of windows add up
+                    nats.append(per_token.sum(axis=1))
+                    by_position.append(np.add.reduceat(per_token, starts, axis=1))
                 targets = windows[:, 1:]
                 out[source] = WindowSums(
                     nats=np.concatenate(nats),
                     tokens=np.full(len(windows), targets.shape[1], dtype=np.int64),
                     bytes=self.token_bytes[targets].sum(axis=1),
+                    position_nats=np.concatenate(by_position),
+                    buckets=buckets,
                 )
         finally:
             model.train(was_training)
@@ -86,6 +96,7 @@ class HeldOutEvaluator:
         rows, resampled = [], []
         for source, ws in sums.items():
             row = _row(source, float(ws.nats.sum()), int(ws.tokens.sum()), int(ws.bytes.sum()))
+            row.update(self._position_losses([ws]))
             if self.bootstrap_resamples:
                 draws = bootstrap_sums(ws, self.bootstrap_resamples, rng)
                 row.update(_interval(row, draws, self.confidence))
@@ -93,12 +104,45 @@ class HeldOutEvaluator:
             rows.append(row)
         total = _row("all", sum(float(ws.nats.sum()) for ws in sums.values()),
                      sum(int(ws.tokens.sum()) for ws in sums.values()), sum(int(ws.bytes.sum()) for ws in sums.values()))
+        total.update(self._position_losses(list(sums.values())))
         if resampled:
             # stratified: each source was resampled within itself; the aggregate is token-weighted like the point
             stacked = np.sum(resampled, axis=0)
             total.update(_interval(total, stacked, self.confidence))
         rows.append(total)
         return rows
+
+    @staticmethod
+    def _position_losses(sums: list[WindowSums]) -> dict[str, float]:
+        """Mean loss of each position bucket over the windows of `sums` (keys `loss_pos_<lo>_<hi>`, hi exclusive)."""
+        nats: dict[tuple[int, int], float] = {}
+        tokens: dict[tuple[int, int], int] = {}
+        for ws in sums:
+            if ws.position_nats is None or not len(ws.position_nats):
+                continue
+            for (lo, hi), n in zip(ws.buckets, ws.position_nats.sum(axis=0).tolist(), strict=True):
+                nats[lo, hi] = nats.get((lo, hi), 0.0) + n
+                tokens[lo, hi] = tokens.get((lo, hi), 0) + len(ws.position_nats) * (hi - lo)
+        return {f"loss_pos_{lo}_{hi}": nats[lo, hi] / tokens[lo, hi] for lo, hi in sorted(nats)}
+
+
+def position_buckets(seq_len: int, first: int = 64) -> list[tuple[int, int]]:
+    """Target positions [lo, hi) of the eval's position buckets: [0, 64), [64, 128), [128, 256), ... doubling up to
+    seq_len (the last bucket ends at seq_len; a window shorter than `first` is one bucket)."""
+    edges = [0]
+    while edges[-1] < seq_len:
+        edges.append(min(max(first, 2 * edges[-1]), seq_len))
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def position_losses(row: dict[str, Any]) -> list[tuple[int, int, float]]:
+    """(lo, hi, loss) of an eval row's position buckets, in position order (what a report or the CLI prints)."""
+    out = []
+    for key, value in row.items():
+        if key.startswith("loss_pos_") and isinstance(value, int | float):
+            lo, hi = key.removeprefix("loss_pos_").split("_")
+            out.append((int(lo), int(hi), float(value)))
+    return sorted(out)
 
 
 @dataclass
@@ -108,6 +152,8 @@ class WindowSums:
     nats: np.ndarray
     tokens: np.ndarray
     bytes: np.ndarray
+    position_nats: np.ndarray | None = None  # [N, buckets]: nats of each window's position buckets
+    buckets: list[tuple[int, int]] | None = None  # the buckets' target positions [lo, hi)
 
 
 def bootstrap_sums(ws: WindowSums, resamples: int, rng: np.random.Generator) -> np.ndarray:

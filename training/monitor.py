@@ -50,7 +50,9 @@ class MonitorConfig(ConfigDict):
     throughput_window: int = 20
     throughput_drop_ratio: float = 0.5  # tokens/s below this x the rolling median is a drop
     throughput_patience: int = 3  # consecutive slow steps before alerting (one slow step is a hiccup)
-    repeat_span: int = 1000  # a window seen again within this many steps is a repeat
+    # a window seen again within this many steps is a repeat, unless its source started a new pass over its data in
+    # between (the trainer passes each source's pass number: a small source legitimately repeats every epoch)
+    repeat_span: int = 1000
     dominance_window: int = 20  # steps (batches) whose rows the source-share check pools
     dominance_z: float = 5.0  # binomial z of a source's observed rows against its scheduled weight
     dominance_min_excess: float = 0.1  # and its share must exceed the weight by this much (absolute)
@@ -148,6 +150,7 @@ class TrainingMonitor:
         self._throughputs: list[float] = []
         self._slow_steps = 0
         self._seen: dict[str, int] = {}  # window id -> last step it was trained
+        self._seen_pass: dict[str, int] = {}  # window id -> its source's pass number then (absent: not known)
         self._rows: list[dict[str, Any]] = []  # per step: {"step", "observed": {src: rows}, "expected": {src: rows}, "var": {src: v}}
         self._last_alert: dict[str, int] = {}
         self._last_step: int | None = None
@@ -162,10 +165,13 @@ class TrainingMonitor:
         windows: np.ndarray | Sequence[Any],
         sources: Sequence[str],
         weights: Mapping[str, float] | None,
+        passes: Mapping[str, int] | None = None,
     ) -> list[Alert]:
         """Check one step. windows: the step's token rows ([rows, tokens] array, hashed by `window_ids`) or one
         id per row; sources: the source of each row; weights: the sampler's current {source: weight} (None
-        skips the share check). grad_norm / tokens_per_s may be None or NaN (not measured): not checked."""
+        skips the share check). grad_norm / tokens_per_s may be None or NaN (not measured): not checked.
+        passes: each source's pass number over its data (MixtureSampler.epochs_by_source, floored): a window
+        repeated after its source began a new pass is an epoch, not an anomaly."""
         ids = window_ids(windows) if isinstance(windows, np.ndarray) else [str(w) for w in windows]
         if len(ids) != len(sources):
             raise ValueError(f"monitor step {step}: {len(ids)} windows but {len(sources)} sources; pass one of "
@@ -185,7 +191,7 @@ class TrainingMonitor:
                 alerts += self._check_grad_norm(step, float(grad_norm))
         if step > cfg.warmup_steps and tokens_per_s is not None and math.isfinite(tokens_per_s) and tokens_per_s > 0:
             alerts += self._check_throughput(step, float(tokens_per_s))
-        alerts += self._check_repeats(step, ids)
+        alerts += self._check_repeats(step, ids, [passes.get(str(s)) for s in sources] if passes else None)
         if weights is not None:
             alerts += self._check_dominance(step, [str(s) for s in sources], weights)
         return [a for a in alerts if a is not None]
@@ -233,16 +239,23 @@ class TrainingMonitor:
         self._throughputs = (self._throughputs + [tokens_per_s])[-cfg.throughput_window:]
         return alerts
 
-    def _check_repeats(self, step: int, ids: list[str]) -> list[Alert | None]:
+    def _check_repeats(self, step: int, ids: list[str], passes: list[int | None] | None) -> list[Alert | None]:
         cfg = self.config
         repeats: list[tuple[str, int]] = []
-        for window in ids:
+        for i, window in enumerate(ids):
             last = self._seen.get(window)
-            if last is not None and step - last <= cfg.repeat_span:
+            now = passes[i] if passes is not None else None
+            same_pass = now is None or self._seen_pass.get(window) in (None, now)
+            if last is not None and step - last <= cfg.repeat_span and same_pass:
                 repeats.append((window, last))
             self._seen[window] = step
+            if now is not None:
+                self._seen_pass[window] = int(now)
+            else:
+                self._seen_pass.pop(window, None)
         if step % cfg.repeat_span == 0 or len(self._seen) > 4 * cfg.repeat_span * max(len(ids), 1):
             self._seen = {w: s for w, s in self._seen.items() if step - s <= cfg.repeat_span}
+            self._seen_pass = {w: e for w, e in self._seen_pass.items() if w in self._seen}
         if not repeats:
             return []
         window, last = repeats[0]
@@ -308,6 +321,7 @@ class TrainingMonitor:
         """Plain JSON: the rolling windows, the seen windows, cooldowns and the rewind count."""
         return {"version": STATE_VERSION, "losses": list(self._losses), "grad_norms": list(self._grad_norms),
                 "throughputs": list(self._throughputs), "slow_steps": self._slow_steps, "seen": dict(self._seen),
+                "seen_pass": dict(self._seen_pass),
                 "rows": [dict(r) for r in self._rows], "last_alert": dict(self._last_alert),
                 "last_step": self._last_step, "rewinds": self.rewinds, "skipped_steps": list(self.skipped_steps)}
 
@@ -323,6 +337,7 @@ class TrainingMonitor:
             self._throughputs = [float(v) for v in state["throughputs"]]
             self._slow_steps = int(state["slow_steps"])
             self._seen = {str(k): int(v) for k, v in state["seen"].items()}
+            self._seen_pass = {str(k): int(v) for k, v in state.get("seen_pass", {}).items()}
             self._rows = [{"step": int(r["step"]), "rows": int(r["rows"]), "observed": dict(r["observed"]),
                            "expected": dict(r["expected"]), "var": dict(r["var"])} for r in state["rows"]]
             self._last_alert = {str(k): int(v) for k, v in state["last_alert"].items()}

@@ -10,6 +10,7 @@ Layout of a run directory (all plain files):
     <runs_root>/<run_id>/alerts.jsonl    one line per training alert (loss / grad-norm spike, throughput drop, ...)
     <runs_root>/<run_id>/checkpoints/    written by the training backend
     <runs_root>/<run_id>/run.lock        held (flock) by the process training the run, while it lives
+    <runs_root>/<run_id>/tb/             TensorBoard events of the same scalars (train.tensorboard), for a live view
 
 A run whose status says "running" but whose lock nobody holds lost its process (kill -9, a crash, a lost node):
 `RunRecord.display_status()` calls it "stale", and the next `train` of it records that it recovered from it.
@@ -22,8 +23,11 @@ import json
 import logging
 import os
 import socket
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,7 @@ RUN_SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 # every file and folder mixlab reads or writes in a run directory; none may resolve (through a symlink) outside it
 RUN_DIR_ENTRIES = ("run.json", "run.json.tmp", "metrics.jsonl", "metrics.jsonl.tmp", "evals.jsonl", "evals.jsonl.tmp",
-                   "tasks.jsonl", "tasks.jsonl.tmp", "alerts.jsonl", "alerts.jsonl.tmp", "mixture.jsonl", "mixture.jsonl.tmp", "run.lock", "checkpoints")
+                   "tasks.jsonl", "tasks.jsonl.tmp", "alerts.jsonl", "alerts.jsonl.tmp", "mixture.jsonl", "mixture.jsonl.tmp", "run.lock", "checkpoints", "tb")
 LOG_FILES = ("metrics.jsonl", "evals.jsonl", "tasks.jsonl", "alerts.jsonl", "mixture.jsonl")  # step-keyed logs, truncated together on resume
 # run.json fields and the types they must have (the summary's keys that commands format)
 _RUN_FIELDS: dict[str, tuple[type, ...]] = {"run_id": (str,), "status": (str,), "created": (str,), "updated": (str,),
@@ -44,6 +48,50 @@ _SUMMARY_FIELDS: dict[str, tuple[type, ...]] = {"step": (int,), "total_steps": (
                                                 "tokens": (int,), "eval": (dict,), "process": (dict,),
                                                 "tokens_by_source": (dict,), "restarts": (list,)}
 logger = logging.getLogger("mixlab.runs")
+TENSORBOARD_DIR = "tb"
+# metrics whose values are nested lists: the names of their levels in TensorBoard tags (else the index alone)
+_LIST_LEVELS: dict[str, tuple[str, ...]] = {"moe_tokens_per_expert": ("layer", "expert")}
+_NOT_SCALARS = frozenset({"step", "time"})
+_tensorboard_missing_warned = False
+
+
+def _summary_writer_class() -> Any:
+    """torch's SummaryWriter, or None (with one warning per process) when the tensorboard package is missing:
+    the JSONL logs are the record, the events only a view of them."""
+    global _tensorboard_missing_warned
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        if not _tensorboard_missing_warned:
+            _tensorboard_missing_warned = True
+            warnings.warn(f"train.tensorboard is on but TensorBoard cannot be imported ({err}); metrics go to the "
+                          "JSONL logs only: `pip install 'tensorboard>=2.14'` or set train.tensorboard=false",
+                          stacklevel=3)
+        return None
+    return SummaryWriter
+
+
+def tensorboard_scalars(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(tag, value) for every number in a log row: nested dicts as `name/key`, lists as `name/<level><i>`;
+    strings, booleans and the row's step/time are not scalars."""
+    for key, value in values.items():
+        if not prefix and key in _NOT_SCALARS:
+            continue
+        yield from _scalars_of(f"{prefix}{key}", value, _LIST_LEVELS.get(str(key), ()))
+
+
+def _scalars_of(tag: str, value: Any, levels: tuple[str, ...]) -> Iterator[tuple[str, float]]:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, Real):
+        yield tag, float(value)
+    elif isinstance(value, Mapping):
+        for key, inner in value.items():
+            yield from _scalars_of(f"{tag}/{key}", inner, ())
+    elif isinstance(value, list | tuple):
+        level, rest = (levels[0], levels[1:]) if levels else ("", ())
+        for i, inner in enumerate(value):
+            yield from _scalars_of(f"{tag}/{level}{i}", inner, rest)
 
 
 def _type_problem(value: Any, expected: tuple[type, ...]) -> str | None:
@@ -103,6 +151,72 @@ class RunRecord:
         if problem := name_problem(self.run_id):
             raise TrainingError(f"run id {self.run_id!r} {problem}: it is the name of the run's folder; pick another",
                                 fields=("run_id",))
+        self._read_only = False
+        self._tb_enabled: bool | None = None  # None: as the run's config says (train.tensorboard)
+        self._tb_writer: Any = None
+        self._tb_purge_step: int | None = None
+
+    def follower(self) -> RunRecord:
+        """A read-only twin of this record for a data-parallel rank other than 0: it holds the same config and
+        summary (in memory, changeable) but never writes a file, takes the lock or opens TensorBoard."""
+        twin = RunRecord(path=self.path, run_id=self.run_id, config=dict(self.config), status=self.status,
+                         created=self.created, updated=self.updated, tags=dict(self.tags),
+                         summary=dict(self.summary))
+        twin._read_only = True
+        return twin
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    # ---- TensorBoard: the JSONL rows again, as event files for a live view --------------------------
+    def use_tensorboard(self, enabled: bool = True) -> None:
+        """Write (or stop writing) TensorBoard events beside the JSONL logs; without a call the run's config
+        decides (`config["train"]["tensorboard"]`)."""
+        self._tb_enabled = bool(enabled)
+        if not enabled:
+            self._close_tensorboard()
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD_DIR
+
+    def _tensorboard(self) -> Any:
+        if self._read_only:
+            return None
+        enabled = self._tb_enabled
+        if enabled is None:
+            train = self.config.get("train") if isinstance(self.config, dict) else None
+            enabled = bool(train.get("tensorboard", False)) if isinstance(train, dict) else False
+        if not enabled:
+            return None
+        if self._tb_writer is None:
+            writer_class = _summary_writer_class()
+            if writer_class is None:
+                self._tb_enabled = False
+                return None
+            self._tb_writer = writer_class(log_dir=str(self.tensorboard_dir), purge_step=self._tb_purge_step)
+            self._tb_purge_step = None  # purged once; a writer reopened later must not drop what this one wrote
+        return self._tb_writer
+
+    def _write_scalars(self, step: int, values: Mapping[str, Any], prefix: str = "") -> None:
+        writer = self._tensorboard()
+        if writer is None:
+            return
+        for tag, value in tensorboard_scalars(values, prefix):
+            writer.add_scalar(tag, value, global_step=step)
+        if self._tb_enabled is None:  # a row logged outside a training loop (e.g. evaluate_checkpoint): nobody
+            writer.flush()            # will call save/release on this record, so push it now
+
+    def flush(self) -> None:
+        """Push buffered TensorBoard events to disk (the JSONL logs are written through already)."""
+        if self._tb_writer is not None:
+            self._tb_writer.flush()
+
+    def _close_tensorboard(self) -> None:
+        if self._tb_writer is not None:
+            self._tb_writer.close()
+            self._tb_writer = None
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -114,6 +228,8 @@ class RunRecord:
     def acquire(self) -> None:
         """Take the run's lock for this process (released when it exits, however it dies); refuses a run that a
         live process is training."""
+        if self._read_only:
+            return
         self.path.mkdir(parents=True, exist_ok=True)
         handle = open(self.path / self.LOCK_NAME, "a+")  # noqa: SIM115 - held open for the life of the run
         try:
@@ -129,6 +245,7 @@ class RunRecord:
         self.summary["process"] = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now()}
 
     def release(self) -> None:
+        self._close_tensorboard()
         handle = getattr(self, "_lock", None)
         if handle is not None:
             fcntl.flock(handle, fcntl.LOCK_UN)
@@ -161,6 +278,9 @@ class RunRecord:
         return self.status
 
     def save(self) -> None:
+        if self._read_only:
+            return
+        self.flush()
         if problem := run_dir_problem(self.path):
             raise TrainingError(f"{self.path}: {problem}; nothing is written there: replace the symlink with a real "
                                 "file or folder inside the run directory")
@@ -232,16 +352,27 @@ class RunRecord:
 
     # ---- appending ----------------------------------------------------------------------
     def log_metrics(self, step: int, **values: Any) -> None:
+        if self._read_only:
+            return
         _append_jsonl(self.path / "metrics.jsonl", {"step": step, "time": _now(), **values})
+        self._write_scalars(step, values)
 
     def log_eval(self, step: int, source: str, **values: Any) -> None:
+        if self._read_only:
+            return
         _append_jsonl(self.path / "evals.jsonl", {"step": step, "source": source, **values})
+        self._write_scalars(step, values, prefix=f"eval/{source}/")
 
     def log_task(self, step: int, task: str, **values: Any) -> None:
+        if self._read_only:
+            return
         _append_jsonl(self.path / "tasks.jsonl", {"step": step, "task": task, **values})
+        self._write_scalars(step, values, prefix=f"task/{task}/")
 
     def log_alert(self, alert: dict[str, Any]) -> None:
         """A training alert (`training.monitor.Alert.to_dict()`: step, kind, message, value, threshold, action)."""
+        if self._read_only:
+            return
         _append_jsonl(self.path / "alerts.jsonl", dict(alert))
 
     def alerts(self) -> list[dict[str, Any]]:
@@ -250,12 +381,23 @@ class RunRecord:
     def log_mixture(self, step: int, weights: dict[str, float], cause: str, policy: str | None = None) -> None:
         """A change of the sampling weights, in force from step `step` on (0-based: the batch after `step` steps),
         and why. No wall time in the row: a resumed run writes exactly the rows of an uninterrupted one."""
+        if self._read_only:
+            return
         _append_jsonl(self.path / "mixture.jsonl", {"step": step, "weights": dict(sorted(weights.items())),
                                                     "cause": cause, "policy": policy})
 
-    def truncate_after(self, step: int) -> None:
-        """On resume, forget metrics, evals and mixture changes logged after the checkpoint we restart from."""
+    def truncate_after(self, step: int, keep: tuple[str, ...] = ()) -> None:
+        """On resume, forget metrics, evals and mixture changes logged after the checkpoint we restart from.
+        TensorBoard events cannot be cut; the next writer marks them purged from step + 1 on (`purge_step`), so a
+        viewer shows one line through the restart."""
+        if self._read_only:
+            return
+        if self.tensorboard_dir.is_dir() and any(self.tensorboard_dir.glob("events.out.tfevents.*")):
+            self._close_tensorboard()
+            self._tb_purge_step = step + 1
         for name in LOG_FILES:
+            if name in keep:  # e.g. a rewind keeps the alerts that caused it
+                continue
             if name in ("mixture.jsonl", "tasks.jsonl", "alerts.jsonl") and not (self.path / name).exists():
                 continue  # only runs with a mixture policy / downstream tasks / alerts have one
             path = self.path / name

@@ -1,20 +1,26 @@
-"""The embedded plain-torch training backend: one process, one device, fp32, resumable bit for bit.
+"""The embedded plain-torch training backend: one device per process (CPU fp32, or CUDA with bf16 autocast),
+one process or several under torchrun (DDP), resumable bit for bit.
 
 The loop reads as a list of components: a sampler (the data position, saved in every checkpoint), the model and
 its AdamW, the LR schedule (a pure function of the step), the held-out evaluator, an optional mixture policy
 (`mixtures.policies`: it sees per-source losses and evals and moves the sampler's weights) and the checkpointer.
-Everything a run produces goes through its RunRecord.
+Everything a run produces goes through its RunRecord; with several processes only rank 0 writes it, and every
+decision that ends or steers the run (a signal, a monitor alert, a policy move) is taken on the same step on
+every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
-import random
+import os
 import signal
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,12 +35,15 @@ from mixlab.training.checkpoint import (
     save_checkpoint,
 )
 from mixlab.training.config import TrainConfig
+from mixlab.training.data_parallel import DataParallelWorld
 from mixlab.training.errors import ConfigError, NonFiniteLossError, ResumeError
 from mixlab.training.evaluate import HeldOutEvaluator
 from mixlab.training.lr_schedule import decay_start_step, lr_at
-from mixlab.training.model import ModelConfig, Transformer
+from mixlab.training.model import ModelConfig, Transformer, segment_ids_from_cu_seqlens
 from mixlab.training.monitor import TrainingMonitor, window_ids
 from mixlab.training.run_record import RunRecord
+from mixlab.training.seeds import rank_seeds, seed_everything
+from mixlab.training.throughput import measure_matmul_peak, mfu
 from tqdm.auto import tqdm
 
 
@@ -45,7 +54,8 @@ class Batch(Protocol):
 
 
 class Sampler(Protocol):
-    """What the trainer needs from mixtures.MixtureSampler (or any stand-in).
+    """What the trainer needs from mixtures.MixtureSampler (or any stand-in). Several processes (torchrun) need
+    `next_batch(dp_rank, dp_size)`: rank r's rows of the global batch, every rank advancing the same state.
 
     Optional, used when present: `tokens_by_source() -> dict[str, int]` (the sampler's own count, the one the
     run logs), `stage_start_step(stage) -> int` (checks that the LR decay starts with the last data stage) and
@@ -119,20 +129,18 @@ class _StopSignals:
         return signal.Signals(self.received).name if self.received is not None else None
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _batch_tensor(batch: Batch, cfg: TrainConfig, model_config: ModelConfig, device: torch.device) -> torch.Tensor:
+def _batch_tensor(batch: Batch, cfg: TrainConfig, model_config: ModelConfig, device: torch.device,
+                  world_size: int = 1) -> torch.Tensor:
     """The batch as a tensor. Its sequence length may differ from TrainConfig.seq_len (a mixture stage with its
-    own seq_len, e.g. a long-context stage) as long as the model can take it; its rows must be batch_size."""
+    own seq_len, e.g. a long-context stage) as long as the model can take it; its rows must be batch_size (this
+    rank's share of it with several processes)."""
     tokens = np.asarray(batch.tokens)
     vocab_size = model_config.vocab_size
-    if tokens.ndim != 2 or tokens.shape[0] != cfg.batch_size or tokens.shape[1] < 2:
+    rows = cfg.batch_size // world_size
+    if tokens.ndim != 2 or tokens.shape[0] != rows or tokens.shape[1] < 2:
+        share = f" / {world_size} processes = {rows} rows" if world_size > 1 else ""
         raise ConfigError(f"sampler gave a batch of shape {tokens.shape}; TrainConfig expects "
-                          f"[batch_size={cfg.batch_size}, seq_len+1] with seq_len >= 1 (train.seq_len+1="
+                          f"[batch_size={cfg.batch_size}{share}, seq_len+1] with seq_len >= 1 (train.seq_len+1="
                           f"{cfg.seq_len + 1} unless the mixture stage sets its own): build the sampler with the "
                           "same sizes")
     if tokens.shape[1] - 1 > model_config.max_seq_len:
@@ -143,6 +151,87 @@ def _batch_tensor(batch: Batch, cfg: TrainConfig, model_config: ModelConfig, dev
         raise ConfigError(f"sampler gave token ids in [{tokens.min()}, {tokens.max()}] but vocab_size={vocab_size}: "
                           "set ModelConfig.vocab_size to the tokenizer's vocabulary size")
     return torch.from_numpy(tokens.astype(np.int64, copy=False)).to(device, non_blocking=True)
+
+
+def _doc_masking_inputs(batch: Batch, model_config: ModelConfig, device: torch.device,
+                        seq_len: int) -> dict[str, torch.Tensor]:
+    """position_ids and segment_ids for intra-document attention (model.doc_masking), from the batch's
+    document offsets; {} when the model does not mask by document."""
+    if not model_config.doc_masking:
+        return {}
+    cu_seqlens, positions = getattr(batch, "cu_seqlens", None), getattr(batch, "position_ids", None)
+    if cu_seqlens is None or positions is None:
+        raise ConfigError("model.doc_masking is on but the sampler's batches carry no document offsets "
+                          "(cu_seqlens / position_ids): build the MixtureSampler with packing=\"documents\" "
+                          "(pipelines.pretrain.build_sampler does when model.doc_masking is on), or set "
+                          "model.doc_masking=false", ["model.doc_masking"])
+    return {"position_ids": torch.from_numpy(np.asarray(positions, dtype=np.int64)).to(device),
+            "segment_ids": segment_ids_from_cu_seqlens(cu_seqlens, seq_len).to(device)}
+
+
+def _source_passes(sampler: Sampler) -> dict[str, int] | None:
+    """Each source's pass number over its data (a MixtureSampler's epochs, floored), for the monitor's repeat
+    check; None for a sampler that does not count them."""
+    epochs = getattr(sampler, "epochs_by_source", None)
+    return {name: int(value) for name, value in epochs().items()} if callable(epochs) else None
+
+
+def _stage_rope_theta(sampler: Sampler, base: float) -> float:
+    """The RoPE base of the stage the next batch comes from (mixtures Stage.rope_theta), or the model's."""
+    stages = getattr(getattr(sampler, "schedule", None), "stages", None)
+    if not stages or not callable(getattr(sampler, "stage_index", None)):
+        return base
+    return getattr(stages[sampler.stage_index()], "rope_theta", None) or base
+
+
+def _stage_rope_thetas(sampler: Sampler) -> set[float]:
+    """Every RoPE base a stage of the sampler's schedule sets (empty: the model's all along)."""
+    stages = getattr(getattr(sampler, "schedule", None), "stages", None) or ()
+    return {t for t in (getattr(stage, "rope_theta", None) for stage in stages) if t}
+
+
+def micro_step(forward: Callable[..., Any], batch: Batch, cfg: TrainConfig, model_config: ModelConfig,
+               device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
+               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One micro-batch as the trainer takes it (and `mixlab preflight` times it): the batch checked and moved to
+    the device, its document-masking inputs, the forward pass in the run's precision and the backward pass of
+    loss / grad_accum. Returns (tokens [B, T+1], logits, the loss detached in fp32)."""
+    tokens = _batch_tensor(batch, cfg, model_config, device, world_size)
+    extra = _doc_masking_inputs(batch, model_config, device, tokens.shape[1] - 1)
+    with autocast():
+        logits, loss = forward(tokens[:, :-1], tokens[:, 1:], **extra)
+    (loss / cfg.grad_accum).backward()
+    return tokens, logits, loss.detach().float()
+
+
+def precision_context(cfg: TrainConfig, device: torch.device) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
+    """The run's numerics ("fp32" or "bf16") and the context the forward pass runs in: bf16 autocast on CUDA
+    ("auto"; fp32 master weights), fp32 on CPU unless asked, where bf16 is slow without bf16 instructions."""
+    wants_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if not wants_bf16:
+        return "fp32", contextlib.nullcontext
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        warnings.warn(f"train.precision={cfg.precision!r}: this GPU has no bf16; training in fp32", stacklevel=3)
+        return "fp32", contextlib.nullcontext
+    if device.type != "cuda":
+        warnings.warn(f"train.precision='bf16' on {device.type}: bf16 autocast works but is usually much slower "
+                      "than fp32 on a CPU; use precision 'auto' or 'fp32' unless you mean to test bf16 numerics",
+                      stacklevel=3)
+    kind = device.type
+    return "bf16", lambda: torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def _check_rank_sampler(sampler: Sampler, world: DataParallelWorld) -> None:
+    if not world.distributed:
+        return
+    try:
+        params = inspect.signature(sampler.next_batch).parameters
+    except (TypeError, ValueError):
+        return
+    if len(params) < 2 and not any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+        raise ConfigError(f"{world.world_size} processes need a sampler whose next_batch(dp_rank, dp_size) gives "
+                          f"each rank its rows of the global batch, but {type(sampler).__name__}.next_batch takes "
+                          "no rank: use mixlab.mixtures.MixtureSampler, or train in one process", ["sampler"])
 
 
 def _check_policy(policy: Policy | None, sampler: Sampler, run: RunRecord) -> None:
@@ -241,13 +330,17 @@ def _resume(
     counters."""
     saved = read_checkpoint(path)
     now_model = model_config.to_dict()
-    if saved.model_config is not None and _filled(saved.model_config) != now_model:
+    had_model = _filled(saved.model_config) if saved.model_config is not None else None
+    if had_model is not None and had_model.get("rope_theta") in _stage_rope_thetas(sampler):
+        had_model = {**had_model, "rope_theta": now_model["rope_theta"]}  # saved in a stage with its own theta
+    if had_model is not None and had_model != now_model:
         diff = {k: (v, now_model.get(k)) for k, v in saved.model_config.items() if now_model.get(k) != v}
         raise ResumeError(f"run {run.run_id!r}: its checkpoint {path} was trained with another model config "
                           f"(field: (checkpoint, now)) {diff}; resume with the run's model config, or use a new "
                           "run id for a different model")
     if saved.train_config is not None:
-        ignore = {"progress_bar", "threads", "device", "eval_every", "checkpoint_every", "keep_last_checkpoints", "log_every"}
+        ignore = {"progress_bar", "threads", "device", "eval_every", "checkpoint_every", "keep_last_checkpoints",
+                  "log_every", "tensorboard", "compile", "time_budget_h"}
         now = cfg.to_dict()
         diff = {k: (v, now.get(k)) for k, v in saved.train_config.items() if k not in ignore and now.get(k) != v}
         if diff:
@@ -302,69 +395,160 @@ def train(
     is logged to mixture.jsonl with its cause and the policy state is in every checkpoint.
     tasks (e.g. ablations.tasks.ClozeEvaluator): downstream tasks scored at every eval, logged to tasks.jsonl.
     monitor (training.monitor.TrainingMonitor): every step's loss, grad norm, throughput and data are checked for the
-    playbook's silent failures; alerts go to alerts.jsonl and the console, and with on_alert="stop" (or "rewind",
-    which this backend treats as a stop for now) the run stops before the offending update, checkpointed and
-    "interrupted" (summary.stopped_by names the alert); the checkpoint's sampler is past the offending batches, so
-    a rerun skips them. Its state is in every checkpoint.
+    playbook's silent failures; alerts go to alerts.jsonl and the console. With on_alert="stop" the run stops before
+    the offending update, checkpointed and "interrupted" (summary.stopped_by names the alert); the checkpoint's
+    sampler is past the offending batches, so a rerun skips them. With on_alert="rewind" it goes back to its last
+    checkpoint (weights, moments, policy and monitor state) and trains on with the sampler where it is, skipping
+    the batches since (summary.rewinds lists each; after monitor.max_rewinds it stops instead). Its state is in
+    every checkpoint.
+    A mixture stage with its own rope_theta (a long-context stage) switches the model's RoPE base from its first
+    step on (summary.rope_theta_changes); checkpoints record the base in force.
     The run's lock (`RunRecord.acquire`) is held while training, so `mixlab runs` can tell a live run from a dead one.
     Any error once the run is touched (resuming included) marks it "failed" with the error in its summary; the
     errors raised on purpose are `training.TrainingError`s (ValueErrors) that say what to do.
+    Under torchrun (RANK / WORLD_SIZE set) each process trains a DDP replica on its rows of the global batch
+    (train.batch_size, which must divide by the world size) and only rank 0 writes the run record, TensorBoard
+    events and checkpoints; the process group is created here when the caller has not created it.
+    Every metrics row and the summary carry tokens_per_s and mfu, against the matmul peak measured at start
+    (summary.matmul_peak_flops, summed over ranks).
     """
+    world = DataParallelWorld.from_env(train_config.resolved_device())
+    if train_config.batch_size % world.world_size:  # before joining the group: a config error needs no peers
+        raise ConfigError(f"run {run.run_id!r}: train.batch_size={train_config.batch_size} (the global batch) must "
+                          f"divide by the {world.world_size} processes: each reads an equal share of its rows; "
+                          "choose a multiple of the world size", ["train.batch_size"])
+    created_group = world.init()
+    try:
+        return _train(run, model_config, train_config, sampler, evaluator, world, stop_after=stop_after,
+                      policy=policy, tasks=tasks, monitor=monitor)
+    finally:
+        if created_group:
+            world.destroy()
+
+
+def _train(
+    run: RunRecord,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    sampler: Sampler,
+    evaluator: HeldOutEvaluator | None,
+    world: DataParallelWorld,
+    *,
+    stop_after: int | None,
+    policy: Policy | None,
+    tasks: TaskScorer | None,
+    monitor: TrainingMonitor | None,
+) -> dict[str, Any]:
     cfg = train_config
     total = cfg.steps
     if cfg.seq_len > model_config.max_seq_len:
         raise ConfigError(f"run {run.run_id!r}: train.seq_len={cfg.seq_len} exceeds model.max_seq_len="
                           f"{model_config.max_seq_len}; shorten seq_len or raise max_seq_len",
                           ["train.seq_len", "model.max_seq_len"])
-    latest = latest_checkpoint(run.checkpoint_dir)
+    _check_rank_sampler(sampler, world)
+    if not world.is_main:
+        run = run.follower()  # rank 0 writes the run; the others keep the same facts in memory only
+    # every rank resumes from the checkpoint rank 0 sees (one file system, one decision)
+    found = latest_checkpoint(run.checkpoint_dir) if world.is_main else None
+    latest_name = world.broadcast_object(str(found) if found is not None else None)
+    latest = Path(latest_name) if latest_name is not None else None
     if latest is not None and not cfg.resume:  # refused before touching the run: its status stays as it was
         raise ResumeError(f"run {run.run_id!r} already has checkpoints ({latest}) and TrainConfig.resume is off: "
                           "use a new run id, or delete the run directory to start it over")
-    device = cfg.resolved_device()
+    device = world.device(cfg.resolved_device())
     if device.type == "cpu":
-        torch.set_num_threads(cfg.resolved_threads())
+        # processes on one machine share its cores: each takes its part unless train.threads says otherwise
+        torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world.local_world_size))
+    precision, autocast = precision_context(cfg, device)
+    world.barrier()  # the ranks measure the peak together, as they will train: sharing the machine
+    peak_flops = world.all_mean(torch.tensor(measure_matmul_peak(
+        device, torch.bfloat16 if precision == "bf16" else torch.float32), dtype=torch.float64)).item()
+    peak_flops *= world.world_size
     init_path = resolve_checkpoint(cfg.init_from) if cfg.init_from and latest is None else None
     _check_policy(policy, sampler, run)
     _check_sampler_budget(sampler, cfg)
     _check_decay_alignment(sampler, cfg)
-    _seed_everything(cfg.seed)
+    seeds = rank_seeds(cfg.seed, world.rank, world.world_size)
+    seed_everything(seeds.init)  # the same weights on every replica (DDP broadcasts rank 0's anyway)
     model = Transformer(model_config).to(device)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
+    if world.distributed:
+        seed_everything(seeds.local)  # from here on, what a rank draws is its own
+    # wrappers from outside: `model` stays the plain module that is saved, evaluated and exported
+    # routed experts leave some experts without tokens on some steps, which DDP must be told
+    replica = world.wrap(model, find_unused_parameters=bool(model.moe_layers()))
+    forward = torch.compile(replica) if cfg.compile else replica
     configs = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
     sampler_counts = callable(getattr(sampler, "tokens_by_source", None))
+    # per-row facts of the global batch that policy, monitor or our own token count need from every rank
+    gather_rows = world.distributed and (policy is not None or monitor is not None or not sampler_counts)
 
     step, progress, resumed_from, stopped_by = 0, _Progress(), None, None
     last_loss, eval_rows = float("nan"), []
     call_tokens = 0  # tokens trained by this call (0 when resuming an already finished run)
     bar = None
+    stop_signal = 0  # the signal number any rank received, agreed at the end of every step
+
+    def draw() -> Batch:
+        return sampler.next_batch(world.rank, world.world_size) if world.distributed else sampler.next_batch()
 
     def tokens_by_source() -> dict[str, int]:
         """One count: the sampler's when it keeps one (it knows packing we can't see), else ours."""
         return dict(sampler.tokens_by_source() if sampler_counts else progress.tokens_by_source or {})
 
-    def checkpoint(at: int) -> Path:
+    def checkpoint(at: int) -> Path | None:
+        if not world.is_main:
+            return None
         state = progress.state_dict() | ({"policy": policy.state_dict()} if policy is not None else {})
         if monitor is not None:
             state["monitor"] = monitor.state_dict()
-        return save_checkpoint(run.checkpoint_dir, at, model, optimizer, sampler_state=sampler.state_dict(),
+        path = save_checkpoint(run.checkpoint_dir, at, model, optimizer, sampler_state=sampler.state_dict(),
                                trainer_state=state, configs=configs, keep_last=cfg.keep_last_checkpoints)
+        run.flush()
+        return path
+
+    def rewind(at: int, why: str) -> int | None:
+        """Back to the last checkpoint: its weights, AdamW moments, policy and monitor state, but not its sampler,
+        which stays past the offending batches, so they are skipped (PaLM's cure for a loss spike). Returns the
+        step to continue from; None without a checkpoint (the run then stops)."""
+        found = latest_checkpoint(run.checkpoint_dir) if world.is_main else None
+        path = world.broadcast_object(str(found) if found is not None else None)
+        if path is None:
+            return None
+        saved = load_checkpoint(path, model, optimizer, restore_rng=False)
+        if policy is not None and saved.trainer_state.get("policy") is not None:
+            policy.load_state_dict(saved.trainer_state["policy"])
+        monitor.rewind(saved.trainer_state.get("monitor"), skip_steps=range(saved.step + 1, at + 2))
+        run.truncate_after(saved.step, keep=("alerts.jsonl",))  # the alerts that caused it stay on record
+        run.summary.setdefault("rewinds", []).append(
+            {"at_step": at + 1, "to_step": saved.step, "checkpoint": path, "cause": why,
+             "skipped_batches": (at + 1 - saved.step) * cfg.grad_accum})
+        if world.is_main:
+            bar.write(f"[{run.run_id}] {why}: rewound to step {saved.step} ({path}); the batches of steps "
+                      f"{saved.step + 1}..{at + 1} are skipped", file=sys.stderr)
+            bar.n = saved.step
+            bar.refresh()
+        return saved.step
 
     def log_weights(at: int, weights: dict[str, float], cause: str) -> None:
         run.log_mixture(at, weights, cause, policy=getattr(policy, "name", None))
 
     def run_eval(at: int) -> list[dict[str, Any]]:
-        if bar is not None:
-            bar.set_description_str(f"{run.run_id}: evaluating step {at}…")
-            bar.refresh()
-        rows = evaluator.evaluate(model, device)
-        if bar is not None:
-            bar.set_description_str(run.run_id)
-        for row in rows:
-            run.log_eval(at, row["source"], **{k: v for k, v in row.items() if k != "source"})
-        if tasks is not None:
-            for row in tasks.evaluate(model, device):
-                run.log_task(at, row["task"], **{k: v for k, v in row.items() if k != "task"})
-        return rows
+        """Rank 0 evaluates; the others wait for its rows (so every rank's policy sees the same)."""
+        rows = None
+        if world.is_main:
+            if bar is not None:
+                bar.set_description_str(f"{run.run_id}: evaluating step {at}…")
+                bar.refresh()
+            rows = evaluator.evaluate(model, device)
+            if bar is not None:
+                bar.set_description_str(run.run_id)
+            for row in rows:
+                run.log_eval(at, row["source"], **{k: v for k, v in row.items() if k != "source"})
+            if tasks is not None:
+                for row in tasks.evaluate(model, device):
+                    run.log_task(at, row["task"], **{k: v for k, v in row.items() if k != "task"})
+        return world.broadcast_object(rows)
 
     previous_status = run.display_status() if (run.path / "run.json").exists() else None  # "stale": it died
     run.acquire()  # refuses a run that a live process trains; the lock dies with this process
@@ -377,22 +561,27 @@ def train(
             resumed_from = str(latest)
             if monitor is not None and (saved_monitor := read_checkpoint(latest).trainer_state.get("monitor")):
                 monitor.load_state_dict(saved_monitor)
+            if world.distributed:  # the checkpoint holds rank 0's generators: give each rank its own again
+                seed_everything((seeds.local + step) % 2**63)
         elif init_path is not None:
             run.summary["initialized_from"] = _init_from(init_path, run, model, optimizer, model_config)
+        run.use_tensorboard(cfg.tensorboard)
         run.truncate_after(step)  # drop logs of steps after the checkpoint (or of a run that died before its first)
         run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
-                           "decay_start_step": decay_start_step(cfg), "device": str(device)})
+                           "decay_start_step": decay_start_step(cfg), "device": str(device),
+                           "precision": precision, "compiled": bool(cfg.compile), "world_size": world.world_size})
         if latest is not None or previous_status in ("stale", "interrupted", "failed"):
             restarts = run.summary.setdefault("restarts", [])
             restarts.append({"step": step, "previous_status": previous_status, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         run.status = "running"
         run.summary.pop("stopped_by", None)
         run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
-                            "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total})
+                            "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total,
+                            "matmul_peak_flops": peak_flops, "world_size": world.world_size})
         run.save()
         def next_stage() -> int:
             """The stage of the next batch to draw (the sampler counts batches; a step draws grad_accum)."""
-            return sampler.stage_index(step * cfg.grad_accum)  # type: ignore[attr-defined]  (a MixtureSampler)
+            return sampler.stage_index()  # type: ignore[attr-defined]  (a MixtureSampler; a rewind skips batches)
 
         known_stage = next_stage() if policy is not None else None  # a policy needs a MixtureSampler (checked)
         if policy is not None and step == 0 and not run.mixture_changes():  # (a run that died before step 1 has it)
@@ -400,48 +589,84 @@ def train(
 
         window_tokens, window_time = 0, 0.0
         stage = ""
-        bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar, unit="step", dynamic_ncols=True,
-                   desc=run.run_id)
+        seq_len = cfg.seq_len
+        moe_stats: dict[str, Any] = {}
+        bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar or not world.is_main, unit="step",
+                   dynamic_ncols=True, desc=run.run_id)
         model.train()
-        while step < total and (stop_after is None or step < stop_after) and stop.received is None:
+        rope_theta = model_config.rope_theta
+        while step < total and (stop_after is None or step < stop_after) and stop_signal == 0:
             t0 = time.perf_counter()
+            if (theta := _stage_rope_theta(sampler, model_config.rope_theta)) != rope_theta:
+                rope_theta = theta  # a long-context stage's RoPE base, from its first batch on
+                model.use_rope_theta(theta)
+                configs["model_config"]["rope_theta"] = theta  # checkpoints describe the model as it now is
+                changes = run.summary.setdefault("rope_theta_changes", [])
+                if not changes or changes[-1]["step"] != step:
+                    changes.append({"step": step, "rope_theta": theta})
+                if world.is_main:
+                    bar.write(f"[{run.run_id}] step {step + 1}: RoPE theta {theta:g}", file=sys.stderr)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             sources: list[str] = []
+            row_lens: list[int] = []  # tokens trained per row (a stage may set its own seq_len)
             windows: list[str] = []  # a hash per row, for the monitor's repeated-window check
             row_losses: list[torch.Tensor] = []
-            n = 0  # tokens trained this step, from the batches' shapes (a stage may set its own seq_len)
-            for _ in range(cfg.grad_accum):
-                batch = sampler.next_batch()
-                tokens = _batch_tensor(batch, cfg, model_config, device)
-                logits, loss = model(tokens[:, :-1], tokens[:, 1:])
-                (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
+            for micro in range(cfg.grad_accum):
+                batch = draw()
+                # DDP averages gradients on the last micro-batch only: one all-reduce per optimizer step
+                syncing = (replica.no_sync() if replica is not model and micro < cfg.grad_accum - 1
+                           else contextlib.nullcontext())
+                with syncing:
+                    tokens, logits, loss = micro_step(forward, batch, cfg, model_config, device, autocast,
+                                                      world.world_size)
+                seq_len = tokens.shape[1] - 1
+                loss_sum += loss
                 if policy is not None:
-                    row_losses.append(_row_losses(logits, tokens[:, 1:]))
+                    row_losses.append(_row_losses(logits.float(), tokens[:, 1:]))
                 del logits
-                if not sampler_counts:
-                    own = progress.tokens_by_source = progress.tokens_by_source or {}
-                    for source in batch.sources:
-                        own[source] = own.get(source, 0) + tokens.shape[1] - 1
-                n += tokens.shape[0] * (tokens.shape[1] - 1)
+                row_lens += [seq_len] * tokens.shape[0]
                 stage, sources = batch.stage, sources + list(batch.sources)
                 if monitor is not None:
                     windows += window_ids(np.asarray(batch.tokens))
-            last_loss = loss_sum.item() / cfg.grad_accum
+            per_row = (torch.cat(row_losses).cpu().numpy().astype(np.float64).tolist() if row_losses else [])
+            if gather_rows:  # the global batch's rows, in rank order (= the rows one process would see)
+                parts = world.all_gather_object((sources, row_lens, windows, per_row))
+                sources = [s for part in parts for s in part[0]]
+                row_lens = [n for part in parts for n in part[1]]
+                windows = [w for part in parts for w in part[2]]
+                per_row = [v for part in parts for v in part[3]]
+            n = sum(row_lens) if gather_rows or not world.distributed else sum(row_lens) * world.world_size
+            if not sampler_counts:
+                own = progress.tokens_by_source = progress.tokens_by_source or {}
+                for source, length in zip(sources, row_lens, strict=True):
+                    own[source] = own.get(source, 0) + length
+            last_loss = world.all_mean(loss_sum).item() / cfg.grad_accum
+            # DDP has averaged the gradients: the norm, and so the clipping, is the same on every rank
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
                          if cfg.grad_clip > 0 else float("nan"))
-            alerts = []
+            monitor_action = None  # (what to do, why)
             if monitor is not None:
-                alerts = monitor.observe(step + 1, last_loss, grad_norm if cfg.grad_clip > 0 else None,
-                                         n / max(time.perf_counter() - t0, 1e-9), windows, sources,
-                                         dict(sampler.current_weights()) if hasattr(sampler, "current_weights")
-                                         else None)
-                for alert in alerts:
-                    run.log_alert(alert.to_dict())
-                    bar.write(f"[{run.run_id}] {alert.format()}", file=sys.stderr)
+                if world.is_main:
+                    alerts = monitor.observe(step + 1, last_loss, grad_norm if cfg.grad_clip > 0 else None,
+                                             n / max(time.perf_counter() - t0, 1e-9), windows, sources,
+                                             dict(sampler.current_weights()) if hasattr(sampler, "current_weights")
+                                             else None, _source_passes(sampler))
+                    for alert in alerts:
+                        run.log_alert(alert.to_dict())
+                        bar.write(f"[{run.run_id}] {alert.format()}", file=sys.stderr)
+                    if alerts and (action := monitor.decision(alerts)) != "continue":
+                        monitor_action = (action, f"monitor: {alerts[0].kind} at step {step + 1}")
+                monitor_action = world.broadcast_object(monitor_action)  # rank 0's monitor decides for all
+            if monitor_action is not None:
+                optimizer.zero_grad(set_to_none=True)  # the offending update is not applied
+                for layer in model.moe_layers():
+                    layer.tokens_per_expert.zero_()  # nor its expert counts
+                if monitor_action[0] == "rewind" and (back := rewind(step, monitor_action[1])) is not None:
+                    step = back
+                    continue
             if not math.isfinite(last_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
                 raise NonFiniteLossError(
                     f"run {run.run_id!r} step {step + 1}: loss {last_loss}, grad norm {grad_norm} at lr {lr:.3g} "
@@ -450,13 +675,17 @@ def train(
                     "with a lower train.lr, a longer train.warmup_steps or train.grad_clip > 0, or set model.qk_norm "
                     "/ model.z_loss; if it recurs at the same step, inspect that batch's data.",
                     ["train.lr", "train.warmup_steps", "train.grad_clip", "model.qk_norm", "model.z_loss"])
-            if alerts and monitor.decision(alerts) != "continue":
-                stopped_by = f"monitor: {alerts[0].kind} at step {step + 1}"
-                optimizer.zero_grad(set_to_none=True)  # the offending update is not applied
+            if monitor_action is not None:
+                stopped_by = monitor_action[1]
                 checkpoint(step)
                 break
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if model.moe_layers():
+                if world.distributed:  # every rank steps its expert biases from the global batch's counts
+                    for layer in model.moe_layers():
+                        world.all_sum_(layer.tokens_per_expert)
+                moe_stats = model.after_optimizer_step()
             step += 1
 
             dt = time.perf_counter() - t0
@@ -466,26 +695,34 @@ def train(
             window_tokens, window_time = window_tokens + n, window_time + dt
             bar.update(1)
             if policy is not None:
-                per_row = torch.cat(row_losses).cpu().numpy().astype(np.float64)
                 sums: dict[str, float] = {}
                 rows_by_source: dict[str, int] = {}
-                for source, value in zip(sources, per_row.tolist(), strict=True):
+                for source, value in zip(sources, per_row, strict=True):
                     sums[source] = sums.get(source, 0.0) + value
                     rows_by_source[source] = rows_by_source.get(source, 0) + 1
                 policy.observe_train(step, {s: v / rows_by_source[s] for s, v in sums.items()}, rows_by_source)
 
             if step % cfg.log_every == 0 or step == total:
                 tok_s = window_tokens / window_time if window_time > 0 else 0.0
+                extra_metrics: dict[str, Any] = {}
+                if "moe_max_load" in moe_stats:
+                    extra_metrics["moe_max_load"] = float(moe_stats["moe_max_load"])
+                if "moe_tokens_per_expert" in moe_stats:
+                    extra_metrics["moe_tokens_per_expert"] = [
+                        [float(c) if isinstance(c, float) else int(c) for c in layer]
+                        for layer in moe_stats["moe_tokens_per_expert"]]
                 run.log_metrics(step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=progress.tokens,
-                                tokens_per_s=tok_s, stage=stage, tokens_by_source=tokens_by_source())
+                                tokens_per_s=tok_s, mfu=mfu(model.estimate_flops_per_token(seq_len), tok_s, peak_flops),
+                                stage=stage, tokens_by_source=tokens_by_source(), **extra_metrics)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}", stage=stage)
                 window_tokens, window_time = 0, 0.0
             if evaluator is not None and (step % cfg.eval_every == 0 or step == total):
                 eval_rows = run_eval(step)
                 overall = eval_rows[-1]
                 # progress goes to stderr, with the bar: stdout is for results (`mixlab train --json`)
-                bar.write(f"[{run.run_id}] step {step}: eval loss {overall['loss']:.4f}, bpb {overall['bpb']:.4f}",
-                          file=sys.stderr)
+                if world.is_main:
+                    bar.write(f"[{run.run_id}] step {step}: eval loss {overall['loss']:.4f}, bpb "
+                              f"{overall['bpb']:.4f}", file=sys.stderr)
                 if policy is not None:
                     policy.observe_eval(step, eval_rows)
             if policy is not None and step < total:
@@ -493,14 +730,16 @@ def train(
                     known_stage = now  # a new stage takes the schedule's weights again: say so in the log
                     name = sampler.schedule.stages[now].name  # type: ignore[attr-defined]
                     log_weights(step, dict(sampler.current_weights()), f"schedule: stage {name!r} starts")
-                decision = policy.decide(step, dict(sampler.current_weights()))
+                decision = world.broadcast_object(policy.decide(step, dict(sampler.current_weights())))
                 if decision is not None:
                     sampler.set_weights(decision.weights, decision.cause)
                     log_weights(step, dict(decision.weights), decision.cause)
-            if step % cfg.checkpoint_every == 0 or step == total or step == stop_after or stop.received:
+            stop_signal = world.all_max(stop.received or 0)  # one rank's signal stops every rank here
+            if step % cfg.checkpoint_every == 0 or step == total or step == stop_after or stop_signal:
                 checkpoint(step)
-        if stop.received is not None and (latest_checkpoint(run.checkpoint_dir) is None
-                                          or read_checkpoint(latest_checkpoint(run.checkpoint_dir)).step != step):
+        stop_signal = world.all_max(stop_signal or stop.received or 0)
+        if stop_signal and world.is_main and (latest_checkpoint(run.checkpoint_dir) is None
+                                              or read_checkpoint(latest_checkpoint(run.checkpoint_dir)).step != step):
             checkpoint(step)  # the signal came after this step's checkpoint decision
     except BaseException as exc:
         run.status = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
@@ -515,21 +754,24 @@ def train(
 
     run.status = "completed" if step >= total else "interrupted"
     run.summary.pop("error", None)
+    tokens_per_s = progress.tokens / progress.train_time_s if progress.train_time_s else None
     run.summary.update({
         "step": step,
         "tokens": progress.tokens,
         "tokens_by_source": tokens_by_source(),
         "final_loss": last_loss if call_tokens else run.summary.get("final_loss"),
-        "tokens_per_s": progress.tokens / progress.train_time_s if progress.train_time_s else None,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(model.estimate_flops_per_token(cfg.seq_len), tokens_per_s, peak_flops) if tokens_per_s else None,
         "train_time_s": progress.train_time_s,
         "resumed_from": resumed_from,
     })
-    if stop.received is not None:
-        run.summary["stopped_by"] = stop.name
+    if stop_signal:
+        run.summary["stopped_by"] = signal.Signals(stop_signal).name
     elif stopped_by is not None:
         run.summary["stopped_by"] = stopped_by
     if eval_rows:
         run.summary["eval"] = {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in eval_rows}
     run.save()
     run.release()
+    world.barrier()  # the run record is complete before any rank returns (and reads it)
     return dict(run.summary)
