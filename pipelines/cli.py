@@ -223,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tokenized_manifest,
     )
     from mixlab.pipelines.run_config import EvalConfig
-    from mixlab.training import RunRecord, evaluate_checkpoint, latest_checkpoint
+    from mixlab.training import RunRecord, evaluate_checkpoint, latest_checkpoint, position_losses
 
     run = RunRecord.load(args.run)
     curated = args.curated or run.config.get("manifest_dir")
@@ -242,6 +242,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for row in rows:
         interval = f"[{row['loss_lo']:.3f}, {row['loss_hi']:.3f}]" if row.get("loss_lo") is not None else ""
         print(f"{row['source']:14s} {row['loss']:8.4f} {interval:>17s} {row['bpb']:8.4f} {row['tokens']:9d}")
+    buckets = position_losses(rows[-1])
+    if len(buckets) > 1:  # does the model use its context? (after a context extension: the late spans)
+        print("loss by position (all): " + ", ".join(f"{lo}-{hi - 1}: {loss:.4f}" for lo, hi, loss in buckets))
     return 0
 
 
@@ -293,7 +296,8 @@ def cmd_smollm3(args: argparse.Namespace) -> int:
 
     fields = _overrides(args, ["workdir", "steps", "run_id", "max_mb", "seed", "config"])
     lc_fields = {k.removeprefix("long_context_"): v
-                 for k, v in _overrides(args, ["long_context_fraction", "long_context_seq_len"]).items()}
+                 for k, v in _overrides(args, ["long_context_fraction", "long_context_seq_len",
+                                                     "long_context_rope_theta"]).items()}
     long_context = None if args.no_long_context else LongContextStage(**lc_fields)
     report = run_smollm3(SmolLM3ProxyConfig(**fields, long_context=long_context))
     print(f"\nReport: {report.resolve()}")
@@ -490,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"share of the run in the long-context stage (default {LongContextStage().fraction})")
     smol.add_argument("--long-context-seq-len", type=int,
                       help=f"its sequence length (default {LongContextStage().seq_len})")
+    smol.add_argument("--long-context-rope-theta", type=float,
+                      help="its RoPE base from its first step (SmolLM3: 50k -> 2M; default: the model's)")
     smol.add_argument("--no-long-context", action="store_true", help="only the three pre-training stages")
     smol.set_defaults(func=cmd_smollm3)
     return parser

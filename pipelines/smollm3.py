@@ -70,6 +70,8 @@ class LongContextStage:
     fraction: float = 0.1  # share of the proxy run
     seq_len: int = 1024
     config: Path = LONG_CONTEXT_CONFIG
+    # the stage's RoPE base (SmolLM3 raised 50k -> 2M for 4k -> 32k); None keeps the model's
+    rope_theta: float | None = None
 
 
 def smollm3_schedule(
@@ -93,7 +95,8 @@ def smollm3_schedule(
         shares.append(1.0 - sum(shares))  # the last stage is bounded by "the rest"
         stages = (
             *(replace(s, fraction=share * keep) for s, share in zip(stages, shares, strict=True)),
-            Stage("long context", dict(lc.stages[0].weights), long_context.fraction, seq_len=long_context.seq_len),
+            Stage("long context", dict(lc.stages[0].weights), long_context.fraction, seq_len=long_context.seq_len,
+                  rope_theta=long_context.rope_theta),
         )
         description += f" + a long-context stage at seq_len {long_context.seq_len}"
     return MixtureSchedule(stages, description, normalize=True)

@@ -49,7 +49,15 @@ def train_summary_lines(summary: dict, status: str, run_path: Path) -> list[str]
     step, total = summary.get("step", 0), summary.get("total_steps", "?")
     tokens, seconds = summary.get("tokens") or 0, summary.get("train_time_s") or 0.0
     speed = f", {tokens / seconds:,.0f} tokens/s" if seconds else ""
+    if seconds and summary.get("mfu"):
+        speed += f" (MFU {summary['mfu']:.1%})"
     lines = [f"run {run_path.name}: {status} at step {step}/{total}, {tokens / 1e6:.2f}M tokens in {seconds:.0f} s{speed}"]
+    if summary.get("params"):
+        model = f"  model: {summary['params'] / 1e6:.2f}M parameters"
+        if summary.get("activation_ratio") is not None and summary["activation_ratio"] < 1:
+            model += (f", {summary['active_params'] / 1e6:.2f}M active per token (activation ratio "
+                      f"{summary['activation_ratio']:.2f} of the non-embedding parameters)")
+        lines.append(model)
     parts = []
     if summary.get("final_loss") is not None:
         parts.append(f"train loss {summary['final_loss']:.4f}")

@@ -209,8 +209,6 @@ def test_doc_masking_trains_on_document_packed_rows(tmp_path):
 
 
 def test_moe_loads_are_logged_per_layer_and_expert(tmp_path):
-    if "n_experts" not in {f.name for f in fields(ModelConfig)}:
-        pytest.skip("ModelConfig has no mixture of experts yet")
     cfg = config(total_steps=3, eval_every=100, checkpoint_every=100)
     run = RunStore(tmp_path).create("moe", config={})
     model = ModelConfig(**MODEL, n_experts=4, moe_top_k=2)
@@ -227,6 +225,13 @@ def test_moe_loads_are_logged_per_layer_and_expert(tmp_path):
     assert [e.step for e in last] == [1, 2, 3]
     assert [e.value for e in last] == [float(r["moe_tokens_per_expert"][1][3]) for r in rows]
     assert [e.value for e in acc.Scalars("moe_max_load")] == pytest.approx([r["moe_max_load"] for r in rows])
+    # a row every 3 steps counts the tokens of all 3: the loads of the whole window, not of its last step
+    windowed = RunStore(tmp_path).create("moe-window", config={})
+    train(windowed, model, config(total_steps=3, eval_every=100, checkpoint_every=100, log_every=3), sampler(cfg))
+    (row,) = windowed.metrics()
+    assert all(sum(layer) == 3 * BATCH * SEQ_LEN * 2 for layer in row["moe_tokens_per_expert"])
+    assert [sum(layer) for layer in row["moe_tokens_per_expert"]] == [
+        sum(r["moe_tokens_per_expert"][i][j] for r in rows for j in range(4)) for i in range(MODEL["n_layers"])]
 
 
 def test_a_world_of_one_and_a_batch_that_does_not_split(tmp_path, monkeypatch):

@@ -61,6 +61,7 @@ def test_train_eval_report_and_resume(tokenized_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     final = {e["source"]: e for e in run.evals() if e["step"] == 40}
     assert f"{final['math']['loss']:8.4f}" in table
+    assert run.config["train"]["seq_len"] == 64 and "loss by position" not in table  # one bucket: no line
 
     out = tmp_path / "report"
     assert main(["report", "--run", str(run.path), "--out", str(out)]) == 0

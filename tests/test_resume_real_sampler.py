@@ -223,6 +223,11 @@ def test_a_long_context_stage_raises_rope_theta_and_resumes_exactly(sources, tmp
     train(cut, model_cfg, cfg, sampler_for(sources, cfg, mix), stop_after=10)
     train(cut, model_cfg, cfg, sampler_for(sources, cfg, mix))
     assert [m["loss"] for m in cut.metrics()] == [m["loss"] for m in whole.metrics()]
+    stopped = store.create("stopped", config={})
+    train(stopped, model_cfg, cfg, sampler_for(sources, cfg, mix), stop_after=5)  # inside the base-theta stage
+    with pytest.raises(ResumeError, match="RoPE theta 10000.0"):  # resumed with another base theta
+        train(stopped, ModelConfig.preset("tiny", vocab_size=VOCAB, max_seq_len=64, rope_theta=20000.0), cfg,
+              sampler_for(sources, cfg, mix))
 
     # without the stage's theta the same run differs from the first long step on (the switch did something)
     plain = MixtureSchedule((Stage("short", {"code": 0.5, "prose": 0.5}, 0.5),

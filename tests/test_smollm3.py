@@ -56,6 +56,9 @@ def test_long_context_stage_and_missing_sources():
     resolved = schedule.resolve(300, 8, 256)
     assert [s.seq_len for s in resolved.stages] == [256, 256, 256, 1024]
     assert resolved.stages[-1].start_step == 270 and set(schedule.sources) == {"web-en", "code-python", "math"}
+    assert schedule.stages[-1].rope_theta is None
+    raised = smollm3_schedule({"web-en", "math"}, long_context=LongContextStage(0.1, 1024, rope_theta=400_000.0))
+    assert [s.rope_theta for s in raised.stages] == [None, None, None, 400_000.0]
     with pytest.raises(ScheduleError, match="fraction"):
         smollm3_schedule(long_context=LongContextStage(1.5))
 

@@ -272,9 +272,10 @@ class _PoisonedSampler(ByteSampler):
 
 
 def test_the_monitor_rewinds_to_the_last_checkpoint_and_skips_the_offending_batches(tmp_path):
-    """on_alert="rewind": the spike at step 25 sends the run back to its step-20 checkpoint; it trains on from
-    there with the sampler past the poisoned batch (steps 21..25's batches are skipped), logs one metrics row per
-    step, keeps the alert, records the rewind, and a kill + resume after it continues exactly."""
+    """on_alert="rewind": the spike at step 25 puts the step-20 checkpoint's weights back and the run goes on at
+    step 26 with the sampler past the poisoned batch (steps 21..25's batches skipped), so the LR schedule and the
+    data budget keep their places; the discarded steps' metrics go, the alert stays, the rewind is recorded and
+    checkpointed, and a kill + resume after it continues exactly."""
     from mixlab.training.monitor import MonitorConfig, TrainingMonitor
 
     corpora = stdlib_corpora()
@@ -282,20 +283,23 @@ def test_the_monitor_rewinds_to_the_last_checkpoint_and_skips_the_offending_batc
                              log_every=1, eval_every=40)
 
     def monitor():
-        return TrainingMonitor(MonitorConfig(on_alert="rewind", warmup_steps=5, kind_actions={"repeated_window": "log"}))
+        # only the loss spike acts; a busy machine's throughput dips are logged, not acted on
+        return TrainingMonitor(MonitorConfig(on_alert="rewind", warmup_steps=5, kind_actions={
+            "repeated_window": "log", "throughput_drop": "log"}))
 
     run = RunStore(tmp_path).create("spiky", config={})
     sampler = _PoisonedSampler(train_split(corpora), 8, 64, poisoned={24})  # draw 24 = step 25's batch
     summary = train(run, ModelConfig.preset("tiny"), cfg, sampler, held_out(corpora, 64), monitor=monitor())
     assert run.status == "completed" and summary["step"] == 40
     (rewind,) = summary["rewinds"]
-    assert rewind["at_step"] == 25 and rewind["to_step"] == 20 and rewind["skipped_batches"] == 5
-    assert sampler.draws == 45  # 40 steps trained + 5 batches skipped
+    assert (rewind["at_step"], rewind["weights_from_step"], rewind["skipped_steps"]) == (25, 20, [21, 25])
+    assert sampler.draws == 40  # one batch per step: the budget holds
     spikes = [a for a in run.alerts() if a["kind"] == "loss_spike"]
     assert [(a["step"], a["action"]) for a in spikes] == [(25, "rewind")]
-    assert [m["step"] for m in run.metrics()] == list(range(1, 41))
+    assert [m["step"] for m in run.metrics()] == [*range(1, 21), *range(26, 41)]
+    assert [m["lr"] for m in run.metrics()] == [lr_at(m["step"] - 1, cfg) for m in run.metrics()]
     losses = [m["loss"] for m in run.metrics()]
-    assert max(losses[20:]) < losses[24 - 5] + 1.0  # what was trained after the rewind has no spike
+    assert max(losses[20:]) < max(losses[10:20]) + 0.5  # what was trained after the rewind has no spike
 
     # the same run killed at step 30 (after the rewind) and resumed gives the same losses
     again = RunStore(tmp_path / "again").create("spiky", config={})
@@ -348,8 +352,9 @@ def test_a_constructed_run_fires_every_alert_at_its_step(tmp_path):
                              eval_every=100, log_every=10)
     run = RunStore(tmp_path).create("faults", config={})
     # early training's grad norms swing 10x, so the grad-norm threshold is set below the default 8 robust sigma
+    # (a stalled loader runs at ~0.05x: a 0.2x threshold keeps a busy machine's dips from firing first)
     monitor = TrainingMonitor(MonitorConfig(warmup_steps=10, cooldown_steps=200, throughput_window=20,
-                                            grad_norm_z=3.0))
+                                            grad_norm_z=3.0, throughput_drop_ratio=0.2))
     train(run, ModelConfig.preset("tiny"), cfg, _AnomalousSampler(train_split(corpora), 8, 64), monitor=monitor)
     fired = {a["kind"]: a["step"] for a in run.alerts()}
     assert fired["loss_spike"] == 31 and fired["grad_norm_spike"] == 31

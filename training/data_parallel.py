@@ -109,9 +109,9 @@ class DataParallelWorld:
         """The mean of `tensor` over ranks (a new tensor; the input is left alone)."""
         if not self.distributed:
             return tensor
-        out = tensor.detach().clone()
+        out = tensor.detach().to(self._collective_device(), copy=True)  # nccl reduces CUDA tensors only
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.world_size
+        return (out / self.world_size).to(tensor.device)
 
     def all_sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks in place (e.g. an MoE layer's routing counts before its bias step)."""

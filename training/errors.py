@@ -3,6 +3,9 @@ to do, so a command line can print them without a traceback."""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 
 class TrainingError(ValueError):
     """Base of every error the training package raises on purpose.
@@ -35,3 +38,19 @@ class NonFiniteLossError(TrainingError, RuntimeError):
 
 class RunLockedError(TrainingError):
     """Another live process holds the run's lock (it is training the run now)."""
+
+
+def whole_number(config: Any, name: str, minimum: int, section: str = "model") -> int:
+    """config.<name> as an int >= minimum, or a ConfigError naming `<section>.<name>` (bools are not numbers)."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{section}.{name}={value!r} must be a whole number >= {minimum}", [f"{section}.{name}"])
+    return value
+
+
+def non_negative_number(config: Any, name: str, section: str = "model") -> float:
+    """config.<name> as a finite number >= 0, or a ConfigError naming `<section>.<name>`."""
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{section}.{name}={value!r} must be a finite number >= 0", [f"{section}.{name}"])
+    return float(value)

@@ -20,7 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mixlab.training.config import ConfigDict
-from mixlab.training.errors import ConfigError
+from mixlab.training.errors import ConfigError, whole_number
+from mixlab.training.moe import MoEFeedForward, expert_width, validate_moe_config
+from mixlab.training.ssm import GatedLinearRecurrence, document_starts, validate_ssm_config
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # unit tests: trains in well under a second per step on one core
@@ -101,44 +103,39 @@ class ModelConfig(ConfigDict):
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}",
+                              ["model.d_model", "model.n_heads"])
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+            raise ConfigError(f"model.n_heads={self.n_heads} must be divisible by model.n_kv_heads={self.n_kv_heads}",
+                              ["model.n_heads", "model.n_kv_heads"])
         if self.head_dim % 2:
-            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+            raise ConfigError(f"head_dim={self.head_dim} (d_model / n_heads) must be even for RoPE",
+                              ["model.d_model", "model.n_heads"])
         if self.nope_every is not None:
             if isinstance(self.nope_every, bool) or not isinstance(self.nope_every, int) or self.nope_every < 1:
-                raise ConfigError(f"nope_every={self.nope_every!r} must be a whole number >= 1 (or null)")
+                raise ConfigError(f"model.nope_every={self.nope_every!r} must be a whole number >= 1 (or null)",
+                                  ["model.nope_every"])
             self.nope_layers = [*self.nope_layers, *range(self.nope_every - 1, self.n_layers, self.nope_every)]
         if isinstance(self.yarn_factor, bool) or not isinstance(self.yarn_factor, int | float) or self.yarn_factor < 1:
-            raise ConfigError(f"yarn_factor={self.yarn_factor!r} must be a number >= 1 (1: no YaRN scaling)")
+            raise ConfigError(f"model.yarn_factor={self.yarn_factor!r} must be a number >= 1 (1: no YaRN scaling)",
+                              ["model.yarn_factor"])
         if not self.yarn_beta_fast > self.yarn_beta_slow > 0:
-            raise ConfigError(f"yarn_beta_fast={self.yarn_beta_fast} must exceed yarn_beta_slow={self.yarn_beta_slow} > 0")
+            raise ConfigError(f"model.yarn_beta_fast={self.yarn_beta_fast} must exceed model.yarn_beta_slow="
+                              f"{self.yarn_beta_slow} > 0", ["model.yarn_beta_fast", "model.yarn_beta_slow"])
         bad = [i for i in self.nope_layers if not 0 <= i < self.n_layers]
         if bad:
-            raise ConfigError(f"nope_layers {bad} outside 0..{self.n_layers - 1}")
+            raise ConfigError(f"model.nope_layers {bad} outside 0..{self.n_layers - 1}", ["model.nope_layers"])
         self.nope_layers = sorted(set(int(i) for i in self.nope_layers))
         self._validate_attention()
         self._validate_moe()
         self._validate_hybrid()
-
-    def _whole(self, name: str, minimum: int) -> int:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"model.{name}={value!r} must be a whole number >= {minimum}", [f"model.{name}"])
-        return value
-
-    def _non_negative(self, name: str) -> None:
-        value = getattr(self, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"model.{name}={value!r} must be a finite number >= 0", [f"model.{name}"])
 
     def _validate_attention(self) -> None:
         if self.attention not in ("mha", "mla"):
             raise ConfigError(f"model.attention={self.attention!r} must be 'mha' (multi-head/GQA/MQA) or 'mla' "
                               "(multi-head latent attention)", ["model.attention"])
         for name in ("mla_kv_rank", "mla_q_rank", "mla_rope_dim"):
-            self._whole(name, 0)
+            whole_number(self, name, 0)
         if not isinstance(self.doc_masking, bool):
             raise ConfigError(f"model.doc_masking={self.doc_masking!r} must be true or false", ["model.doc_masking"])
         if self.attention != "mla":
@@ -155,30 +152,17 @@ class ModelConfig(ConfigDict):
                               "model.qk_norm=false", ["model.qk_norm", "model.attention"])
 
     def _validate_moe(self) -> None:
-        if self._whole("n_experts", 0) == 0:
+        if whole_number(self, "n_experts", 0) == 0:
             return
-        top_k = self._whole("moe_top_k", 1)
-        if top_k > self.n_experts:
-            raise ConfigError(f"model.moe_top_k={top_k} exceeds model.n_experts={self.n_experts}; lower moe_top_k "
-                              "or add experts", ["model.moe_top_k", "model.n_experts"])
-        self._whole("expert_hidden", 0)
-        self._whole("n_shared_experts", 0)
-        if self.moe_expert_hidden < 1:
-            raise ConfigError(f"expert width is 0 (ffn_hidden={self.ffn_hidden} // moe_top_k={top_k}); set "
-                              "model.expert_hidden >= 1", ["model.expert_hidden"])
-        if self._whole("moe_first_dense", 0) >= self.n_layers:
+        validate_moe_config(self)
+        if whole_number(self, "moe_first_dense", 0) >= self.n_layers:
             raise ConfigError(f"model.moe_first_dense={self.moe_first_dense} leaves no MoE layer among "
                               f"n_layers={self.n_layers}; lower it (or set n_experts=0 for a dense model)",
                               ["model.moe_first_dense"])
-        if self.moe_balance not in ("aux_loss", "bias", "none"):
-            raise ConfigError(f"model.moe_balance={self.moe_balance!r} must be 'aux_loss', 'bias' or 'none'",
-                              ["model.moe_balance"])
-        for name in ("moe_aux_loss", "moe_bias_rate", "router_z_loss"):
-            self._non_negative(name)
 
     def _validate_hybrid(self) -> None:
         if self.attention_every is not None:
-            self._whole("attention_every", 1)
+            whole_number(self, "attention_every", 1)
             self.ssm_layers = [*self.ssm_layers,
                                *(i for i in range(self.n_layers) if (i + 1) % self.attention_every)]
         if not isinstance(self.ssm_layers, list | tuple) or any(
@@ -190,8 +174,7 @@ class ModelConfig(ConfigDict):
             raise ConfigError(f"model.ssm_layers {bad} outside 0..{self.n_layers - 1}", ["model.ssm_layers"])
         self.ssm_layers = sorted(set(int(i) for i in self.ssm_layers))
         if self.ssm_layers:
-            for name in ("ssm_state", "ssm_expand", "ssm_conv"):
-                self._whole(name, 1)
+            validate_ssm_config(self)
 
     @property
     def head_dim(self) -> int:
@@ -204,8 +187,8 @@ class ModelConfig(ConfigDict):
 
     @property
     def moe_expert_hidden(self) -> int:
-        """Hidden width of one routed expert (the same rule as training/moe.py's expert_width)."""
-        return self.expert_hidden or self.ffn_hidden // max(self.moe_top_k, 1)
+        """Hidden width of one routed expert (training/moe.py's rule)."""
+        return expert_width(self)
 
     @property
     def rope_table_dim(self) -> int:
@@ -266,14 +249,15 @@ def segment_ids_from_cu_seqlens(cu_seqlens: Sequence[np.ndarray | torch.Tensor],
     """Document index of every position, LongTensor [B, seq_len], from per-row document offsets [0, ..., seq_len]
     (the sampler's SampledBatch.cu_seqlens): positions in [o_i, o_{i+1}) get i. Move it to the model's device."""
     if len(cu_seqlens) == 0:
-        raise ConfigError("cu_seqlens is empty; pass one offsets array per row of the batch")
+        raise ConfigError("cu_seqlens is empty; pass one offsets array per row of the batch (the sampler's "
+                          "packing=\"documents\")", ["model.doc_masking"])
     positions = torch.arange(seq_len)
     rows = []
     for r, offsets in enumerate(cu_seqlens):
         o = torch.as_tensor(offsets).detach().cpu().long()
         if o.dim() != 1 or len(o) < 2 or int(o[0]) != 0 or int(o[-1]) != seq_len or bool((o[1:] < o[:-1]).any()):
             raise ConfigError(f"cu_seqlens[{r}]={o.tolist()[:8]} must be non-decreasing offsets from 0 to "
-                              f"seq_len={seq_len}")
+                              f"seq_len={seq_len}", ["model.doc_masking"])
         rows.append(torch.searchsorted(o[1:], positions, right=True))
     return torch.stack(rows)
 
@@ -282,8 +266,8 @@ def position_ids_from_segment_ids(segment_ids: torch.Tensor) -> torch.Tensor:
     """Positions [B, T] counting from 0 at each document start (where the segment id changes)."""
     B, T = segment_ids.shape
     index = torch.arange(T, device=segment_ids.device).expand(B, T)
-    is_start = torch.ones_like(segment_ids, dtype=torch.bool)
-    is_start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    is_start = document_starts(segment_ids)[0]
+    is_start[:, 0] = True
     return index - torch.where(is_start, index, torch.zeros_like(index)).cummax(dim=1).values
 
 
@@ -407,8 +391,6 @@ class Block(nn.Module):
         self.is_ssm = layer_idx in cfg.ssm_layers
         self.is_moe = cfg.n_experts > 0 and layer_idx >= cfg.moe_first_dense
         if self.is_ssm:
-            from mixlab.training.ssm import GatedLinearRecurrence
-
             self.ssm_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.ssm = GatedLinearRecurrence(cfg)
         else:
@@ -417,8 +399,6 @@ class Block(nn.Module):
             self.attn = attention(cfg, use_rope=layer_idx not in cfg.nope_layers)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         if self.is_moe:
-            from mixlab.training.moe import MoEFeedForward
-
             self.mlp = MoEFeedForward(cfg)
         else:
             self.mlp = SwiGLU(cfg)
@@ -497,7 +477,7 @@ class Transformer(nn.Module):
         cfg = self.config
         B, T = idx.shape
         if T > cfg.max_seq_len:
-            raise ConfigError(f"sequence length {T} exceeds max_seq_len={cfg.max_seq_len}")
+            raise ConfigError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}", ["model.max_seq_len"])
         mask = None
         if segment_ids is not None:
             if not cfg.doc_masking:

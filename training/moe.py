@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mixlab.training.errors import ConfigError
+from mixlab.training.errors import ConfigError, non_negative_number, whole_number
 
 if TYPE_CHECKING:
     from mixlab.training.model import ModelConfig
@@ -40,29 +40,18 @@ def expert_width(cfg: ModelConfig) -> int:
 def validate_moe_config(cfg: ModelConfig) -> None:
     """Raise ConfigError naming the field for MoE settings that cannot work."""
 
-    def whole(name: str, minimum: int) -> int:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ConfigError(f"model.{name}={value!r} must be a whole number >= {minimum}", [f"model.{name}"])
-        return value
-
-    def non_negative(name: str) -> None:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"model.{name}={value!r} must be a finite number >= 0", [f"model.{name}"])
-
-    n_experts = whole("n_experts", 1)
-    top_k = whole("moe_top_k", 1)
+    n_experts = whole_number(cfg, "n_experts", 1)
+    top_k = whole_number(cfg, "moe_top_k", 1)
     if top_k > n_experts:
         raise ConfigError(f"model.moe_top_k={top_k} exceeds model.n_experts={n_experts}; lower moe_top_k or add "
                           "experts", ["model.moe_top_k", "model.n_experts"])
-    whole("expert_hidden", 0)
-    whole("n_shared_experts", 0)
+    whole_number(cfg, "expert_hidden", 0)
+    whole_number(cfg, "n_shared_experts", 0)
     if cfg.moe_balance not in MOE_BALANCE_METHODS:
         raise ConfigError(f"model.moe_balance={cfg.moe_balance!r} must be one of {', '.join(MOE_BALANCE_METHODS)}",
                           ["model.moe_balance"])
     for name in ("moe_aux_loss", "moe_bias_rate", "router_z_loss"):
-        non_negative(name)
+        non_negative_number(cfg, name)
     if expert_width(cfg) < 1:
         raise ConfigError(f"expert width is 0 (ffn_hidden={cfg.ffn_hidden} // moe_top_k={top_k}); set "
                           "model.expert_hidden >= 1", ["model.expert_hidden"])

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from mixlab.training.errors import ConfigError
+from mixlab.training.errors import whole_number
 
 if TYPE_CHECKING:
     from mixlab.training.model import ModelConfig
@@ -56,10 +56,7 @@ DT_MIN, DT_MAX = 1e-3, 1e-1
 def validate_ssm_config(cfg: ModelConfig | Any) -> None:
     """Raise ConfigError naming the field for SSM settings that cannot work."""
     for name in ("ssm_state", "ssm_expand", "ssm_conv"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"model.{name}={value!r} must be a whole number >= 1 (defaults: ssm_state=16, "
-                              "ssm_expand=2, ssm_conv=4)", [f"model.{name}"])
+        whole_number(cfg, name, 1)
 
 
 def dt_rank_for(d_model: int) -> int:

@@ -176,18 +176,13 @@ def _source_passes(sampler: Sampler) -> dict[str, int] | None:
     return {name: int(value) for name, value in epochs().items()} if callable(epochs) else None
 
 
-def _stage_rope_theta(sampler: Sampler, base: float) -> float:
-    """The RoPE base of the stage the next batch comes from (mixtures Stage.rope_theta), or the model's."""
+def _stage_rope_theta(sampler: Sampler, base: float, batch: int | None = None) -> float:
+    """The RoPE base (mixtures Stage.rope_theta, else the model's) of the stage that batch `batch` (0-based, as
+    the sampler counts them; default: the next one) comes from."""
     stages = getattr(getattr(sampler, "schedule", None), "stages", None)
     if not stages or not callable(getattr(sampler, "stage_index", None)):
         return base
-    return getattr(stages[sampler.stage_index()], "rope_theta", None) or base
-
-
-def _stage_rope_thetas(sampler: Sampler) -> set[float]:
-    """Every RoPE base a stage of the sampler's schedule sets (empty: the model's all along)."""
-    stages = getattr(getattr(sampler, "schedule", None), "stages", None) or ()
-    return {t for t in (getattr(stage, "rope_theta", None) for stage in stages) if t}
+    return getattr(stages[sampler.stage_index(batch)], "rope_theta", None) or base
 
 
 def micro_step(forward: Callable[..., Any], batch: Batch, cfg: TrainConfig, model_config: ModelConfig,
@@ -331,8 +326,9 @@ def _resume(
     saved = read_checkpoint(path)
     now_model = model_config.to_dict()
     had_model = _filled(saved.model_config) if saved.model_config is not None else None
-    if had_model is not None and had_model.get("rope_theta") in _stage_rope_thetas(sampler):
-        had_model = {**had_model, "rope_theta": now_model["rope_theta"]}  # saved in a stage with its own theta
+    saved_theta = had_model.get("rope_theta") if had_model is not None else None
+    if had_model is not None:  # the theta in force when it was saved is checked below, once the sampler says where
+        had_model = {**had_model, "rope_theta": now_model["rope_theta"]}
     if had_model is not None and had_model != now_model:
         diff = {k: (v, now_model.get(k)) for k, v in saved.model_config.items() if now_model.get(k) != v}
         raise ResumeError(f"run {run.run_id!r}: its checkpoint {path} was trained with another model config "
@@ -356,6 +352,12 @@ def _resume(
         raise ResumeError(f"run {run.run_id!r}: the sampler cannot continue from {path}: {exc}. Build the sampler "
                           "as the run did (same schedule, token shards, seed, seq_len, batch_size), or use a new "
                           "run id") from exc
+    drawn = getattr(sampler, "step", 0)
+    expected = _stage_rope_theta(sampler, model_config.rope_theta, drawn - 1) if drawn else model_config.rope_theta
+    if saved_theta is not None and saved_theta != expected:
+        raise ResumeError(f"run {run.run_id!r}: checkpoint {path} was trained with RoPE theta {saved_theta} but the "
+                          f"model config and the schedule's stage there give {expected}; resume with the run's "
+                          "model.rope_theta and mixture, or use a new run id")
     saved_policy = ckpt.trainer_state.get("policy")
     if policy is not None:
         if saved_policy is None:
@@ -475,8 +477,7 @@ def _train(
     if world.distributed:
         seed_everything(seeds.local)  # from here on, what a rank draws is its own
     # wrappers from outside: `model` stays the plain module that is saved, evaluated and exported
-    # routed experts leave some experts without tokens on some steps, which DDP must be told
-    replica = world.wrap(model, find_unused_parameters=bool(model.moe_layers()))
+    replica = world.wrap(model)  # (an MoE's experts are stacked tensors: no parameter goes unused in a step)
     forward = torch.compile(replica) if cfg.compile else replica
     configs = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict()}
     sampler_counts = callable(getattr(sampler, "tokens_by_source", None))
@@ -508,9 +509,11 @@ def _train(
         return path
 
     def rewind(at: int, why: str) -> int | None:
-        """Back to the last checkpoint: its weights, AdamW moments, policy and monitor state, but not its sampler,
-        which stays past the offending batches, so they are skipped (PaLM's cure for a loss spike). Returns the
-        step to continue from; None without a checkpoint (the run then stops)."""
+        """Back to the last checkpoint's weights, AdamW moments, policy and monitor state, but not its sampler,
+        which stays past the offending batches: the steps since the checkpoint are skipped (PaLM's cure for a loss
+        spike) and the run goes on at the step after the offending one, so the LR schedule and the mixture's stages
+        keep their places. The new state is checkpointed at once (a preemption cannot replay the skipped batches).
+        Returns the step to continue from; None without a checkpoint (the run then stops)."""
         found = latest_checkpoint(run.checkpoint_dir) if world.is_main else None
         path = world.broadcast_object(str(found) if found is not None else None)
         if path is None:
@@ -519,16 +522,18 @@ def _train(
         if policy is not None and saved.trainer_state.get("policy") is not None:
             policy.load_state_dict(saved.trainer_state["policy"])
         monitor.rewind(saved.trainer_state.get("monitor"), skip_steps=range(saved.step + 1, at + 2))
-        run.truncate_after(saved.step, keep=("alerts.jsonl",))  # the alerts that caused it stay on record
+        # the discarded steps' metrics go (their updates are undone); the alerts that caused it and the mixture
+        # decisions (still in force in the sampler) stay on record
+        run.truncate_after(saved.step, keep=("alerts.jsonl", "mixture.jsonl"))
         run.summary.setdefault("rewinds", []).append(
-            {"at_step": at + 1, "to_step": saved.step, "checkpoint": path, "cause": why,
-             "skipped_batches": (at + 1 - saved.step) * cfg.grad_accum})
+            {"at_step": at + 1, "weights_from_step": saved.step, "checkpoint": path, "cause": why,
+             "skipped_steps": [saved.step + 1, at + 1], "skipped_batches": (at + 1 - saved.step) * cfg.grad_accum})
         if world.is_main:
-            bar.write(f"[{run.run_id}] {why}: rewound to step {saved.step} ({path}); the batches of steps "
-                      f"{saved.step + 1}..{at + 1} are skipped", file=sys.stderr)
-            bar.n = saved.step
-            bar.refresh()
-        return saved.step
+            bar.write(f"[{run.run_id}] {why}: weights back to step {saved.step} ({path}); the batches of steps "
+                      f"{saved.step + 1}..{at + 1} are skipped, training goes on at step {at + 2}", file=sys.stderr)
+            bar.update(1)
+        checkpoint(at + 1)
+        return at + 1
 
     def log_weights(at: int, weights: dict[str, float], cause: str) -> None:
         run.log_mixture(at, weights, cause, policy=getattr(policy, "name", None))
@@ -576,6 +581,8 @@ def _train(
         run.status = "running"
         run.summary.pop("stopped_by", None)
         run.summary.update({"params": model.num_params(), "non_embedding_params": model.num_params(non_embedding=True),
+                            # an MoE's share of its (non-embedding) parameters one token uses; 1 for dense models
+                            "active_params": model.active_params(), "activation_ratio": model.activation_ratio(),
                             "flops_per_token": model.estimate_flops_per_token(cfg.seq_len), "total_steps": total,
                             "matmul_peak_flops": peak_flops, "world_size": world.world_size})
         run.save()
@@ -590,7 +597,7 @@ def _train(
         window_tokens, window_time = 0, 0.0
         stage = ""
         seq_len = cfg.seq_len
-        moe_stats: dict[str, Any] = {}
+        moe_window: list[list[int]] | None = None  # tokens per expert of each MoE layer since the last log row
         bar = tqdm(total=total, initial=step, disable=not cfg.progress_bar or not world.is_main, unit="step",
                    dynamic_ncols=True, desc=run.run_id)
         model.train()
@@ -602,7 +609,7 @@ def _train(
                 model.use_rope_theta(theta)
                 configs["model_config"]["rope_theta"] = theta  # checkpoints describe the model as it now is
                 changes = run.summary.setdefault("rope_theta_changes", [])
-                if not changes or changes[-1]["step"] != step:
+                if not changes or changes[-1]["rope_theta"] != theta:  # (a resume inside the stage is no change)
                     changes.append({"step": step, "rope_theta": theta})
                 if world.is_main:
                     bar.write(f"[{run.run_id}] step {step + 1}: RoPE theta {theta:g}", file=sys.stderr)
@@ -665,6 +672,7 @@ def _train(
                 for layer in model.moe_layers():
                     layer.tokens_per_expert.zero_()  # nor its expert counts
                 if monitor_action[0] == "rewind" and (back := rewind(step, monitor_action[1])) is not None:
+                    progress.tokens += n  # drawn (and skipped), as the sampler counts them
                     step = back
                     continue
             if not math.isfinite(last_loss) or (cfg.grad_clip > 0 and not math.isfinite(grad_norm)):
@@ -685,7 +693,9 @@ def _train(
                 if world.distributed:  # every rank steps its expert biases from the global batch's counts
                     for layer in model.moe_layers():
                         world.all_sum_(layer.tokens_per_expert)
-                moe_stats = model.after_optimizer_step()
+                counts = model.after_optimizer_step()["moe_tokens_per_expert"]
+                moe_window = counts if moe_window is None else [
+                    [a + b for a, b in zip(old, new, strict=True)] for old, new in zip(moe_window, counts, strict=True)]
             step += 1
 
             dt = time.perf_counter() - t0
@@ -705,12 +715,11 @@ def _train(
             if step % cfg.log_every == 0 or step == total:
                 tok_s = window_tokens / window_time if window_time > 0 else 0.0
                 extra_metrics: dict[str, Any] = {}
-                if "moe_max_load" in moe_stats:
-                    extra_metrics["moe_max_load"] = float(moe_stats["moe_max_load"])
-                if "moe_tokens_per_expert" in moe_stats:
-                    extra_metrics["moe_tokens_per_expert"] = [
-                        [float(c) if isinstance(c, float) else int(c) for c in layer]
-                        for layer in moe_stats["moe_tokens_per_expert"]]
+                if moe_window is not None:  # over the log window: the busiest expert's load / the mean, any layer
+                    extra_metrics["moe_tokens_per_expert"] = moe_window
+                    extra_metrics["moe_max_load"] = max(max(layer) * len(layer) / max(sum(layer), 1)
+                                                        for layer in moe_window)
+                    moe_window = None
                 run.log_metrics(step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=progress.tokens,
                                 tokens_per_s=tok_s, mfu=mfu(model.estimate_flops_per_token(seq_len), tok_s, peak_flops),
                                 stage=stage, tokens_by_source=tokens_by_source(), **extra_metrics)
