@@ -13,9 +13,32 @@ from mixlab.curation.accounting import (
     stage_output_docs,
     stage_read_docs,
 )
+from mixlab.curation.classify import (  # noqa: I001 - after the modules it builds on
+    ClassifierScorer,
+    ClassifierTrainConfig,
+    ExampleSpec,
+    ScoreThresholdFilter,
+    annotate_curated,
+    load_classifier,
+    train_classifier,
+)
 from mixlab.curation.console import CurationError, DocumentProgress, failed_task_log, quiet_datatrove_console
 from mixlab.curation.datacard import read_front_matter, write_dataset_card
-from mixlab.curation.dedup import MinhashSettings
+from mixlab.curation.decontam import (
+    DecontamConfig,
+    DecontaminationFilter,
+    EvalSetIndex,
+    build_eval_index,
+    default_eval_sets,
+)
+from mixlab.curation.dedup import (
+    ExactDedupSettings,
+    MinHashIndex,
+    MinhashSettings,
+    NearDuplicatePair,
+    SentenceDedupSettings,
+)
+from mixlab.curation.errors import CurationConfigError
 from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura, flatten_deep_html
 from mixlab.curation.filters import (
     ChatFormatFilter,
@@ -28,7 +51,14 @@ from mixlab.curation.filters import (
     gopher_filters,
 )
 from mixlab.curation.leakage import LeakageConfig, LeakageReport, held_out_leakage, record_leakage
-from mixlab.curation.lid import LANGUAGE_THRESHOLD, BundledLanguageFilter, CodeLanguageTagger
+from mixlab.curation.lid import (
+    LANGUAGE_THRESHOLD,
+    BundledFT176LID,
+    BundledLanguageFilter,
+    CodeLanguageTagger,
+    derive_language_threshold,
+    language_scores,
+)
 from mixlab.curation.manifest import (
     DATA_DIR,
     MANIFEST_NAME,
@@ -41,11 +71,35 @@ from mixlab.curation.manifest import (
     TokenizerInfo,
     sha256_file,
 )
+from mixlab.curation.multilingual import (
+    DEFAULT_TAIL,
+    LanguageStatsStep,
+    LanguageThresholds,
+    derive_thresholds,
+    language_statistics,
+    multilingual_filters,
+)
 from mixlab.curation.paths import PLAIN_NAME_RULE, name_problem, outside_problem, relative_path_problem
-from mixlab.curation.readers import MAX_DOC_BYTES, RAW_FILE_SUFFIXES
+from mixlab.curation.pii import PiiRedaction, PiiSettings
+from mixlab.curation.readers import MAX_DOC_BYTES, RAW_FILE_SUFFIXES, QuarantiningReader, RawJsonlReader
+from mixlab.curation.source_readers import (
+    READER_KINDS,
+    CodeTreeReader,
+    HtmlTreeReader,
+    SavedDatasetReader,
+    WarcRecordReader,
+    detect_reader_kind,
+    reader_for,
+)
 from mixlab.curation.splits import SourceSplit, TokenizeConfig, split_source
 from mixlab.curation.stages import SourceLayout, SourcePipelines, Stage, assemble_stages
-from mixlab.curation.text import RegexWordTokenizer, WarmSpacyTokenizer
+from mixlab.curation.text import (
+    RegexWordTokenizer,
+    ScriptRunTokenizer,
+    SpacySentencizerTokenizer,
+    WarmSpacyTokenizer,
+    offline_word_tokenizer,
+)
 from mixlab.curation.token_shards import (
     DOCS_SUFFIX,
     DocColumnError,
@@ -61,15 +115,42 @@ from mixlab.curation.tokenizer import (
     MODEL_MAX_LENGTH,
     TokenizerConfig,
     TokenizerError,
+    default_tokenizer_name,
+    install_tokenizer,
     load_tokenizer,
     token_byte_lengths,
     tokenizer_path,
     train_tokenizer,
     write_transformers_config,
 )
+from mixlab.curation.tokenizer_compare import TokenizerComparison, compare_tokenizers, write_comparison
+from mixlab.curation.web_quality import (
+    C4BadWords,
+    C4BadWordsSettings,
+    C4Quality,
+    C4Settings,
+    DomainBlocklist,
+    FinewebQuality,
+    FineWebSettings,
+    UrlFilter,
+    UrlFilterSettings,
+    bad_words,
+)
 from mixlab.curation.writers import DUPLICATE_ID, normalise_metadata, unique_shard_ids
 
 __all__ = [
+    "PiiRedaction",
+    "PiiSettings",
+    "C4BadWords",
+    "C4BadWordsSettings",
+    "C4Quality",
+    "C4Settings",
+    "DomainBlocklist",
+    "FinewebQuality",
+    "FineWebSettings",
+    "UrlFilter",
+    "UrlFilterSettings",
+    "bad_words",
     "LeakageConfig",
     "LeakageReport",
     "held_out_leakage",
@@ -111,6 +192,13 @@ __all__ = [
     "tokenize_manifest",
     "tokenizer_path",
     "train_tokenizer",
+    "install_tokenizer",
+    "default_tokenizer_name",
+    "DEFAULT_TAIL",
+    "BundledFT176LID",
+    "TokenizerComparison",
+    "compare_tokenizers",
+    "write_comparison",
     "MODEL_MAX_LENGTH",
     "write_transformers_config",
     # building curation recipes
@@ -138,6 +226,44 @@ __all__ = [
     "SourcePipelines",
     "Stage",
     "WarmSpacyTokenizer",
+    "ScriptRunTokenizer",
+    "SpacySentencizerTokenizer",
+    "offline_word_tokenizer",
+    "derive_language_threshold",
+    "language_scores",
+    "CurationConfigError",
+    # readers: whatever a raw source folder holds, bad records quarantined and counted
+    "READER_KINDS",
+    "QuarantiningReader",
+    "RawJsonlReader",
+    "CodeTreeReader",
+    "HtmlTreeReader",
+    "SavedDatasetReader",
+    "WarcRecordReader",
+    "detect_reader_kind",
+    "reader_for",
+    # dedup, decontamination, classifiers, per-language settings
+    "ExactDedupSettings",
+    "SentenceDedupSettings",
+    "MinHashIndex",
+    "NearDuplicatePair",
+    "DecontaminationFilter",
+    "DecontamConfig",
+    "EvalSetIndex",
+    "build_eval_index",
+    "default_eval_sets",
+    "ClassifierScorer",
+    "ClassifierTrainConfig",
+    "ExampleSpec",
+    "ScoreThresholdFilter",
+    "annotate_curated",
+    "load_classifier",
+    "train_classifier",
+    "LanguageStatsStep",
+    "LanguageThresholds",
+    "derive_thresholds",
+    "language_statistics",
+    "multilingual_filters",
     "assemble_stages",
     "build_source_entry",
     "gopher_filters",

@@ -25,9 +25,10 @@ from datatrove.pipeline.readers.base import BaseReader
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.stats import PipelineStats
 from datatrove.utils.typeshelper import StatHints
+from mixlab.curation.dedup import CountingSentenceDedupFilter, ExactDedupFilter
 from mixlab.curation.filters import ChatFormatFilter, CodeQualityFilter, MathQualityFilter
 from mixlab.curation.manifest import ShardFile, SourceEntry, StepStats, sha256_file
-from mixlab.curation.readers import QUARANTINE_PREFIX, RawJsonlReader
+from mixlab.curation.readers import QUARANTINE_PREFIX, QuarantiningReader
 from mixlab.curation.stages import SourceLayout, SourcePipelines
 from mixlab.curation.writers import unique_shard_ids
 
@@ -78,7 +79,7 @@ def _snake(name: str) -> str:
 
 # The name each counting step gets in the manifest (first match wins).
 STEP_NAMES: list[tuple[type, str]] = [
-    (RawJsonlReader, "read"),
+    (QuarantiningReader, "read"),  # raw JSONL/Parquet, WARC, HTML and code trees, saved HF datasets
     (BaseExtractor, "extract"),
     (LanguageFilter, "language_id"),
     (GopherRepetitionFilter, "gopher_repetition"),
@@ -86,6 +87,8 @@ STEP_NAMES: list[tuple[type, str]] = [
     (CodeQualityFilter, "code_quality"),
     (MathQualityFilter, "math_quality"),
     (ChatFormatFilter, "chat_format"),
+    (ExactDedupFilter, "exact_dedup"),
+    (CountingSentenceDedupFilter, "sentence_dedup"),
     (MinhashDedupFilter, "minhash_dedup"),
     (BaseFilter, ""),  # any other filter: named after its class
 ]
@@ -148,8 +151,10 @@ def _count(stats: Any, key: str) -> int:
     return int(getattr(value, "total", value))
 
 
-def step_stats(name: str, stats: dict[str, Any]) -> StepStats:
-    """total/forwarded/dropped(+dropped_<reason>) of one step; drops without a reason are `unspecified`."""
+def step_stats(name: str, stats: dict[str, Any], count_prefixes: tuple[str, ...] = ()) -> StepStats:
+    """total/forwarded/dropped(+dropped_<reason>) of one step; drops without a reason are `unspecified`. Stats
+    whose key starts with one of `count_prefixes` (a step's `manifest_counts`, e.g. PII redacted per type) are
+    kept as its `counts`."""
 
     def count(key: str) -> int:
         return _count(stats, key)
@@ -158,7 +163,9 @@ def step_stats(name: str, stats: dict[str, Any]) -> StepStats:
     unexplained = count("dropped") - sum(reasons.values())
     if unexplained > 0:
         reasons["unspecified"] = unexplained
-    return StepStats(name=name, docs_in=count("total"), kept=count("forwarded"), dropped=dict(sorted(reasons.items())))
+    counts = {key: count(key) for key in sorted(stats) if count_prefixes and key.startswith(count_prefixes)}
+    return StepStats(name=name, docs_in=count("total"), kept=count("forwarded"), dropped=dict(sorted(reasons.items())),
+                     counts=counts)
 
 
 def source_steps(pipelines: SourcePipelines, layout: SourceLayout) -> list[StepStats]:
@@ -176,7 +183,7 @@ def source_steps(pipelines: SourcePipelines, layout: SourceLayout) -> list[StepS
             expected = str(stage.pipeline[index])
             if stats.name != expected:
                 raise RuntimeError(f"{layout.logs / stage.name}: stats step {index} is {stats.name!r}, expected {expected!r}")
-            steps.append(step_stats(name, stats.stats))
+            steps.append(step_stats(name, stats.stats, tuple(getattr(stage.pipeline[index], "manifest_counts", ()))))
     return steps
 
 
@@ -199,6 +206,7 @@ def shard_summary(layout: SourceLayout) -> tuple[list[ShardFile], dict[str, int]
     scores: list[float] = []
     chars: list[int] = []
     clusters: list[int] = []
+    dup_clusters: list[int] = []  # only when the Parquet schema keeps `dup_cluster_size`
     origins: Counter = Counter()
     for path in sorted(layout.output.glob("*.parquet")):
         table = pq.read_table(path, columns=["text", "metadata"])
@@ -212,12 +220,16 @@ def shard_summary(layout: SourceLayout) -> tuple[list[ShardFile], dict[str, int]
                 scores.append(m["language_score"])
             chars.append(m["chars"])
             clusters.append(m["minhash_cluster_size"])
+            if m.get("dup_cluster_size") is not None:
+                dup_clusters.append(m["dup_cluster_size"])
             origins[m["origin"] or "unknown"] += 1
     summary: dict[str, Any] = {
         "chars": _quantiles(chars),
         "minhash_cluster_size_histogram": _histogram(clusters),
         "origins": dict(sorted(origins.items())),
     }
+    if dup_clusters:
+        summary["dup_cluster_size_histogram"] = _histogram(dup_clusters)
     if scores:
         summary["language_score"] = _quantiles(scores)
     return shards, dict(languages.most_common()), summary

@@ -1,4 +1,5 @@
-"""MinHash near-dedup as datatrove's four stages, wired for one source.
+"""Dedup: exact (normalised content hash), MinHash near-dedup (datatrove's four stages), datatrove's
+sentence dedup, and an in-memory datasketch index for checking a small new source.
 
 Stage 1 (signatures) and stage 4 (filter) must read the same files with the same number of tasks: the
 signature files are named by rank and hold document indices within that rank's input.
@@ -6,16 +7,33 @@ signature files are named by rank and hold document indices within that rank's i
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
+import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from datatrove.data import DocumentsPipeline
+import pyarrow.parquet as pq
+from datasketch import MinHash, MinHashLSH
+from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, _mersenne_prime
+from datatrove.pipeline.dedup.sentence_dedup import (
+    SentDedupConfig,
+    SentenceDedupFilter,
+    SentenceDedupSignature,
+    SentenceFindDedups,
+)
+from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.utils.hashing import HashConfig
-from datatrove.utils.word_tokenizers import WordTokenizer
+from datatrove.utils.text import TextNormConfig, simplify_text
+from datatrove.utils.typeshelper import StatHints
+from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer
+from mixlab.curation.errors import CurationConfigError
 
 SIGNATURE_CHUNK = 8192  # shingles hashed at once: ~8192 x 112 hashes x 8 bytes x a few arrays, ~20 MB
 
@@ -41,12 +59,19 @@ class BoundedMinhashDedupSignature(MinhashDedupSignature):
 
 
 class CountingMinhashDedupFilter(MinhashDedupFilter):
-    """MinhashDedupFilter whose drops carry a reason (`dropped_minhash_duplicate`) like every filter's."""
+    """MinhashDedupFilter whose drops carry a reason (`dropped_minhash_duplicate`) like every filter's.
+
+    Each kept document records `dup_cluster_size`: its MinHash cluster's size plus the exact copies of it
+    that exact dedup (when it ran before) dropped. Exact copies of the cluster's *other* members were
+    dropped before MinHash saw them and are not counted, so with both dedups it is a lower bound."""
 
     name = "🎯 MinHash stage 4 (filter)"
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        yield from super().run(data, rank, world_size)
+        for doc in super().run(data, rank, world_size):
+            minhash_size = int(doc.metadata.get("minhash_cluster_size") or 1)
+            doc.metadata["dup_cluster_size"] = minhash_size + int(doc.metadata.get("exact_cluster_size") or 1) - 1
+            yield doc
         if (dropped := int(self.stats["dropped"].total)) > 0:
             self.stat_update("dropped_minhash_duplicate", value=dropped)
 
@@ -81,8 +106,12 @@ class MinhashStages:
     buckets_tasks: int
 
 
-def minhash_stages(work_dir: Path, settings: MinhashSettings, words: str | WordTokenizer) -> MinhashStages:
-    """Stage steps writing under `work_dir/{signatures,buckets,clusters}`; readers are added by the recipe."""
+def minhash_stages(work_dir: Path, settings: MinhashSettings, words: str | WordTokenizer,
+                   save_cluster_ids: bool = False) -> MinhashStages:
+    """Stage steps writing under `work_dir/{signatures,buckets,clusters}`; readers are added by the recipe.
+
+    `save_cluster_ids`: kept documents also record `minhash_cluster_id` (-1 when unique), and the cluster
+    stage writes `<rank>.clusters` (doc index, cluster id) for every clustered document, dropped ones too."""
     config = settings.config()
     sigs, buckets, clusters = work_dir / "signatures", work_dir / "buckets", work_dir / "clusters"
     return MinhashStages(
@@ -90,8 +119,360 @@ def minhash_stages(work_dir: Path, settings: MinhashSettings, words: str | WordT
         buckets=[MinhashDedupBuckets(input_folder=str(sigs), output_folder=str(buckets), config=config)],
         clusters=[
             MinhashDedupCluster(input_folder=str(buckets), output_folder=str(clusters), config=config,
-                                save_cluster_size=True)
+                                save_cluster_size=True, save_cluster_id=save_cluster_ids)
         ],
-        filter=CountingMinhashDedupFilter(input_folder=str(clusters), load_cluster_sizes=True),
+        filter=CountingMinhashDedupFilter(input_folder=str(clusters), load_cluster_sizes=True,
+                                          load_cluster_ids=save_cluster_ids),
         buckets_tasks=config.num_buckets,
     )
+
+
+# ---- exact dedup ------------------------------------------------------------------------------------------
+
+_PUNCTUATION = re.compile(r"[^\w\s]|_")
+_WHITESPACE = re.compile(r"\s+")
+EXACT_HASHES = ".exact_hashes"  # stage 1: one file per rank, (hash, doc index) records
+EXACT_DECISIONS = ".exact_decisions"  # stage 2: one file per rank, (doc index, cluster size; 0 = drop) records
+HASH_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<u4")])
+DECISION_DTYPE = np.dtype([("doc", "<u4"), ("size", "<u4")])
+INDEX_ORDER = "order.json"
+
+
+def normalised_content(text: str) -> str:
+    """The text exact dedup compares: NFKC, lowercased, punctuation removed, whitespace runs collapsed.
+
+    Two documents that differ only in case, quotes, punctuation or spacing (a re-crawl with other
+    typography, a copy with trailing spaces) are the same content for training."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return _WHITESPACE.sub(" ", _PUNCTUATION.sub(" ", text)).strip()
+
+
+def content_hash(text: str) -> int:
+    """64-bit hash of `normalised_content(text)`: a collision among 2^32 documents has probability ~1e-10."""
+    digest = hashlib.blake2b(normalised_content(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _rank_of(path: Path) -> int:
+    return int(path.name.split(".", 1)[0])
+
+
+class ExactDedupSignature(PipelineStep):
+    """Exact dedup stage 1: the content hash of every document, saved as `<rank>.exact_hashes`.
+
+    Like MinHash stage 1, documents are named by their index within the rank's input, so stage 3 must
+    read the same files with the same number of tasks. A rank with no document writes an empty file, so
+    stage 2 can tell it from a rank that never ran."""
+
+    type = "🫂 - DEDUP"
+    name = "🎯 exact dedup stage 1 (hashes)"
+
+    def __init__(self, output_folder: str | Path):
+        super().__init__()
+        self.output_folder = Path(output_folder)
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        records = []
+        for index, doc in enumerate(data or ()):
+            self.stat_update(StatHints.total)
+            records.append((content_hash(doc.text), index))
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        path = self.output_folder / f"{rank:06d}{EXACT_HASHES}"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(np.array(records, dtype=HASH_DTYPE).tobytes())
+        tmp.replace(path)
+        yield from ()
+
+
+class ExactDedupCluster(PipelineStep):
+    """Exact dedup stage 2 (one task): groups equal hashes over all ranks; the first document of a group
+    (lowest rank, then lowest index) is kept and records the group's size, the others are dropped.
+
+    With `index_folder` and `source`, documents whose hash is in the index of a source registered there
+    before this one are dropped too (the first-curated source keeps the copy), and this source's hashes
+    are saved to the index for the sources after it. `index_folder/order.json` lists sources in the
+    order they first registered, so re-curating a source never makes it drop copies of a later one."""
+
+    type = "🫂 - DEDUP"
+    name = "🎯 exact dedup stage 2 (clusters)"
+
+    def __init__(self, input_folder: str | Path, output_folder: str | Path, index_folder: str | Path | None = None,
+                 source: str | None = None):
+        super().__init__()
+        if (index_folder is None) != (source is None):
+            raise ValueError(f"ExactDedupCluster: index_folder={index_folder!r} and source={source!r} go together: "
+                             "give both to dedup across sources, or neither")
+        self.input_folder, self.output_folder = Path(input_folder), Path(output_folder)
+        self.index_folder = Path(index_folder) if index_folder is not None else None
+        self.source = source
+
+    def _earlier_hashes(self) -> np.ndarray:
+        """Sorted hashes of the sources registered in the index before this one (registering it if new)."""
+        assert self.index_folder is not None and self.source is not None
+        self.index_folder.mkdir(parents=True, exist_ok=True)
+        order_path = self.index_folder / INDEX_ORDER
+        order: list[str] = json.loads(order_path.read_text()) if order_path.exists() else []
+        if self.source not in order:
+            order.append(self.source)
+            tmp = order_path.with_name(f".{order_path.name}.tmp")
+            tmp.write_text(json.dumps(order, indent=1))
+            tmp.replace(order_path)
+        earlier = [self.index_folder / f"{s}{EXACT_HASHES}" for s in order[:order.index(self.source)]]
+        arrays = [np.fromfile(p, dtype="<u8") for p in earlier if p.exists()]
+        return np.unique(np.concatenate(arrays)) if arrays else np.array([], dtype="<u8")
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if world_size != 1:
+            raise ValueError(f"ExactDedupCluster runs as one task, not {world_size}")
+        files = sorted(self.input_folder.glob(f"*{EXACT_HASHES}"))
+        per_rank = [np.fromfile(f, dtype=HASH_DTYPE) for f in files]
+        ranks = np.concatenate([np.full(len(a), _rank_of(f), dtype="<u4") for f, a in zip(files, per_rank,
+                                                                                            strict=True)] or [[]])
+        records = np.concatenate(per_rank) if per_rank else np.array([], dtype=HASH_DTYPE)
+        hashes, docs = records["hash"], records["doc"]
+        order = np.lexsort((docs, ranks, hashes))
+        hashes, docs, ranks = hashes[order], docs[order], ranks[order].astype("<u4")
+        first = np.ones(len(hashes), dtype=bool)
+        first[1:] = hashes[1:] != hashes[:-1]
+        group = np.cumsum(first) - 1
+        sizes = np.bincount(group)[group] if len(group) else np.array([], dtype=np.int64)
+        keep = first.copy()
+        if self.index_folder is not None:
+            seen_before = np.isin(hashes, self._earlier_hashes())
+            keep &= ~seen_before
+            self.stat_update("exact_duplicate_of_earlier_source", value=int((first & seen_before).sum()))
+        self.stat_update("documents", value=len(hashes))
+        self.stat_update("duplicate_groups", value=int((first & (sizes > 1)).sum()))
+        self.stat_update("to_remove", value=int(len(hashes) - keep.sum()))
+        self.output_folder.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            mine = ranks == _rank_of(f)
+            decisions = np.empty(int(mine.sum()), dtype=DECISION_DTYPE)
+            decisions["doc"] = docs[mine]
+            decisions["size"] = np.where(keep[mine], sizes[mine], 0)
+            decisions.sort(order="doc")
+            path = self.output_folder / f"{_rank_of(f):06d}{EXACT_DECISIONS}"
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(decisions.tobytes())
+            tmp.replace(path)
+        if self.index_folder is not None:
+            path = self.index_folder / f"{self.source}{EXACT_HASHES}"
+            tmp = path.with_name(f".{path.name}.tmp")
+            np.unique(hashes).astype("<u8").tofile(tmp)
+            tmp.replace(path)
+        yield from ()
+
+
+class ExactDedupFilter(BaseFilter):
+    """Exact dedup stage 3: drops the documents stage 2 marked (`exact_duplicate`); each kept one records
+    `exact_cluster_size` and `dup_cluster_size` (1 = unique) in its metadata."""
+
+    name = "🎯 exact dedup stage 3 (filter)"
+
+    def __init__(self, input_folder: str | Path):
+        super().__init__()
+        self.input_folder = Path(input_folder)
+        self._sizes: np.ndarray = np.array([], dtype="<u4")
+        self._index = 0
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        path = self.input_folder / f"{rank:06d}{EXACT_DECISIONS}"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no exact-dedup decisions for rank {rank}; run exact dedup stages 1 "
+                                    "and 2 first, reading the same files with the same number of tasks")
+        decisions = np.fromfile(path, dtype=DECISION_DTYPE)
+        sizes = np.ones(0, dtype="<u4")
+        if len(decisions):
+            sizes = np.ones(int(decisions["doc"].max()) + 1, dtype="<u4")
+            sizes[decisions["doc"]] = decisions["size"]
+        self._sizes, self._index = sizes, 0
+        yield from super().run(data, rank, world_size)
+        if self._index < len(sizes):
+            raise RuntimeError(f"{path}: decisions for {len(sizes)} documents but rank {rank} read {self._index}: "
+                               "stage 3 must read the same files with the same number of tasks as stage 1")
+
+    def filter(self, doc: Document) -> bool | tuple[bool, str]:
+        index, self._index = self._index, self._index + 1
+        size = int(self._sizes[index]) if index < len(self._sizes) else 1
+        if size == 0:
+            return False, "exact_duplicate"
+        doc.metadata["exact_cluster_size"] = size
+        doc.metadata["dup_cluster_size"] = size
+        return True
+
+
+@dataclass
+class ExactDedupSettings:
+    """Exact dedup on `normalised_content`; `across_sources`: also drop copies of earlier-curated sources
+    (through the shared index folder, `SourceLayout.exact_index`)."""
+
+    across_sources: bool = True
+
+
+@dataclass
+class ExactDedupStages:
+    signatures: list[PipelineStep]
+    clusters: list[PipelineStep]
+    filter: ExactDedupFilter
+
+
+def exact_dedup_stages(work_dir: Path, index_folder: Path | None = None, source: str | None = None) -> ExactDedupStages:
+    """Stage steps writing under `work_dir/{hashes,decisions}`; readers (the same for stages 1 and 3) are
+    added by the caller."""
+    hashes, decisions = work_dir / "hashes", work_dir / "decisions"
+    return ExactDedupStages(
+        signatures=[ExactDedupSignature(hashes)],
+        clusters=[ExactDedupCluster(hashes, decisions, index_folder=index_folder, source=source)],
+        filter=ExactDedupFilter(decisions),
+    )
+
+
+# ---- sentence dedup ---------------------------------------------------------------------------------------
+
+
+class CountingSentenceDedupFilter(SentenceDedupFilter):
+    """datatrove's sentence-dedup stage 3, counting what it keeps and drops: a document left too short
+    after its repeated sentences are cut is dropped as `sentence_dedup_too_short` (the stock step drops it
+    without a count, which would break the manifest's accounting)."""
+
+    name = "💥 sentence dedup stage 3 (filter)"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        seen = out = 0
+
+        def counted() -> DocumentsPipeline:
+            nonlocal seen
+            for doc in data or ():
+                seen += 1
+                yield doc
+
+        for doc in super().run(counted(), rank, world_size):
+            out += 1
+            self.stat_update(StatHints.forwarded)
+            yield doc
+        if seen > out:
+            self.stat_update(StatHints.dropped, value=seen - out)
+            self.stat_update("dropped_sentence_dedup_too_short", value=seen - out)
+
+
+@dataclass
+class SentenceDedupSettings:
+    """datatrove's sentence dedup (C4's three-sentence spans): spans of `n_sentences` sentences seen in an
+    earlier document are cut; a document left with fewer than `min_doc_words` words or `min_num_sentences`
+    sentences is dropped. `language` picks datatrove's sentence splitter (spaCy's sentencizer for "en")."""
+
+    n_sentences: int = 3
+    min_doc_words: int = 50
+    min_num_sentences: int = 3
+    split_sentences: bool = True
+    language: str = "en"
+
+    def config(self) -> SentDedupConfig:
+
+        for name in ("n_sentences", "min_doc_words", "min_num_sentences"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "n_sentences" else 0):
+                raise CurationConfigError(f"sentence_dedup.{name}={value!r} must be a whole number "
+                                  f"(>= {1 if name == 'n_sentences' else 0})", [f"sentence_dedup.{name}"])
+        return SentDedupConfig(n_sentences=self.n_sentences, min_doc_words=self.min_doc_words,
+                               min_num_sentences=self.min_num_sentences, split_sentences=self.split_sentences,
+                               hash_config=HashConfig(precision=64))
+
+
+@dataclass
+class SentenceDedupStages:
+    signatures: list[PipelineStep]
+    find: list[PipelineStep]
+    filter: CountingSentenceDedupFilter
+
+
+def sentence_dedup_stages(work_dir: Path, settings: SentenceDedupSettings) -> SentenceDedupStages:
+    """datatrove's three sentence-dedup stages under `work_dir/{signatures,duplicates}` (finder: one task)."""
+    config = settings.config()
+    sigs, dups = work_dir / "signatures", work_dir / "duplicates"
+    return SentenceDedupStages(
+        signatures=[SentenceDedupSignature(output_folder=str(sigs), config=config, language=settings.language)],
+        find=[SentenceFindDedups(data_folder=str(sigs), output_folder=str(dups), config=config)],
+        filter=CountingSentenceDedupFilter(data_folder=str(dups), config=config, language=settings.language),
+    )
+
+
+# ---- in-memory near-duplicate index (datasketch) ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NearDuplicatePair:
+    """A document of the new source and the indexed one it nearly duplicates (`jaccard`: MinHash estimate)."""
+
+    new_id: str
+    indexed_id: str
+    jaccard: float
+
+
+class MinHashIndex:
+    """datasketch MinHashLSH over the documents of an existing (curated) source, in memory.
+
+    For a small new source, checking it against what is already curated is one query per document,
+    without re-running the four datatrove stages over everything. Shingles and banding are the datatrove
+    stages' (`MinhashSettings`: word n-grams after datatrove's text simplification, `num_buckets` bands of
+    `hashes_per_bucket` rows), so the two agree on what a near duplicate is, up to hash functions."""
+
+    def __init__(self, settings: MinhashSettings | None = None, words: str | WordTokenizer = "en"):
+        self.settings = settings or MinhashSettings()
+        self.num_perm = self.settings.num_buckets * self.settings.hashes_per_bucket
+        self.tokenizer = load_word_tokenizer(words)
+        self.lsh = MinHashLSH(num_perm=self.num_perm,
+                              params=(self.settings.num_buckets, self.settings.hashes_per_bucket))
+        self.signatures: dict[str, MinHash] = {}
+
+    def signature(self, text: str) -> MinHash:
+        words = self.tokenizer.word_tokenize(simplify_text(text, TextNormConfig()))
+        n = self.settings.n_grams
+        shingles = {" ".join(words[i:i + n]).encode("utf-8", "surrogatepass")
+                    for i in range(max(1, len(words) - n + 1))}
+        sig = MinHash(num_perm=self.num_perm, seed=self.settings.seed)
+        sig.update_batch(list(shingles))
+        return sig
+
+    def add(self, doc_id: str, text: str) -> None:
+        if doc_id in self.signatures:
+            raise ValueError(f"MinHashIndex: document id {doc_id!r} is indexed already; ids must be unique")
+        sig = self.signature(text)
+        self.lsh.insert(doc_id, sig)
+        self.signatures[doc_id] = sig
+
+    def add_documents(self, docs: Iterable[Document | dict]) -> int:
+        count = 0
+        for doc in docs:
+            doc_id, text = (doc.id, doc.text) if isinstance(doc, Document) else (doc["id"], doc["text"])
+            self.add(str(doc_id), text)
+            count += 1
+        return count
+
+    @classmethod
+    def from_parquet(cls, folder: str | Path, settings: MinhashSettings | None = None,
+                     words: str | WordTokenizer = "en") -> MinHashIndex:
+        """The index of a curated source (`curated/data/<source>/*.parquet`, columns `id` and `text`)."""
+        files = sorted(Path(folder).glob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no Parquet shards to index; curate the source first")
+        index = cls(settings, words)
+        for path in files:
+            table = pq.read_table(path, columns=["id", "text"])
+            for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True):
+                index.add(str(doc_id), text)
+        return index
+
+    def query(self, text: str) -> list[tuple[str, float]]:
+        """Indexed documents sharing an LSH band with `text`, with their estimated Jaccard, best first."""
+        sig = self.signature(text)
+        found = [(key, float(sig.jaccard(self.signatures[key]))) for key in self.lsh.query(sig)]
+        return sorted(found, key=lambda kv: (-kv[1], kv[0]))
+
+    def near_duplicates(self, docs: Iterable[Document | dict], min_jaccard: float = 0.0) -> list[NearDuplicatePair]:
+        """Every (new document, indexed document) candidate pair whose estimated Jaccard is >= `min_jaccard`."""
+        pairs = []
+        for doc in docs:
+            doc_id, text = (doc.id, doc.text) if isinstance(doc, Document) else (doc["id"], doc["text"])
+            pairs += [NearDuplicatePair(str(doc_id), key, j) for key, j in self.query(text) if j >= min_jaccard]
+        return pairs

@@ -91,3 +91,48 @@ class CodeLanguageTagger(BundledLanguageFilter):
         hint = meta.pop("lang_hint", None)
         meta["programming_language"] = meta.get("programming_language") or hint or self.programming_language
         return super().filter(doc)
+
+
+# ---- per-language thresholds from score distributions (FineWeb-2) --------------------------------------
+MIN_LANGUAGE_THRESHOLD = 0.3  # never keep a document whose top score is below this, whatever the sample says
+MAX_LANGUAGE_THRESHOLD = 0.9  # never ask more than this: a language whose scores are all high keeps its tail
+
+
+def derive_language_threshold(scores: list[float], std_factor: float = 1.0, floor: float = MIN_LANGUAGE_THRESHOLD,
+                              ceiling: float = MAX_LANGUAGE_THRESHOLD) -> float:
+    """Language-ID threshold of one language from the lid.176 scores of its documents, the FineWeb-2 way.
+
+    FineWeb-2 does not use one global cut (FineWeb's 0.65): classifiers are much less confident on some
+    languages (close relatives, small training data) than on others. For each language it looks at the
+    distribution of the classifier's score on documents predicted as that language and sets the cut from
+    that distribution: `median - std_factor * std`, clipped to [floor, ceiling]. A confident language gets a
+    high cut (drops its noisy tail); an uncertain one a low cut (keeps most of its real documents).
+    `scores` are the top-language scores of documents whose top language is this one.
+    """
+    values = [float(s) for s in scores]
+    if not values:
+        raise ValueError("derive_language_threshold: scores is empty; score some documents of the language "
+                         "first (BundledLanguageFilter(label_only=True) tags `language_score`)")
+    if any(not 0.0 <= v <= 1.001 for v in values):  # fastText's softmax may overshoot 1 by float error
+        raise ValueError("derive_language_threshold: scores must be probabilities in [0, 1]")
+    values = [min(1.0, v) for v in values]
+    if not 0.0 <= floor <= ceiling <= 1.0:
+        raise ValueError(f"derive_language_threshold: need 0 <= floor ({floor}) <= ceiling ({ceiling}) <= 1")
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return round(min(ceiling, max(floor, median - std_factor * std)), 4)
+
+
+def language_scores(texts: list[str], language: str, model: BundledFT176LID | None = None) -> list[float]:
+    """lid.176 top scores of the texts whose top prediction is `language` (the input of
+    `derive_language_threshold`)."""
+    model = model or BundledFT176LID(None)
+    scores = []
+    for text in texts:
+        (lang, score), _ = model.predict(Document(text=text, id="lid-sample"))
+        if lang == language:
+            scores.append(float(score))
+    return scores

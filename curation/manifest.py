@@ -128,6 +128,8 @@ class StepStats:
     docs_in: int
     kept: int
     dropped: dict[str, int] = field(default_factory=dict)
+    # what a step tallies besides its drops, when it declares them (PII redacted per type, words per language)
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def dropped_total(self) -> int:

@@ -136,18 +136,14 @@ def split_lines(chunks: Iterator[bytes], max_bytes: int) -> Iterator[RawLine]:
         yield RawLine(number + 1, bytes(buf), size, whole)
 
 
-class RawJsonlReader(BaseDiskReader):
-    """Reads every file of a raw source folder and turns each record into a document or a quarantine entry.
+class QuarantiningReader(BaseDiskReader):
+    """A disk reader that never loses a record silently: each unreadable one is written to the quarantine
+    folder (with its reason, file and position) and counted as `dropped_quarantine_<reason>`.
 
-    Each line / row is decoded on its own, so one bad record costs one document, which is kept (with the
-    reason, its file and line) in the quarantine folder and counted as `dropped_quarantine_<reason>`.
-    Record reasons: undecodable_bytes, nul_byte (raw NUL), malformed_json, not_an_object, missing_id,
-    invalid_text, nul_character (an escaped `\\u0000` in id or text), invalid_metadata (a field that cannot
-    be cast to the curated schema, see `writers.normalise_metadata`), too_large. File reasons (one entry
-    per file): unsupported_file, empty_file, truncated_file, corrupt_file.
+    Every reader of raw sources derives from it (`RawJsonlReader`, and the WARC / HTML tree / code tree /
+    saved-dataset readers of `curation.source_readers`), so the manifest names them all `read`.
+    Subclasses call `_reject` / `_reject_file` for a bad record and `_accept` for each document they yield.
     """
-
-    name = "🐿 Raw Jsonl/Parquet (validating)"
 
     def __init__(self, data_folder: DataFolderLike, quarantine_folder: DataFolderLike,
                  max_doc_bytes: int = MAX_DOC_BYTES, **kwargs: Any):
@@ -172,6 +168,71 @@ class RawJsonlReader(BaseDiskReader):
         logger.warning(f"{filepath}: quarantined as {reason} ({error})")
         self._reject(reason, f"{filepath}#{reason}", "", file=filepath, line=line, error=error)
 
+    def _accept(self, doc: Document | None) -> tuple[Document | None, int]:
+        if doc is not None:
+            self.stat_update(StatHints.total)
+            self.stat_update(StatHints.forwarded)
+        return doc, 1
+
+    def _document(self, data: Any, text: str | None, where: dict[str, Any]) -> Document | None:
+        """A Document from one decoded record, or None after quarantining it (`text`: its raw line)."""
+        fallback_id = f"{where['file']}#{where['line']}"
+
+        def raw() -> str:
+            return text if text is not None else orjson.dumps(data, default=str).decode()
+
+        if not isinstance(data, dict):
+            self._reject("not_an_object", fallback_id, raw(), **where)
+            return None
+        doc_id, body = data.get(self.id_key), data.get(self.text_key)
+        if isinstance(doc_id, int) and not isinstance(doc_id, bool):
+            doc_id = str(doc_id)
+        if not isinstance(doc_id, str) or not doc_id.strip():
+            self._reject("missing_id", fallback_id, raw(), **where)
+            return None
+        if not isinstance(body, str) or not body.strip():
+            self._reject("invalid_text", doc_id, raw(), **where)
+            return None
+        if "\x00" in body or "\x00" in doc_id:
+            self._reject("nul_character", doc_id.replace("\x00", ""), raw(), **where,
+                         error="an escaped NUL (\\u0000) in the id or text")
+            return None
+        metadata = data.get("metadata")
+        if metadata is None:
+            metadata = {}
+        elif isinstance(metadata, str):  # metadata kept as a JSON string (common in Parquet)
+            try:
+                metadata = orjson.loads(metadata)
+            except orjson.JSONDecodeError:
+                pass
+        if not isinstance(metadata, dict):
+            self._reject("invalid_metadata", doc_id, raw(), **where,
+                         error=f"metadata is a {type(metadata).__name__}, not an object")
+            return None
+        extra = {k: v for k, v in data.items() if k not in (self.id_key, self.text_key, "metadata")}
+        metadata, problems = normalise_metadata(metadata | extra)
+        if problems:
+            self._reject("invalid_metadata", doc_id, raw(), **where, error="; ".join(problems))
+            return None
+        doc = Document(text=body, id=doc_id, metadata=metadata)
+        if self.default_metadata:
+            doc.metadata = self.default_metadata | doc.metadata
+        return doc
+
+
+class RawJsonlReader(QuarantiningReader):
+    """Reads every file of a raw source folder and turns each record into a document or a quarantine entry.
+
+    Each line / row is decoded on its own, so one bad record costs one document, which is kept (with the
+    reason, its file and line) in the quarantine folder and counted as `dropped_quarantine_<reason>`.
+    Record reasons: undecodable_bytes, nul_byte (raw NUL), malformed_json, not_an_object, missing_id,
+    invalid_text, nul_character (an escaped `\\u0000` in id or text), invalid_metadata (a field that cannot
+    be cast to the curated schema, see `writers.normalise_metadata`), too_large. File reasons (one entry
+    per file): unsupported_file, empty_file, truncated_file, corrupt_file.
+    """
+
+    name = "🐿 Raw Jsonl/Parquet (validating)"
+
     def read_file(self, filepath: str) -> DocumentsPipeline:
         suffix = raw_file_format(filepath)
         if suffix is None:
@@ -189,12 +250,6 @@ class RawJsonlReader(BaseDiskReader):
                 yield doc
         if records == 0:
             self._reject_file("empty_file", filepath, 0, "the file holds no record")
-
-    def _accept(self, doc: Document | None) -> tuple[Document | None, int]:
-        if doc is not None:
-            self.stat_update(StatHints.total)
-            self.stat_update(StatHints.forwarded)
-        return doc, 1
 
     def _read_jsonl(self, filepath: str, suffix: str) -> Iterator[tuple[Document | None, int]]:
         with self.data_folder.open(filepath, "rb", compression=None) as handle:
@@ -264,48 +319,3 @@ class RawJsonlReader(BaseDiskReader):
             self._reject("corrupt_file", f"{filepath}#{row + 1}", "", file=filepath, line=row + 1,
                          error=f"{err!r}; rows 1-{row} were read")
             yield None, 1
-
-    def _document(self, data: Any, text: str | None, where: dict[str, Any]) -> Document | None:
-        """A Document from one decoded record, or None after quarantining it (`text`: its raw line)."""
-        fallback_id = f"{where['file']}#{where['line']}"
-
-        def raw() -> str:
-            return text if text is not None else orjson.dumps(data, default=str).decode()
-
-        if not isinstance(data, dict):
-            self._reject("not_an_object", fallback_id, raw(), **where)
-            return None
-        doc_id, body = data.get(self.id_key), data.get(self.text_key)
-        if isinstance(doc_id, int) and not isinstance(doc_id, bool):
-            doc_id = str(doc_id)
-        if not isinstance(doc_id, str) or not doc_id.strip():
-            self._reject("missing_id", fallback_id, raw(), **where)
-            return None
-        if not isinstance(body, str) or not body.strip():
-            self._reject("invalid_text", doc_id, raw(), **where)
-            return None
-        if "\x00" in body or "\x00" in doc_id:
-            self._reject("nul_character", doc_id.replace("\x00", ""), raw(), **where,
-                         error="an escaped NUL (\\u0000) in the id or text")
-            return None
-        metadata = data.get("metadata")
-        if metadata is None:
-            metadata = {}
-        elif isinstance(metadata, str):  # metadata kept as a JSON string (common in Parquet)
-            try:
-                metadata = orjson.loads(metadata)
-            except orjson.JSONDecodeError:
-                pass
-        if not isinstance(metadata, dict):
-            self._reject("invalid_metadata", doc_id, raw(), **where,
-                         error=f"metadata is a {type(metadata).__name__}, not an object")
-            return None
-        extra = {k: v for k, v in data.items() if k not in (self.id_key, self.text_key, "metadata")}
-        metadata, problems = normalise_metadata(metadata | extra)
-        if problems:
-            self._reject("invalid_metadata", doc_id, raw(), **where, error="; ".join(problems))
-            return None
-        doc = Document(text=body, id=doc_id, metadata=metadata)
-        if self.default_metadata:
-            doc.metadata = self.default_metadata | doc.metadata
-        return doc

@@ -1,24 +1,31 @@
 """How a source's curation is laid out on disk and cut into executor stages.
 
 A recipe (pipelines/web.py, code.py, ...) chooses the filter steps; `assemble_stages` adds what every
-source shares: the validating reader with quarantine, the intermediate JSONL, the four MinHash stages,
-and the Parquet writer. The result is a list of `Stage`s that any datatrove executor can run in order.
+source shares: the validating reader with quarantine, the intermediate JSONL, the dedup stages (exact and
+sentence dedup when asked for, then the four MinHash stages), and the Parquet writer. The result is a list of `Stage`s that any datatrove executor can run in order.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.word_tokenizers import WordTokenizer
-from mixlab.curation.dedup import MinhashSettings, minhash_stages
+from mixlab.curation.dedup import (
+    ExactDedupSettings,
+    MinhashSettings,
+    SentenceDedupSettings,
+    exact_dedup_stages,
+    minhash_stages,
+    sentence_dedup_stages,
+)
 from mixlab.curation.manifest import DATA_DIR, ManifestError
 from mixlab.curation.paths import name_problem, outside_problem
-from mixlab.curation.readers import RawJsonlReader
+from mixlab.curation.source_readers import reader_for
 from mixlab.curation.writers import CURATED_SCHEMA, curated_parquet_writer
 
 
@@ -42,7 +49,8 @@ class SourceLayout:
             raise ManifestError(
                 f"{self.raw_dir}: source name {self.source!r} {problem}; rename the raw folder (the name becomes "
                 "folder names under the curated directory)", source=str(self.source), field="name", value=self.source)
-        for folder in (self.output, self.curated_dir / self.source, self.quarantine, self.logs, self.work):
+        for folder in (self.output, self.curated_dir / self.source, self.quarantine, self.logs, self.work,
+                       self.exact_index):
             if problem := outside_problem(self.curated_dir, folder):
                 raise ManifestError(
                     f"{folder}: {problem}; curation writes and clears it, so it must be a real folder inside "
@@ -82,6 +90,20 @@ class SourceLayout:
     def minhash(self) -> Path:
         return self.work / "minhash"
 
+    @property
+    def exact(self) -> Path:
+        return self.work / "exact"
+
+    @property
+    def sentence(self) -> Path:
+        return self.work / "sentence"
+
+    @property
+    def exact_index(self) -> Path:
+        """The exact-dedup index shared by all sources of this curated directory (content hashes per source
+        and the order they registered in), so that a document already in one source is dropped from later ones."""
+        return self.curated_dir / "index" / "exact"
+
 
 @dataclass
 class Stage:
@@ -107,34 +129,72 @@ class SourcePipelines:
 
 def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep], tasks: int,
                     minhash: MinhashSettings | None, words: str | WordTokenizer, config: dict,
-                    max_doc_bytes: int | None = None) -> SourcePipelines:
-    """raw JSONL -> [validating reader, *filters] -> intermediate JSONL -> MinHash -> Parquet.
+                    max_doc_bytes: int | None = None, exact: ExactDedupSettings | None = None,
+                    sentence: SentenceDedupSettings | None = None) -> SourcePipelines:
+    """raw JSONL -> [validating reader, *filters] -> intermediate JSONL -> [exact dedup] -> [sentence dedup]
+    -> [MinHash] -> Parquet.
 
     `max_doc_bytes`: raw records larger than this are quarantined as `too_large` before any expensive step
-    (None: the reader's default, `MAX_DOC_BYTES`)."""
+    (None: the reader's default, `MAX_DOC_BYTES`). `exact` / `sentence` (off when None) add those dedups;
+    a dedup whose output a later dedup reads writes its kept documents to `work/<source>/<dedup>/kept`, since
+    each dedup names documents by their index in the files it reads."""
     if max_doc_bytes is not None and (isinstance(max_doc_bytes, bool) or not isinstance(max_doc_bytes, int)
                                       or max_doc_bytes <= 0):
         raise ValueError(f"{layout.source}: max_doc_bytes={max_doc_bytes!r} must be a positive number of bytes "
                          "(e.g. 4194304 for 4 MiB)")
     limit = {} if max_doc_bytes is None else {"max_doc_bytes": max_doc_bytes}
-    reader = RawJsonlReader(str(layout.raw_dir), quarantine_folder=str(layout.quarantine), **limit)
+    # JSONL/Parquet, WARC, an HTML tree, a code tree or a saved HF dataset: whatever raw/<source> holds
+    reader = reader_for(layout.raw_dir, str(layout.quarantine), **limit)
     filtered_writer = JsonlWriter(str(layout.filtered), output_filename="${rank}.jsonl.gz", compression="gzip")
     stages = [Stage("filter", [reader, *filters, filtered_writer], tasks, [layout.filtered, layout.quarantine])]
+    current = layout.filtered  # the folder the next stage reads
+    pending: list[PipelineStep] = []  # a dedup's filter step, run where the next stage reads `current`
 
-    def filtered_reader() -> JsonlReader:
-        return JsonlReader(str(layout.filtered), glob_pattern="*.jsonl.gz", add_file_path=False)
+    def current_reader() -> JsonlReader:
+        return JsonlReader(str(current), glob_pattern="*.jsonl.gz", add_file_path=False)
 
+    def materialise(name: str, folder: Path) -> None:
+        """Run the pending filter into `folder` so that the next dedup reads (and indexes) its output."""
+        nonlocal current, pending
+        if pending:
+            writer = JsonlWriter(str(folder), output_filename="${rank}.jsonl.gz", compression="gzip")
+            stages.append(Stage(name, [current_reader(), *pending, writer], tasks, [folder]))
+            current, pending = folder, []
+
+    if exact is not None:
+        index = (layout.exact_index, layout.source) if exact.across_sources else (None, None)
+        ex = exact_dedup_stages(layout.exact, *index)
+        stages += [
+            Stage("exact_hashes", [current_reader(), *ex.signatures], tasks, [layout.exact / "hashes"]),
+            Stage("exact_clusters", ex.clusters, 1, [layout.exact / "decisions"], max_workers=1),
+        ]
+        pending = [ex.filter]
+    if sentence is not None:
+        materialise("exact_filter", layout.exact / "kept")
+        sd = sentence_dedup_stages(layout.sentence, sentence)
+        stages += [
+            Stage("sentence_signatures", [current_reader(), *sd.signatures], tasks, [layout.sentence / "signatures"]),
+            Stage("sentence_duplicates", sd.find, 1, [layout.sentence / "duplicates"], max_workers=1),
+        ]
+        pending = [sd.filter]
     writer = curated_parquet_writer(str(layout.output))
     if minhash is None:
-        stages.append(Stage("write", [filtered_reader(), writer], tasks, [layout.output]))
+        stages.append(Stage("write", [current_reader(), *pending, writer], tasks, [layout.output]))
     else:
+        materialise("sentence_filter" if sentence is not None else "exact_filter",
+                    (layout.sentence if sentence is not None else layout.exact) / "kept")
         mh = minhash_stages(layout.minhash, minhash, words)
         stages += [
-            Stage("minhash_signatures", [filtered_reader(), *mh.signatures], tasks, [layout.minhash / "signatures"]),
+            Stage("minhash_signatures", [current_reader(), *mh.signatures], tasks, [layout.minhash / "signatures"]),
             Stage("minhash_buckets", mh.buckets, mh.buckets_tasks, [layout.minhash / "buckets"]),
             Stage("minhash_clusters", mh.clusters, 1, [layout.minhash / "clusters"], max_workers=1),
-            Stage("write", [filtered_reader(), mh.filter, writer], tasks, [layout.output]),
+            Stage("write", [current_reader(), mh.filter, writer], tasks, [layout.output]),
         ]
+    # only when on, so that the fingerprints of sources curated before these options existed still match
+    if exact is not None:
+        config = {**config, "exact_dedup": asdict(exact)}
+    if sentence is not None:
+        config = {**config, "sentence_dedup": asdict(sentence)}
     # the output folder and the Parquet schema are part of the fingerprint: a source curated into another
     # layout or schema is curated again, so that every source of data/ keeps one schema and load_dataset /
     # DuckDB can concatenate them (a schema change re-curates all sources, not only the edited recipe's)

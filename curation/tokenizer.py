@@ -425,3 +425,159 @@ def _is_byte_level(spec: dict) -> bool:
         )
 
     return has_byte_level(spec.get("pre_tokenizer")) and has_byte_level(spec.get("decoder"))
+
+
+# ---- tokenizers brought from elsewhere -----------------------------------------------------------
+# end-of-document tokens of the tokenizers mixlab meets (its own first); the first one a tokenizer has is used
+KNOWN_EOS_TOKENS = (
+    EOS_TOKEN,
+    "<|end_of_text|>",
+    "<｜end▁of▁sentence｜>",  # DeepSeek
+    "</s>",  # Llama-2, Mistral (sentencepiece)
+    "<EOT>",  # Anthropic's claude-v1 tokenizer
+    "<eos>",
+    "<|eot_id|>",
+)
+BYTE_FALLBACK_PATTERN = r"<0x[0-9A-Fa-f]{2}>"
+
+
+def default_tokenizer_name(path: str | Path) -> str:
+    """A candidate's display and folder name: the file's stem, or for `<name>/tokenizer.json` (also
+    `<name>/tokenizer/tokenizer.json`, a curated directory's tokenizer) the folder that names it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if path.name != TOKENIZER_FILE:
+        return path.stem
+    folder = path.parent
+    return folder.parent.name if folder.name == TOKENIZER_DIR and folder.parent.name else folder.name
+
+
+def detect_eos_token(path: str | Path) -> str:
+    """The end-of-document token of a tokenizer.json: the first of KNOWN_EOS_TOKENS it has. Token shards end
+    every document with it, so a tokenizer without one is refused (name it with `eos_token=`)."""
+    tokenizer = load_tokenizer(path)
+    for token in KNOWN_EOS_TOKENS:
+        if tokenizer.token_to_id(token) is not None:
+            return token
+    raise TokenizerError(
+        f"{path}: none of the end-of-document tokens {list(KNOWN_EOS_TOKENS)} is in this tokenizer; "
+        "name its EOS token explicitly (`--eos-token`)"
+    )
+
+
+def tokenizer_kind(path: str | Path) -> str:
+    """`bpe-bytelevel` for a byte-level tokenizer (every string round-trips, bits per byte is defined),
+    else the model type, with `+bytefallback` when unknown characters become `<0xNN>` byte tokens."""
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    if _is_byte_level(spec):
+        return f"{str(model.get('type', 'bpe')).lower()}-bytelevel"
+    kind = str(model.get("type", "unknown")).lower()
+    return f"{kind}+bytefallback" if model.get("byte_fallback") else kind
+
+
+def install_tokenizer(curated_dir: str | Path, source: str | Path, eos_token: str | None = None) -> TokenizerInfo:
+    """Copy an existing tokenizer.json (or a sentencepiece `.model`, converted) into `<curated>/tokenizer/`,
+    write the transformers config beside it and record it in the manifest (path, sha256, vocab size, EOS), so
+    that `tokenize_manifest(curated_dir)` writes token shards with it. Returns the recorded `TokenizerInfo`.
+
+    `eos_token=None` picks the first of KNOWN_EOS_TOKENS the tokenizer has. The vocabulary size decides the
+    shard dtype (uint16 up to 65,536 ids, else uint32). A brought tokenizer records no held-out split: it may
+    have seen anything.
+    """
+    import shutil
+
+    manifest = ShardManifest.load(curated_dir)
+    source = Path(source)
+    source = source / TOKENIZER_FILE if source.is_dir() else source
+    if not source.is_file():
+        raise TokenizerError(f"{source}: no tokenizer file here; give a tokenizer.json (or a sentencepiece .model)")
+    target = manifest.resolve(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}")
+    recorded = manifest.tokenizer
+    if (recorded is not None and source.resolve() == manifest.resolve(recorded.path).resolve()
+            and eos_token in (None, recorded.eos_token) and manifest.check_file(recorded) is None):
+        return recorded  # the tokenizer trained here: keep its record (and the split it was trained without)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.suffix == ".json" or source.name.endswith(".json"):
+        tokenizer = load_tokenizer(source)  # refuses a malformed file before anything is replaced
+        if source.resolve() != target.resolve():
+            shutil.copyfile(source, target)
+    else:
+        sentencepiece_to_tokenizer_json(source, target)
+        tokenizer = load_tokenizer(target)
+    eos = eos_token or detect_eos_token(target)
+    if tokenizer.token_to_id(eos) is None:
+        raise TokenizerError(f"{source}: has no EOS token {eos!r}; documents could not be separated")
+    write_transformers_config(target.parent, eos)
+    for stale in (TRAINING_STATS_FILE,):  # stats of a tokenizer trained here earlier would describe another one
+        (target.parent / stale).unlink(missing_ok=True)
+    manifest.tokenizer = TokenizerInfo(
+        path=f"{TOKENIZER_DIR}/{TOKENIZER_FILE}",
+        vocab_size=tokenizer.get_vocab_size(),
+        sha256=sha256_file(target),
+        eos_token=eos,
+        kind=tokenizer_kind(target),
+        held_out=None,
+    )
+    manifest.save()
+    return manifest.tokenizer
+
+
+def sentencepiece_to_tokenizer_json(model_path: str | Path, out_path: str | Path) -> Path:
+    """Convert a sentencepiece BPE `.model` (e.g. Mistral's `tokenizer.model.v1` in mistral-common) into an HF
+    tokenizer.json laid out the way transformers' Llama converter does it: BPE with byte fallback, `▁` for
+    spaces, a dummy prefix. Merges are rebuilt from the pieces (every split of a piece into two pieces), ranked
+    by the merged piece's score, as sentencepiece's BPE applies them. Needs only protobuf (the schema ships in
+    transformers); sentencepiece itself is not required."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    try:
+        from transformers.utils import sentencepiece_model_pb2_new as sp_pb2
+    except ImportError as err:  # pragma: no cover - transformers is a dependency
+        raise TokenizerError(f"{model_path}: converting a sentencepiece model needs transformers ({err})") from err
+    model_path = Path(model_path)
+    proto = sp_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_path.read_bytes())
+    except Exception as err:  # protobuf's DecodeError
+        raise TokenizerError(f"{model_path}: not a sentencepiece model ({err}); give a tokenizer.json instead") from err
+    bpe_type = sp_pb2.TrainerSpec.ModelType.Value("BPE")
+    if proto.trainer_spec.model_type != bpe_type or not proto.pieces:
+        raise TokenizerError(f"{model_path}: only sentencepiece BPE models can be converted (this one is "
+                             f"model type {proto.trainer_spec.model_type}); give a tokenizer.json instead")
+    normal = sp_pb2.ModelProto.SentencePiece.Type.Value("NORMAL")
+    user = sp_pb2.ModelProto.SentencePiece.Type.Value("USER_DEFINED")
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    scores = {piece.piece: piece.score for piece in proto.pieces}
+    mergeable = {p.piece for p in proto.pieces if p.type in (normal, user)}
+    ranked = []
+    for piece in mergeable:
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in mergeable and right in mergeable:
+                ranked.append((-scores[piece], vocab[piece], vocab[left], vocab[right], left, right))
+    ranked.sort()
+    merges = [(left, right) for *_, left, right in ranked]
+    unk = proto.pieces[proto.trainer_spec.unk_id].piece if proto.trainer_spec.unk_id >= 0 else None
+    tokenizer = Tokenizer(
+        models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                   byte_fallback=bool(proto.trainer_spec.byte_fallback))
+    )
+    steps = [normalizers.Prepend("▁")] if proto.normalizer_spec.add_dummy_prefix else []
+    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "▁")])
+    decode = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if proto.normalizer_spec.add_dummy_prefix:
+        decode.append(decoders.Strip(" ", 1, 0))
+    tokenizer.decoder = decoders.Sequence(decode)
+    control = sp_pb2.ModelProto.SentencePiece.Type.Value("CONTROL")
+    from tokenizers import AddedToken
+
+    tokenizer.add_special_tokens(
+        [AddedToken(p.piece, special=True, normalized=False) for p in proto.pieces if p.type in (control,)]
+        + ([AddedToken(unk, special=True, normalized=False)] if unk else [])
+    )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(out_path))
+    return out_path

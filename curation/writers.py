@@ -34,8 +34,13 @@ METADATA_FIELDS: list[tuple[str, pa.DataType]] = [
     ("url", pa.string()),
     ("origin", pa.string()),
     ("minhash_cluster_size", pa.int64()),
+    ("dup_cluster_size", pa.int64()),  # copies of this document dedup removed + 1 (FineWeb-2 rehydration)
+    ("exact_cluster_size", pa.int64()),
     ("chars", pa.int64()),
     ("turns", pa.int64()),
+    ("repository", pa.string()),  # code trees: the repository, its licence guess and licence files
+    ("licence", pa.string()),
+    ("date", pa.string()),  # WARC records
 ]
 CURATED_SCHEMA = pa.schema(
     [("text", pa.string()), ("id", pa.string()), ("metadata", pa.struct([pa.field(n, t) for n, t in METADATA_FIELDS]))]

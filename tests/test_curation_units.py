@@ -83,7 +83,7 @@ def test_recipes_use_only_the_curation_package_interface() -> None:
     from mixlab import curation
 
     root = Path(__file__).resolve().parents[1] / "pipelines"
-    for name in ("web", "code", "math", "chat", "curate", "corpus"):
+    for name in ("web", "code", "math", "chat", "curate", "corpus", "multilingual", "tokenize"):
         tree = ast.parse((root / f"{name}.py").read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mixlab.curation"):
