@@ -251,8 +251,8 @@ class CurationSettings:
         for setting in applied:
             try:
                 if setting.path == (DEDUP,):
-                    if not setting.value:
-                        recipe = replace(recipe, minhash=None)
+                    if not setting.value:  # every dedup the recipe has: MinHash and exact
+                        recipe = replace(recipe, minhash=None, **({"exact": None} if hasattr(recipe, "exact") else {}))
                     elif recipe.minhash is None:
                         recipe = replace(recipe, minhash=MinhashSettings())
                 else:

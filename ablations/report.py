@@ -14,6 +14,7 @@ import base64
 import html
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,8 +208,25 @@ def _mixture_change_table(rows: list[dict[str, Any]]) -> pl.DataFrame:
                                        "cause": pl.String})
 
 
+def _data_card_link(manifest: ShardManifest, out: Path) -> str:
+    """A link to the curated dataset's data card (`card/README.md`: figures, funnel, dropped examples), relative to
+    the report so that the two can move together; empty when the curated directory has no card."""
+    from mixlab.curation.datacard import data_card_path
+
+    try:
+        card = data_card_path(manifest)
+    except ManifestError:
+        return ""  # a card/ symlink pointing outside: not linked
+    if not card.is_file():
+        return ""
+    href = Path(os.path.relpath(card.resolve(), out.resolve())).as_posix()
+    return (f"<p>Data card of the curated dataset (histograms, funnel per step, examples of dropped documents): "
+            f"<a href='{html.escape(href, quote=True)}'>{html.escape(str(card))}</a></p>")
+
+
 def _data_section(page: HtmlPage, manifest: ShardManifest, where: str) -> None:
     page.add("<h2>Data: curation funnel</h2>", f"<p class=note>From the manifest in {html.escape(where)}.</p>")
+    page.add(_data_card_link(manifest, page.out))
     volumes = compare.source_volumes(manifest)
     if not volumes.is_empty():
         page.figure("funnel", plots.curation_volumes(volumes), "curation funnel in documents, bytes and tokens",

@@ -6,8 +6,11 @@ the seeds. An axis sets one field of the run document (`train.lr`, `model.n_laye
 to each of its values; a value may be a whole section, e.g. a schedule, under a label (`{"code-heavy": {...}}`).
 A field `curation.<key>` (`curation.web.language_threshold`, `curation.dedup`) is a curation setting: such a variant
 trains on its own curated variant of the base's dataset, which re-curates only the sources it changes
-(`ablations.curation_variants`). Every variant is named by what differs from the base (`lr=0.002`, `mixture=code-heavy`), so run ids say what they
-test and a rerun of the spec finds the same runs again.
+(`ablations.curation_variants`). The field `tokenizer` takes the names of token datasets of the base's data
+(`mixlab tokenize --tokenizer NAME=PATH` writes `<data.curated>/tokenized/<NAME>/`): such a variant trains and is
+scored on that token dataset (same documents, same held-out split, another vocabulary), so its losses differ in
+units and only bits per byte compares across the axis. Every variant is named by what differs from the base
+(`lr=0.002`, `mixture=code-heavy`), so run ids say what they test and a rerun of the spec finds the same runs again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from mixlab.pipelines.run_config import set_fields
 
 SPEC_FORMAT = "mixlab.ablation/1"
 CURATION_PREFIX = "curation."  # an axis or list field `curation.<key>` is a curation setting, not a run field
+TOKENIZER_FIELD = "tokenizer"  # an axis or list field naming a token dataset <data.curated>/tokenized/<name>
 MODES = ("grid", "list")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._=+-]+")
 
@@ -77,13 +81,21 @@ class AblationVariant:
         return {path[len(CURATION_PREFIX):]: value for path, value in self.fields.items()
                 if path.startswith(CURATION_PREFIX)}
 
+    @property
+    def tokenizer(self) -> str | None:
+        """The token dataset this variant trains on (a name under `<data.curated>/tokenized/`), or None."""
+        value = self.fields.get(TOKENIZER_FIELD)
+        return None if value is None else str(value)
+
     def document(self, base: Mapping[str, Any]) -> dict[str, Any]:
         """The run config document of this proxy: the base with the variant's fields, seed and run id set; a
         curation variant's `data.curated` is its curated variant's directory (built by the launcher), and it is
         scored on the base's held-out documents and tasks (`eval.curated`), which it never trains on."""
         assignments = [(path.split("."), value, f"variant {self.name!r}: {path}") for path, value in
-                       self.fields.items() if not path.startswith(CURATION_PREFIX)]
+                       self.fields.items() if not path.startswith(CURATION_PREFIX) and path != TOKENIZER_FIELD]
         assignments.append((["train", "seed"], self.seed, f"variant {self.name!r}: seed"))
+        if self.tokenizer is not None:
+            assignments += self._tokenizer_assignments(base)
         if self.curation:
             from mixlab.ablations.curation_variants import variant_dir
 
@@ -98,6 +110,31 @@ class AblationVariant:
         document = set_fields(dict(base), assignments)
         document["run_id"] = self.run_id
         return document
+
+    def _tokenizer_assignments(self, base: Mapping[str, Any]) -> list[tuple[list[str], Any, str]]:
+        """data.curated -> the named token dataset. The model's vocabulary then comes from that tokenizer, and
+        the run is scored on that dataset's own held-out split: a fixed vocab_size or eval dataset would belong
+        to another tokenizer, so they are refused."""
+        # where `mixlab tokenize` writes each token dataset
+        from mixlab.pipelines.tokenize import CANDIDATES_DIR
+
+        where = f"variant {self.name!r}: {TOKENIZER_FIELD}={self.tokenizer}"
+        curated = (base.get("data") or {}).get("curated")
+        if not curated:
+            raise AblationSpecError(f"{where}: the base has no data.curated whose token datasets to choose from")
+        if self.curation:
+            raise AblationSpecError(f"{where}: a variant cannot change both the tokenizer and curation (a curation "
+                                    "variant is tokenized with the base's tokenizer); put them in separate variants")
+        if (base.get("model") or {}).get("vocab_size") is not None:
+            raise AblationSpecError(f"{where}: the base sets model.vocab_size; leave it out so that each tokenizer's "
+                                    "vocabulary sizes its model")
+        if (base.get("eval") or {}).get("curated"):
+            raise AblationSpecError(f"{where}: the base scores on eval.curated, a dataset of one tokenizer; leave it "
+                                    "out so that each variant is scored on its own token dataset's held-out split")
+        if not self.tokenizer or _NAME_CHARS.search(self.tokenizer) or self.tokenizer in (".", ".."):
+            raise AblationSpecError(f"{where}: name a token dataset under {curated}/{CANDIDATES_DIR}/ (the NAME of "
+                                    "`mixlab tokenize --tokenizer NAME=PATH`)")
+        return [(["data", "curated"], str(Path(curated) / CANDIDATES_DIR / self.tokenizer), where)]
 
 
 @dataclass

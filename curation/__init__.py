@@ -14,22 +14,48 @@ from mixlab.curation.accounting import (
     stage_read_docs,
 )
 from mixlab.curation.classify import (  # noqa: I001 - after the modules it builds on
+    CARD_FILE as CLASSIFIER_CARD_FILE,
+)
+from mixlab.curation.classify import (
+    BinaryMetrics,
     ClassifierScorer,
     ClassifierTrainConfig,
     ExampleSpec,
     ScoreThresholdFilter,
     annotate_curated,
     load_classifier,
+    score_field,
+    scored_parquet_writer,
+    scored_schema,
+    shard_score_summaries,
     train_classifier,
 )
+from mixlab.curation.code_filters import (
+    CODE_KINDS,
+    KNOWN_LANGUAGES,
+    CodeKindFilter,
+    CodeKindSettings,
+    CodeLanguageAllowlist,
+    CodeLanguageRules,
+    CodeLanguageStats,
+    default_language_rules,
+    programming_language_counts,
+)
 from mixlab.curation.console import CurationError, DocumentProgress, failed_task_log, quiet_datatrove_console
-from mixlab.curation.datacard import read_front_matter, write_dataset_card
+from mixlab.curation.datacard import data_card, read_front_matter, write_data_card, write_dataset_card
 from mixlab.curation.decontam import (
+    EVAL_SET_LOADERS,
+    EVAL_SET_ORIGINS,
+    GSM8K_ORIGIN,
     DecontamConfig,
     DecontaminationFilter,
+    DecontamSettings,
     EvalSetIndex,
     build_eval_index,
+    contamination_counts,
+    decontam_index,
     default_eval_sets,
+    read_contamination_report,
 )
 from mixlab.curation.dedup import (
     ExactDedupSettings,
@@ -37,7 +63,12 @@ from mixlab.curation.dedup import (
     MinhashSettings,
     NearDuplicatePair,
     SentenceDedupSettings,
+    earlier_sources_digest,
+    remove_source_entries,
+    source_index_entries,
 )
+from mixlab.curation.downloads import GSM8K_WHEEL, Downloads, SourceUnavailable, default_cache_dir
+from mixlab.curation.drop_samples import DropSampleWriter, attach_drop_samples
 from mixlab.curation.errors import CurationConfigError
 from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura, flatten_deep_html
 from mixlab.curation.filters import (
@@ -71,6 +102,8 @@ from mixlab.curation.manifest import (
     TokenizerInfo,
     sha256_file,
 )
+from mixlab.curation.math_extract import MathTrafilatura, extract_math_html
+from mixlab.curation.metadata_filter import MetadataFilterError, MetadataQuery, parse_where, where_mask
 from mixlab.curation.multilingual import (
     DEFAULT_TAIL,
     LanguageStatsStep,
@@ -78,6 +111,7 @@ from mixlab.curation.multilingual import (
     derive_thresholds,
     language_statistics,
     multilingual_filters,
+    statistics_from_counts,
 )
 from mixlab.curation.paths import PLAIN_NAME_RULE, name_problem, outside_problem, relative_path_problem
 from mixlab.curation.pii import PiiRedaction, PiiSettings
@@ -113,8 +147,10 @@ from mixlab.curation.token_shards import (
 )
 from mixlab.curation.tokenizer import (
     MODEL_MAX_LENGTH,
+    ByteLengthRule,
     TokenizerConfig,
     TokenizerError,
+    byte_length_rule,
     default_tokenizer_name,
     install_tokenizer,
     load_tokenizer,
@@ -244,15 +280,28 @@ __all__ = [
     "reader_for",
     # dedup, decontamination, classifiers, per-language settings
     "ExactDedupSettings",
+    "earlier_sources_digest",
+    "remove_source_entries",
+    "source_index_entries",
     "SentenceDedupSettings",
     "MinHashIndex",
     "NearDuplicatePair",
     "DecontaminationFilter",
     "DecontamConfig",
+    "DecontamSettings",
+    "EVAL_SET_LOADERS",
+    "EVAL_SET_ORIGINS",
+    "GSM8K_ORIGIN",
+    "decontam_index",
     "EvalSetIndex",
     "build_eval_index",
+    "contamination_counts",
+    "read_contamination_report",
     "default_eval_sets",
     "ClassifierScorer",
+    "CLASSIFIER_CARD_FILE",
+    "BinaryMetrics",
+    "score_field",
     "ClassifierTrainConfig",
     "ExampleSpec",
     "ScoreThresholdFilter",
@@ -264,6 +313,37 @@ __all__ = [
     "derive_thresholds",
     "language_statistics",
     "multilingual_filters",
+    "statistics_from_counts",
+    "ByteLengthRule",
+    "byte_length_rule",
+    "scored_parquet_writer",
+    "scored_schema",
+    "shard_score_summaries",
+    # code (Stack-v2 style) and math (LaTeX-keeping extraction)
+    "CODE_KINDS",
+    "KNOWN_LANGUAGES",
+    "CodeKindFilter",
+    "CodeKindSettings",
+    "CodeLanguageAllowlist",
+    "CodeLanguageRules",
+    "CodeLanguageStats",
+    "default_language_rules",
+    "programming_language_counts",
+    "MathTrafilatura",
+    "extract_math_html",
+    # the data card, dropped-document examples, metadata queries, downloads
+    "data_card",
+    "write_data_card",
+    "DropSampleWriter",
+    "attach_drop_samples",
+    "MetadataFilterError",
+    "MetadataQuery",
+    "parse_where",
+    "where_mask",
+    "Downloads",
+    "GSM8K_WHEEL",
+    "SourceUnavailable",
+    "default_cache_dir",
     "assemble_stages",
     "build_source_entry",
     "gopher_filters",

@@ -148,6 +148,8 @@ def _count(stats: Any, key: str) -> int:
     if key not in stats:
         return 0
     value = stats[key]
+    if isinstance(value, dict):  # one rank's stats.json keeps a `value=` stat as {"total": ..., "n": ...}
+        value = value.get("total", 0)
     return int(getattr(value, "total", value))
 
 

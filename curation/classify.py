@@ -3,8 +3,9 @@ positive and negative, a step that writes its score into each document's metadat
 
 Examples are named by `ExampleSpec` strings:
     source:math            every document of a curated source (a glob such as `source:web-*` works)
-    selection:sel.json     a `mixtures.selection.Selection` (JSON object, or a list / {"selections": [...]}
-                           with `#name` to pick one) applied to the curated shards' metadata columns
+    selection:sel.json     a mixture selection's JSON (object, or a list / {"selections": [...]} with `#name`
+                           to pick one): its `where` (`metadata_filter.MetadataQuery`, the semantics
+                           `mixtures.selection.Selection` shares) applied to the curated shards' metadata columns
     selection:{"name": "en", "source": "web-*", "where": {"language": "en"}}     the same, inline
     file:docs.jsonl        JSONL (.jsonl, .jsonl.gz) or Parquet with a `text` field
 
@@ -48,6 +49,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers import ParquetWriter
 from mixlab.curation.errors import CurationConfigError
 from mixlab.curation.manifest import ManifestError, ShardManifest, sha256_file
+from mixlab.curation.metadata_filter import MetadataFilterError, MetadataQuery, matching_sources
 from mixlab.curation.paths import name_problem
 from mixlab.curation.writers import CURATED_SCHEMA, curated_record
 
@@ -110,9 +112,7 @@ def _curated_shards(manifest: ShardManifest, source: str) -> list[Path]:
 
 
 def _matching_sources(manifest: ShardManifest, pattern: str, spec: ExampleSpec) -> list[str]:
-    from mixlab.mixtures.selection import Selection
-
-    names = Selection(name="examples", source=pattern).matching_sources(manifest.sources)
+    names = matching_sources(pattern, manifest.sources)
     if not names:
         raise CurationConfigError(f"{spec}: no curated source matches {pattern!r} in {manifest.root}; known: "
                           f"{sorted(manifest.sources)}", ["--positive/--negative"])
@@ -127,9 +127,16 @@ def _flat_metadata(table: pa.Table) -> pa.Table:
     return pa.table({f.name: values for f, values in zip(metadata.type, metadata.flatten(), strict=True)})
 
 
-def _load_selection(value: str, spec: ExampleSpec):
-    from mixlab.mixtures.selection import Selection, SelectionError
+class SelectionQuery(MetadataQuery):
+    """The documents a `selection:` spec names (a mixture selection's name, source and where; messages call it
+    a selection). Only the metadata query matters here, so this needs nothing from the mixtures layer."""
 
+    kind = "selection"
+
+
+def _load_selection(value: str, spec: ExampleSpec) -> MetadataQuery:
+    """The selection a `selection:` spec names, as the query it makes over metadata columns (its `long_docs`,
+    a mixture's upsampling, does not change which documents are examples and is ignored)."""
     where = "--positive/--negative"
     try:
         if value.lstrip().startswith("{"):
@@ -147,13 +154,13 @@ def _load_selection(value: str, spec: ExampleSpec):
         raw = raw["selections"]
     candidates = raw if isinstance(raw, list) else [raw]
     try:
-        selections = [Selection.from_dict(item) for item in candidates]
-    except SelectionError as err:
+        selections = [SelectionQuery.from_dict(item, ignored=("long_docs",)) for item in candidates]
+    except MetadataFilterError as err:
         raise CurationConfigError(f"{spec}: {err}", [where]) from err
     if wanted:
         selections = [s for s in selections if s.name == wanted]
     if len(selections) != 1:
-        names = [s.name for s in (Selection.from_dict(item) for item in candidates)]
+        names = [s.name for s in (SelectionQuery.from_dict(item, ignored=("long_docs",)) for item in candidates)]
         raise CurationConfigError(f"{spec}: name one selection with #NAME (found {names})", [where])
     return selections[0]
 
@@ -199,15 +206,13 @@ def spec_texts(spec: ExampleSpec, manifest: ShardManifest | None) -> Iterator[tu
                 for doc_id, text in zip(table.column("id").to_pylist(), table.column("text").to_pylist(), strict=True):
                     yield f"{source}/{doc_id}", text
         return
-    from mixlab.mixtures.selection import SelectionError, _mask  # the selection's own filter semantics
-
     selection = _load_selection(spec.value, spec)
     for source in _matching_sources(manifest, selection.source, spec):
         for path in _curated_shards(manifest, source):
             table = pq.read_table(path)
             try:
-                keep = _mask(_flat_metadata(table), selection, source)
-            except SelectionError as err:
+                keep = selection.mask(_flat_metadata(table), source)
+            except MetadataFilterError as err:
                 raise CurationConfigError(f"{spec}: {err} (in {path})", ["--positive/--negative"]) from err
             ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
             for i in np.flatnonzero(keep).tolist():

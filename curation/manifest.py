@@ -180,6 +180,15 @@ class SourceEntry:
                 )
         if self.steps and self.steps[-1].kept != self.docs:
             problems.append(f"{self.name}: last step kept {self.steps[-1].kept} but shards hold {self.docs} docs")
+        if self.shards and (in_shards := sum(s.docs for s in self.shards)) != self.docs:
+            problems.append(f"{self.name}: shards hold {in_shards} docs but docs = {self.docs}")
+        from mixlab.curation.readers import QUARANTINE_PREFIX  # readers build on the manifest's neighbours
+
+        quarantined = sum(n for step in self.steps for reason, n in step.dropped.items()
+                          if reason.startswith(QUARANTINE_PREFIX))
+        if self.steps and quarantined != self.quarantined:
+            problems.append(f"{self.name}: {quarantined} docs dropped as {QUARANTINE_PREFIX}* but quarantined = "
+                            f"{self.quarantined}")
         return problems
 
 

@@ -32,8 +32,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from datatrove.data import DocumentsPipeline
-from datatrove.pipeline.base import PipelineStep
+from datatrove.data import Document
 from datatrove.pipeline.filters import GopherQualityFilter, GopherRepetitionFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.filters.gopher_repetition_filter import (
@@ -238,13 +237,42 @@ def language_statistics(texts: list[str], language: str, words_of: WordTokenizer
     return stats
 
 
-class LanguageStatsStep(PipelineStep):
-    """Passes documents through, counting docs, words, sentences and characters per language (the
-    document's `language` metadata, else `default_language`) into the step's datatrove stats, which the
-    manifest and datatrove's stats.json keep. `statistics` also holds them in this process."""
+LANGUAGE_COUNT_PREFIX = "lang_"  # manifest count keys: lang_<language>_<field>
+LANGUAGE_COUNT_FIELDS = ("docs", "words", "sentences", "chars", "word_chars")
+
+
+def language_count_key(language: str, field_name: str) -> str:
+    return f"{LANGUAGE_COUNT_PREFIX}{language}_{field_name}"
+
+
+def statistics_from_counts(counts: dict[str, int]) -> dict[str, LanguageStatistics]:
+    """Per-language statistics back from a manifest step's `counts` (`lang_<language>_<field>` keys, summed over
+    ranks), so that means are taken over the whole source, not averaged over ranks."""
+    out: dict[str, LanguageStatistics] = {}
+    for key, value in counts.items():
+        if not key.startswith(LANGUAGE_COUNT_PREFIX):
+            continue
+        rest = key.removeprefix(LANGUAGE_COUNT_PREFIX)
+        field_name = next((f for f in sorted(LANGUAGE_COUNT_FIELDS, key=len, reverse=True)
+                           if rest.endswith(f"_{f}")), None)
+        if field_name is None:
+            continue
+        language = rest.removesuffix(f"_{field_name}")
+        stats = out.setdefault(language, LanguageStatistics(language))
+        setattr(stats, field_name, int(value))
+    return dict(sorted(out.items()))
+
+
+class LanguageStatsStep(BaseFilter):
+    """Keeps every document, counting docs, words, sentences and characters per language (the document's
+    `language` metadata, else `default_language`) into its stats as `lang_<language>_<field>`; `manifest_counts`
+    makes the manifest keep them in the step's `counts` (`statistics_from_counts` gives the means back).
+    A filter rather than a plain step so the accounting counts it itself. `statistics` also holds them in this
+    process."""
 
     name = "📊 Per-language statistics"
     type = "📊 - STATS"
+    manifest_counts = (LANGUAGE_COUNT_PREFIX,)
 
     def __init__(self, default_language: str, words_of: WordTokenizer | None = None):
         super().__init__()
@@ -257,18 +285,17 @@ class LanguageStatsStep(PipelineStep):
             return self.words_of
         return offline_word_tokenizer(language)
 
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in data:
-            language = doc.metadata.get("language") or self.default_language
-            try:
-                splitter = self._splitter(language)
-            except ValueError:  # a language datatrove has no tokenizer for
-                splitter = self._splitter(self.default_language)
-            words = splitter.word_tokenize(doc.text)
-            sentences = len(splitter.sent_tokenize(doc.text))
-            self.statistics.setdefault(language, LanguageStatistics(language)).add(doc.text, words, sentences)
-            self.stat_update(f"{language}_docs")
-            self.stat_update(f"{language}_words", value=len(words))
-            self.stat_update(f"{language}_sentences", value=sentences)
-            self.stat_update(f"{language}_chars", value=len(doc.text))
-            yield doc
+    def filter(self, doc: Document) -> bool:
+        language = doc.metadata.get("language") or self.default_language
+        try:
+            splitter = self._splitter(language)
+        except ValueError:  # a language datatrove has no tokenizer for
+            splitter = self._splitter(self.default_language)
+        words = splitter.word_tokenize(doc.text)
+        sentences = len(splitter.sent_tokenize(doc.text))
+        self.statistics.setdefault(language, LanguageStatistics(language)).add(doc.text, words, sentences)
+        values = {"docs": 1, "words": len(words), "sentences": sentences, "chars": len(doc.text),
+                  "word_chars": sum(len(w) for w in words)}
+        for field_name, value in values.items():
+            self.stat_update(language_count_key(language, field_name), value=value)
+        return True

@@ -97,6 +97,48 @@ def decoded_chunks(handle: IO[bytes], suffix: str) -> Iterator[bytes]:
         raise StreamBroken("truncated_file", "the compressed stream ends before its end marker (a truncated file)")
 
 
+def arrow_rows(batch: Any) -> Iterator[tuple[dict[str, Any], str | None]]:
+    """The rows of an Arrow record batch as dicts, each with None or, for a row holding a string that is not
+    valid UTF-8 (Arrow checks none when reading Parquet or IPC files, and `to_pylist` then raises), the
+    problem: that row's bad columns are given decoded with U+FFFD replacements (None if nested), so the
+    caller can quarantine it as `undecodable_bytes` and go on with the next row."""
+    try:
+        rows = batch.to_pylist()
+    except UnicodeDecodeError:
+        rows = None
+    if rows is not None:
+        for row in rows:
+            yield row, None
+        return
+    for index in range(batch.num_rows):
+        one = batch.slice(index, 1)
+        try:
+            (row,) = one.to_pylist()
+            yield row, None
+            continue
+        except UnicodeDecodeError as err:
+            first_error = err
+        row, bad = {}, []
+        for name, column in zip(one.schema.names, one.columns, strict=True):
+            try:
+                (row[name],) = column.to_pylist()
+            except UnicodeDecodeError:
+                bad.append(name)
+                row[name] = _replaced_text(column)
+        yield row, f"column(s) {', '.join(bad)} not valid UTF-8 ({first_error}); re-encode them as UTF-8"
+
+
+def _replaced_text(column: Any) -> str | None:
+    """A one-row string column that is not valid UTF-8, decoded with replacements (None for nested types)."""
+    import pyarrow as pa
+
+    try:
+        (data,) = column.cast(pa.large_binary()).to_pylist()
+    except (pa.ArrowException, UnicodeDecodeError):
+        return None
+    return data.decode("utf-8", "replace") if data is not None else None
+
+
 @dataclass
 class RawLine:
     """One line of a raw file: its bytes (only the head when larger than the limit), its size and number."""
@@ -174,6 +216,15 @@ class QuarantiningReader(BaseDiskReader):
             self.stat_update(StatHints.forwarded)
         return doc, 1
 
+    def _reject_undecodable_row(self, data: dict[str, Any], error: str, filepath: str,
+                                where: dict[str, Any]) -> None:
+        """Quarantines an Arrow row (Parquet / saved dataset) that holds bytes that are not UTF-8."""
+        doc_id = data.get(self.id_key)
+        doc_id = doc_id if isinstance(doc_id, str) and doc_id.strip() else f"{filepath}#{where['line']}"
+        text = data.get(self.text_key)
+        self._reject("undecodable_bytes", doc_id, text[:QUARANTINE_HEAD] if isinstance(text, str) else "",
+                     **where, error=error)
+
     def _document(self, data: Any, text: str | None, where: dict[str, Any]) -> Document | None:
         """A Document from one decoded record, or None after quarantining it (`text`: its raw line)."""
         fallback_id = f"{where['file']}#{where['line']}"
@@ -225,10 +276,11 @@ class RawJsonlReader(QuarantiningReader):
 
     Each line / row is decoded on its own, so one bad record costs one document, which is kept (with the
     reason, its file and line) in the quarantine folder and counted as `dropped_quarantine_<reason>`.
-    Record reasons: undecodable_bytes, nul_byte (raw NUL), malformed_json, not_an_object, missing_id,
-    invalid_text, nul_character (an escaped `\\u0000` in id or text), invalid_metadata (a field that cannot
-    be cast to the curated schema, see `writers.normalise_metadata`), too_large. File reasons (one entry
-    per file): unsupported_file, empty_file, truncated_file, corrupt_file.
+    Record reasons: undecodable_bytes (a line, or a string of a Parquet row, that is not UTF-8), nul_byte
+    (raw NUL), malformed_json, not_an_object, missing_id, invalid_text, nul_character (an escaped `\\u0000`
+    in id or text), invalid_metadata (a field that cannot be cast to the curated schema, see
+    `writers.normalise_metadata`), too_large. File reasons (one entry per file): unsupported_file,
+    empty_file, truncated_file, corrupt_file.
     """
 
     name = "🐿 Raw Jsonl/Parquet (validating)"
@@ -302,9 +354,13 @@ class RawJsonlReader(QuarantiningReader):
             with self.data_folder.open(filepath, "rb", compression=None) as handle:
                 parquet = pq.ParquetFile(handle)
                 for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                    for data in batch.to_pylist():
+                    for data, undecodable in arrow_rows(batch):
                         row += 1
                         where = {"file": filepath, "line": row}
+                        if undecodable is not None:
+                            self._reject_undecodable_row(data, undecodable, filepath, where)
+                            yield None, 1
+                            continue
                         text = data.get(self.text_key)
                         size = len(text.encode("utf-8", "replace")) if isinstance(text, str) else 0
                         if size > self.max_doc_bytes:

@@ -31,6 +31,7 @@ from mixlab.curation.readers import (
     QUARANTINE_HEAD,
     QuarantiningReader,
     RawJsonlReader,
+    arrow_rows,
     raw_file_format,
 )
 from mixlab.curation.writers import normalise_metadata
@@ -487,7 +488,9 @@ class SavedDatasetReader(_ListingReader):
     `<arrow file>#<row>`.
 
     Row reasons are `RawJsonlReader`'s (invalid_text for a null/empty/non-string text, nul_character,
-    invalid_metadata, too_large); file reasons: wrong_schema (no string `text_key` column), corrupt_file.
+    invalid_metadata, too_large, undecodable_bytes for a string that is not UTF-8); file reasons:
+    wrong_schema (no string `text_key` column), corrupt_file (also an unreadable `state.json`), empty_file
+    (zero bytes, no row, or a split without data files: its `state.json` is named).
     """
 
     name = "🤗 Saved dataset (validating)"
@@ -499,17 +502,40 @@ class SavedDatasetReader(_ListingReader):
             return [path for path in files if path.endswith(".arrow")]
         listed = []
         for state in states:
+            entries = self._data_files(state)
             folder = PurePosixPath(state).parent
+            # a split without data files, or whose state.json cannot be read, is listed itself (and quarantined)
+            listed += [str(folder / entry) for entry in entries] if entries and isinstance(entries, list) else [state]
+        return listed
+
+    def _data_files(self, state: str) -> list[str] | str:
+        """The data files a split's `state.json` lists, or what is wrong with it."""
+        try:
             with self.data_folder.open(state, "rb", compression=None) as handle:
                 entries = orjson.loads(handle.read()).get("_data_files", [])
-            listed += [str(folder / entry["filename"]) for entry in entries]
-        return listed
+            return [entry["filename"] for entry in entries]
+        except (orjson.JSONDecodeError, AttributeError, TypeError, KeyError) as err:
+            return f"not a state.json that `save_to_disk` writes ({err!r})"
 
     def read_file(self, filepath: str) -> DocumentsPipeline:
         import pyarrow as pa
 
+        if PurePosixPath(filepath).name == "state.json":
+            problem = self._data_files(filepath)
+            if isinstance(problem, str):
+                self._reject_file("corrupt_file", filepath, 0, f"{problem}; save the split again")
+            else:
+                self._reject_file("empty_file", filepath, 0, "the split lists no data file (an empty split)")
+            return
         split = str(PurePosixPath(filepath).parent)
         split = "" if split == "." else split
+        if not self.data_folder.exists(filepath):
+            self._reject_file("corrupt_file", filepath, 0, "a data file its split's state.json lists is missing; "
+                              "save the dataset again")
+            return
+        if self.data_folder.size(filepath) == 0:
+            self._reject_file("empty_file", filepath, 0, "a zero-byte Arrow file")
+            return
         row = 0
         try:
             with self.data_folder.open(filepath, "rb", compression=None) as handle:
@@ -523,13 +549,16 @@ class SavedDatasetReader(_ListingReader):
                 has_id = self.id_key in stream.schema.names
                 for batch in stream:
                     for offset in range(0, batch.num_rows, PARQUET_BATCH_ROWS):
-                        for data in batch.slice(offset, PARQUET_BATCH_ROWS).to_pylist():
+                        for data, undecodable in arrow_rows(batch.slice(offset, PARQUET_BATCH_ROWS)):
                             row += 1
                             where = {"file": filepath, "line": row}
                             if not has_id:
                                 data[self.id_key] = f"{filepath}#{row}"
                             data.setdefault("split", split)
                             data.setdefault("origin", f"hf:{Path(self.data_folder.path).name}")
+                            if undecodable is not None:
+                                self._reject_undecodable_row(data, undecodable, filepath, where)
+                                continue
                             text = data.get(self.text_key)
                             size = len(text.encode("utf-8", "replace")) if isinstance(text, str) else 0
                             if size > self.max_doc_bytes:
@@ -543,6 +572,9 @@ class SavedDatasetReader(_ListingReader):
         except (pa.ArrowException, OSError) as err:
             self._reject("corrupt_file", f"{filepath}#{row + 1}", "", file=filepath, line=row + 1,
                          error=f"{err!r}; rows 1-{row} were read")
+            return
+        if row == 0:
+            self._reject_file("empty_file", filepath, 0, "the Arrow file holds no row")
 
 
 READER_KINDS: dict[str, type[QuarantiningReader]] = {

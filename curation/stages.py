@@ -1,13 +1,15 @@
 """How a source's curation is laid out on disk and cut into executor stages.
 
 A recipe (pipelines/web.py, code.py, ...) chooses the filter steps; `assemble_stages` adds what every
-source shares: the validating reader with quarantine, the intermediate JSONL, the dedup stages (exact and
-sentence dedup when asked for, then the four MinHash stages), and the Parquet writer. The result is a list of `Stage`s that any datatrove executor can run in order.
+source shares: the validating reader with quarantine, n-gram decontamination after the recipe's filters, the
+intermediate JSONL, the dedup stages (exact and sentence dedup when asked for, then the four MinHash stages), and
+the Parquet writer. The result is a list of `Stage`s that any datatrove executor can run in order.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -15,6 +17,8 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.word_tokenizers import WordTokenizer
+from mixlab.curation.classify import scored_parquet_writer, scored_schema
+from mixlab.curation.decontam import DecontaminationFilter, DecontamSettings, decontam_index
 from mixlab.curation.dedup import (
     ExactDedupSettings,
     MinhashSettings,
@@ -50,7 +54,7 @@ class SourceLayout:
                 f"{self.raw_dir}: source name {self.source!r} {problem}; rename the raw folder (the name becomes "
                 "folder names under the curated directory)", source=str(self.source), field="name", value=self.source)
         for folder in (self.output, self.curated_dir / self.source, self.quarantine, self.logs, self.work,
-                       self.exact_index):
+                       self.exact_index, self.minhash_index):
             if problem := outside_problem(self.curated_dir, folder):
                 raise ManifestError(
                     f"{folder}: {problem}; curation writes and clears it, so it must be a real folder inside "
@@ -104,6 +108,19 @@ class SourceLayout:
         and the order they registered in), so that a document already in one source is dropped from later ones."""
         return self.curated_dir / "index" / "exact"
 
+    @property
+    def minhash_index(self) -> Path:
+        """The MinHash bucket index shared by all sources (one entry per source and MinHash configuration), so
+        that a near-duplicate of a document kept in an earlier source is dropped from later ones. Never a stage
+        output: clearing a stage must not clear the other sources' entries."""
+        return self.curated_dir / "index" / "minhash"
+
+    @property
+    def decontam_report(self) -> Path:
+        """The documents decontamination removed (`<rank>.jsonl`: id, eval set, eval item, n-gram); beside the
+        source's datatrove logs, where the manifest's `metadata_summary.decontamination.report` points."""
+        return self.logs / "decontamination"
+
 
 @dataclass
 class Stage:
@@ -130,14 +147,21 @@ class SourcePipelines:
 def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep], tasks: int,
                     minhash: MinhashSettings | None, words: str | WordTokenizer, config: dict,
                     max_doc_bytes: int | None = None, exact: ExactDedupSettings | None = None,
-                    sentence: SentenceDedupSettings | None = None) -> SourcePipelines:
-    """raw JSONL -> [validating reader, *filters] -> intermediate JSONL -> [exact dedup] -> [sentence dedup]
-    -> [MinHash] -> Parquet.
+                    sentence: SentenceDedupSettings | None = None,
+                    decontam: DecontamSettings | None = None, score_fields: Sequence[str] = ()) -> SourcePipelines:
+    """raw JSONL -> [validating reader, *filters, decontamination] -> intermediate JSONL -> [exact dedup]
+    -> [sentence dedup] -> [MinHash] -> Parquet.
 
     `max_doc_bytes`: raw records larger than this are quarantined as `too_large` before any expensive step
     (None: the reader's default, `MAX_DOC_BYTES`). `exact` / `sentence` (off when None) add those dedups;
     a dedup whose output a later dedup reads writes its kept documents to `work/<source>/<dedup>/kept`, since
-    each dedup names documents by their index in the files it reads."""
+    each dedup names documents by their index in the files it reads.
+
+    `decontam` (off when None) appends a `DecontaminationFilter` after the recipe's filters (after PII redaction
+    too): it checks the text as it will be trained on, on the fewest documents, and before dedup, so that the
+    cross-source exact index and the MinHash clusters only hold clean documents. Its matches are listed in
+    `layout.decontam_report`. `score_fields` (a recipe's classifier scores, e.g. `math_score`) are kept as
+    metadata columns of the Parquet (`scored_parquet_writer`)."""
     if max_doc_bytes is not None and (isinstance(max_doc_bytes, bool) or not isinstance(max_doc_bytes, int)
                                       or max_doc_bytes <= 0):
         raise ValueError(f"{layout.source}: max_doc_bytes={max_doc_bytes!r} must be a positive number of bytes "
@@ -146,7 +170,11 @@ def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep]
     # JSONL/Parquet, WARC, an HTML tree, a code tree or a saved HF dataset: whatever raw/<source> holds
     reader = reader_for(layout.raw_dir, str(layout.quarantine), **limit)
     filtered_writer = JsonlWriter(str(layout.filtered), output_filename="${rank}.jsonl.gz", compression="gzip")
-    stages = [Stage("filter", [reader, *filters, filtered_writer], tasks, [layout.filtered, layout.quarantine])]
+    decontam_index_path = decontam_index(layout.curated_dir, decontam) if decontam is not None else None
+    if decontam_index_path is not None:
+        filters = [*filters, DecontaminationFilter(decontam_index_path, report_folder=layout.decontam_report)]
+    stages = [Stage("filter", [reader, *filters, filtered_writer], tasks,
+                    [layout.filtered, layout.quarantine, layout.decontam_report])]
     current = layout.filtered  # the folder the next stage reads
     pending: list[PipelineStep] = []  # a dedup's filter step, run where the next stage reads `current`
 
@@ -177,13 +205,15 @@ def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep]
             Stage("sentence_duplicates", sd.find, 1, [layout.sentence / "duplicates"], max_workers=1),
         ]
         pending = [sd.filter]
-    writer = curated_parquet_writer(str(layout.output))
+    schema = scored_schema(score_fields) if score_fields else CURATED_SCHEMA
+    writer = (scored_parquet_writer(str(layout.output), list(score_fields)) if score_fields
+              else curated_parquet_writer(str(layout.output)))
     if minhash is None:
         stages.append(Stage("write", [current_reader(), *pending, writer], tasks, [layout.output]))
     else:
         materialise("sentence_filter" if sentence is not None else "exact_filter",
                     (layout.sentence if sentence is not None else layout.exact) / "kept")
-        mh = minhash_stages(layout.minhash, minhash, words)
+        mh = minhash_stages(layout.minhash, minhash, words, index_folder=layout.minhash_index, source=layout.source)
         stages += [
             Stage("minhash_signatures", [current_reader(), *mh.signatures], tasks, [layout.minhash / "signatures"]),
             Stage("minhash_buckets", mh.buckets, mh.buckets_tasks, [layout.minhash / "buckets"]),
@@ -195,9 +225,12 @@ def assemble_stages(layout: SourceLayout, kind: str, filters: list[PipelineStep]
         config = {**config, "exact_dedup": asdict(exact)}
     if sentence is not None:
         config = {**config, "sentence_dedup": asdict(sentence)}
+    if decontam is not None:  # the index file's name is its content hash: a changed eval set re-curates
+        config = {**config, "decontam": {**decontam.to_dict(), "index": None if decontam_index_path is None
+                                         else decontam_index_path.relative_to(layout.curated_dir).as_posix()}}
     # the output folder and the Parquet schema are part of the fingerprint: a source curated into another
     # layout or schema is curated again, so that every source of data/ keeps one schema and load_dataset /
     # DuckDB can concatenate them (a schema change re-curates all sources, not only the edited recipe's)
     config = {**config, "output": layout.output.relative_to(layout.curated_dir).as_posix(),
-              "parquet_schema": hashlib.sha256(CURATED_SCHEMA.to_string().encode()).hexdigest()[:16]}
+              "parquet_schema": hashlib.sha256(schema.to_string().encode()).hexdigest()[:16]}
     return SourcePipelines(layout.source, kind, stages, config)

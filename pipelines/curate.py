@@ -38,17 +38,25 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers.base import BaseReader
 from mixlab.curation import (
     CurationError,
+    DecontaminationFilter,
     DocumentProgress,
     ManifestError,
     ShardManifest,
     SourceLayout,
     SourcePipelines,
+    attach_drop_samples,
     build_source_entry,
+    contamination_counts,
     count_plain_steps,
+    detect_reader_kind,
+    earlier_sources_digest,
     failed_task_log,
     outside_problem,
+    programming_language_counts,
     quiet_datatrove_console,
+    remove_source_entries,
     sha256_file,
+    shard_score_summaries,
     stage_output_docs,
     stage_read_docs,
 )
@@ -61,9 +69,10 @@ from mixlab.pipelines.web import web_pipeline
 
 log = logging.getLogger("mixlab.curate")
 
-CURATION_VERSION = 4  # bump when a step changes what it writes: every source is then re-curated
+CURATION_VERSION = 5  # bump when a step changes what it writes: every source is then re-curated
 # 3: code keeps its programming language in `programming_language`; `language` is always natural language
 # 4: every file of a raw source is read or quarantined (.jsonl/.gz/.zst/.parquet), size guard, unique ids
+# 5: decontamination, exact and cross-source MinHash dedup in every recipe; code kinds and per-language rules
 CACHE_DIR = ".cache"  # <curated>/work/.cache: HF_HOME and XDG_CACHE_HOME while curation runs (when unset)
 FINGERPRINT = "fingerprint.json"
 TIMING = "timing.json"
@@ -104,6 +113,14 @@ def recipe_for(source: str) -> RecipeBuilder:
     if source.startswith("chat"):
         return lambda raw, cur, tasks: chat_pipeline(raw, cur, source=source, tasks=tasks)
     raise ValueError(f"no curation recipe for source {source!r} (expected web-<lang>, code-*, math*, chat*)")
+
+
+def _has_recipe(source: str) -> bool:
+    try:
+        recipe_for(source)
+    except ValueError:
+        return False
+    return True
 
 
 def load_recipe_specs(specs: list[str], raw_dir: str | Path, curated_dir: str | Path,
@@ -205,10 +222,12 @@ def _raw_sources(raw_dir: Path) -> tuple[Path, list[str]]:
     found = []
     if raw_root.is_dir():
         for folder in sorted(p for p in raw_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            if any(next(folder.rglob(pattern), None) for pattern in RAW_FILE_GLOBS):
+            if any(next(folder.rglob(pattern), None) for pattern in RAW_FILE_GLOBS) or (
+                    detect_reader_kind(folder) != "jsonl"):  # a WARC dump, HTML or code tree, or a saved dataset
                 found.append(folder.name)
             elif any(raw_source_files(folder)):
-                log.warning("%s: no raw files (%s) in it, not curated", folder, ", ".join(RAW_FILE_GLOBS))
+                log.warning("%s: no raw files (%s, WARC, HTML or code trees, saved datasets) in it, not curated",
+                            folder, ", ".join(RAW_FILE_GLOBS))
     if not found:
         what = "does not exist" if not raw_dir.exists() else "holds no raw sources (<source>/*.jsonl[.gz|.zst] or *.parquet)"
         raise FileNotFoundError(
@@ -221,26 +240,54 @@ def _raw_sources(raw_dir: Path) -> tuple[Path, list[str]]:
 SIMPLE = (str, int, float, bool, type(None))
 
 
-def step_signature(step: Any) -> dict[str, Any]:
+def _within(value: Any, root: Path | None) -> Any:
+    """A path string inside `root` as `<curated>/relative`, so that a copied or moved curated dir keeps its
+    fingerprints (the decontamination filter names its index by an absolute path)."""
+    if root is None or not isinstance(value, str) or not value.startswith(("/", str(root))):
+        return value
+    try:
+        return "<curated>/" + Path(value).resolve().relative_to(root.resolve()).as_posix()
+    except (ValueError, OSError):
+        return value
+
+
+def step_signature(step: Any, root: Path | None = None) -> dict[str, Any]:
     """What identifies a step for the fingerprint: its class and its plain public settings (strings,
-    numbers, lists of them), so that a user's own step, or a changed setting of it, re-curates the source."""
+    numbers, lists of them), so that a user's own step, or a changed setting of it, re-curates the source.
+    Paths inside `root` (the curated dir) count relative to it."""
     inner = getattr(step, "step", None)  # a CountedStep: the wrapped step is what matters
     target = inner if inner is not None else step
     params = {}
     for key, value in sorted(getattr(target, "__dict__", {}).items()):
         if key.startswith("_") or key == "stats":
             continue
-        if isinstance(value, SIMPLE) or (isinstance(value, list | tuple) and all(isinstance(v, SIMPLE) for v in value)):
+        if isinstance(value, SIMPLE):
+            params[key] = _within(value, root)
+        elif isinstance(value, list | tuple) and all(isinstance(v, SIMPLE) for v in value):
             params[key] = value
     cls = type(target)
     return {"class": f"{cls.__module__}.{getattr(target, '__qualname__', cls.__qualname__)}", "params": params}
 
 
-def _fingerprint(pipelines: SourcePipelines, raw_source: Path, tasks: int) -> str:
-    files = [(p.relative_to(raw_source).as_posix(), p.stat().st_size, sha256_file(p))
-             for p in raw_source_files(raw_source)]
-    steps = [[step_signature(step) for step in stage.pipeline] for stage in pipelines.stages]
-    payload = {"version": CURATION_VERSION, "config": pipelines.config, "tasks": tasks, "raw": files, "steps": steps}
+def source_fingerprint(curated_dir: str | Path, source: str) -> str | None:
+    """The fingerprint a source was last curated with (what its text depends on: recipe, raw files, tasks, the
+    earlier sources' dedup entries), None when it was never curated; unlike shard checksums it does not change
+    when the shards are annotated."""
+    path = Path(curated_dir) / "logs" / source / FINGERPRINT
+    return json.loads(path.read_text()).get("fingerprint") if path.is_file() else None
+
+
+def _fingerprint(pipelines: SourcePipelines, layout: SourceLayout, tasks: int) -> str:
+    """What a source's curated output depends on: the curation version, its recipe and steps, its raw files, the
+    task count, and the entries the sources before it hold in the cross-source dedup indexes (a change there
+    re-curates it: a document it dropped as a copy of theirs may be gone from them)."""
+    files = [(p.relative_to(layout.raw_dir).as_posix(), p.stat().st_size, sha256_file(p))
+             for p in raw_source_files(layout.raw_dir)]
+    steps = [[step_signature(step, layout.curated_dir) for step in stage.pipeline] for stage in pipelines.stages]
+    upstream = {index.name: digest for index in (layout.exact_index, layout.minhash_index)
+                if (digest := earlier_sources_digest(index, layout.source)) is not None}
+    payload = {"version": CURATION_VERSION, "config": pipelines.config, "tasks": tasks, "raw": files, "steps": steps,
+               **({"earlier_sources": upstream} if upstream else {})}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -263,6 +310,11 @@ def raw_doc_count(raw_source: Path, origin: dict[str, Any] | None) -> int:
     return count
 
 
+def _forget_index_entries(layout: SourceLayout) -> None:
+    for index in (layout.exact_index, layout.minhash_index):
+        remove_source_entries(index, layout.source)
+
+
 def _clear(*paths: Path) -> None:
     for path in paths:
         shutil.rmtree(path, ignore_errors=True)
@@ -277,11 +329,12 @@ def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, wor
     files): the source is empty, and its manifest entry still adds up. A stage that fails raises a
     `CurationError` that names the task log holding the traceback.
     """
-    fingerprint = _fingerprint(pipelines, layout.raw_dir, tasks)
+    fingerprint = _fingerprint(pipelines, layout, tasks)
     fp_path = layout.logs / FINGERPRINT
     if fp_path.exists() and json.loads(fp_path.read_text()).get("fingerprint") != fingerprint:
-        log.info("%s: recipe, tasks or raw data changed; curating it from scratch", layout.source)
+        log.info("%s: recipe, tasks, raw data or earlier sources changed; curating it from scratch", layout.source)
         _clear(layout.logs, layout.work, layout.output, layout.quarantine, *filter(None, [layout.legacy_output]))
+        _forget_index_entries(layout)
     layout.logs.mkdir(parents=True, exist_ok=True)
     fp_path.write_text(json.dumps({"fingerprint": fingerprint, "config": pipelines.config}, default=str, indent=2))
 
@@ -296,6 +349,7 @@ def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, wor
             expected = stage_output_docs(first.pipeline, layout.logs / first.name)
             if expected == 0:  # nothing to read: clear what an earlier run left, run nothing
                 _clear(logging_dir, *stage.outputs)
+                _forget_index_entries(layout)  # an empty source holds nothing later sources are copies of
                 continue
         stage_workers = max(1, min(workers, stage.tasks, stage.max_workers or workers))
         reads = bool(stage.pipeline) and isinstance(stage.pipeline[0], BaseReader)
@@ -341,7 +395,13 @@ def curate(
     raw_root, found = _raw_sources(Path(raw_dir))
     curated = Path(curated_dir)
     corpus = json.loads((raw_root / CORPUS_JSON).read_text()) if (raw_root / CORPUS_JSON).exists() else {}
-    wanted = list(sources) if sources else found
+    if sources:
+        wanted = list(sources)
+    else:  # every raw source folder that has a recipe; one without (a stray folder, an odd name) is named, not run
+        wanted = [s for s in found if s in (recipes or {}) or _has_recipe(s)]
+        for source in sorted(set(found) - set(wanted)):
+            log.warning("%s: no recipe for this name (web-<lang>, code-*, math*, chat*), not curated; rename the "
+                        "folder or give it one with --recipe %s=module:function", raw_root / source, source)
     missing = [s for s in wanted if s not in found]
     if missing:
         raise FileNotFoundError(
@@ -368,12 +428,18 @@ def curate(
     before = _comparable(manifest)
 
     with curation_environment(curated):
+        # every recipe first: a bad one fails before any source runs, and the decontamination indexes the recipes
+        # share are built here, once, in this process (`decontam_index`), before any worker starts
+        built = {}
         for source in wanted:
             builder = (recipes or {}).get(source) or recipe_for(source)
-            pipelines = _built(builder, raw_root, curated, tasks, source)
+            built[source] = _built(builder, raw_root, curated, tasks, source)
+        for source in wanted:
+            pipelines = built[source]
             for stage in pipelines.stages:
                 stage.pipeline = count_plain_steps(stage.pipeline)
             layout = SourceLayout(source, raw_root / source, curated)
+            attach_drop_samples(pipelines, layout)  # examples of dropped documents per reason, for the data card
             origin = corpus.get("sources", {}).get(source)
             log.debug("%s: curating (%d stages)", source, len(pipelines.stages))
             start = time.perf_counter()
@@ -388,9 +454,19 @@ def curate(
             entry = build_source_entry(pipelines, layout, origin=origin, timing=timing)
             if entry.steps and timing.get("seconds"):
                 timing["docs_per_s"] = round(entry.steps[0].docs_in / max(timing["seconds"], 1e-9), 1)
+            if (decontamination := decontam_summary(pipelines, layout)) is not None:
+                entry.metadata_summary["decontamination"] = decontamination
+            if languages := programming_language_counts(entry):
+                entry.metadata_summary["programming_languages"] = languages
             old = manifest.sources.get(source)
             if old is not None and not ran:
                 entry.tokens, entry.token_shards = old.tokens, old.token_shards
+                same_shards = [s.sha256 for s in old.shards] == [s.sha256 for s in entry.shards]
+                if same_shards and "scores" in old.metadata_summary:
+                    entry.metadata_summary["scores"] = old.metadata_summary["scores"]  # the annotated shards are these
+            if "scores" not in entry.metadata_summary and ran and (
+                    scores := shard_score_summaries(curated / shard.path for shard in entry.shards)):
+                entry.metadata_summary["scores"] = scores  # a recipe that scored its documents (math's scorer)
             manifest.sources[source] = entry
             print(source_line(entry, timing.get("seconds"), "" if ran else "unchanged, not re-run"), file=out,
                   flush=True)
@@ -401,6 +477,25 @@ def curate(
         manifest.save(curated)  # an unchanged manifest is not rewritten: a no-op re-run touches nothing
     manifest.root = curated
     return manifest
+
+
+def decontam_summary(pipelines: SourcePipelines, layout: SourceLayout) -> dict[str, Any] | None:
+    """Where a source's decontamination is recorded: the index it used, the eval sets in it, the folder listing
+    every removed document (`read_contamination_report`), and the removed documents per eval set (equal to the
+    step's `contaminated:<set>` drop counts). None when the source was not decontaminated."""
+    step = next((s for stage in pipelines.stages for s in stage.pipeline if isinstance(s, DecontaminationFilter)), None)
+    if step is None or step.index_path is None:
+        return None
+    report = step.report_folder if step.report_folder is not None else layout.decontam_report
+    def relative(path: Path) -> str:  # as the manifest records shard paths: from the curated dir
+        return Path(os.path.relpath(path.resolve(), layout.curated_dir.resolve())).as_posix()
+
+    return {
+        "index": relative(Path(step.index_path)),
+        "eval_sets": step.index.names,
+        "report": relative(report),
+        "removed": contamination_counts(report) if report.is_dir() else {},
+    }
 
 
 def _comparable(manifest: ShardManifest) -> dict[str, Any]:

@@ -13,8 +13,10 @@ LibreOffice help) from the chatterbot-corpus wheel's dialogues, which are plain 
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
@@ -23,10 +25,14 @@ from mixlab.curation import (
     EXTRACT_TIMEOUT_S,
     BundledFT176LID,
     BundledLanguageFilter,
+    DecontamSettings,
+    ExactDedupSettings,
     LanguageStatsStep,
     LanguageThresholds,
     MinhashSettings,
     QuarantiningTrafilatura,
+    ShardManifest,
+    SourceEntry,
     SourceLayout,
     SourcePipelines,
     assemble_stages,
@@ -35,6 +41,7 @@ from mixlab.curation import (
     language_scores,
     multilingual_filters,
     offline_word_tokenizer,
+    statistics_from_counts,
 )
 from mixlab.pipelines.corpus import (
     CHATTERBOT_WHEEL,
@@ -158,6 +165,8 @@ class MultilingualRecipe:
     extract_timeout_s: float = EXTRACT_TIMEOUT_S
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
     max_doc_bytes: int | None = None
+    exact: ExactDedupSettings | None = field(default_factory=ExactDedupSettings)  # across sources; None: off
+    decontam: DecontamSettings | None = field(default_factory=DecontamSettings)  # None: off
 
     def __post_init__(self) -> None:
         if self.thresholds is None:
@@ -202,4 +211,43 @@ def multilingual_pipeline(raw_dir: str | Path, curated_dir: str | Path, language
     ]
     config = {**asdict(recipe), "splitter": type(words).__name__, "splitter_code": getattr(words, "spacy_code", None)}
     return assemble_stages(layout, "web", filters, tasks, recipe.minhash, words, config=config,
-                           max_doc_bytes=recipe.max_doc_bytes)
+                           max_doc_bytes=recipe.max_doc_bytes, exact=recipe.exact, decontam=recipe.decontam)
+
+
+def language_stats_lines(entry: SourceEntry) -> list[str]:
+    """One console line per language of a curated source, from the per-language counts its manifest entry keeps
+    (`LanguageStatsStep`): documents, words, sentences and the means, over the documents that reached the step."""
+    lines = []
+    for step in entry.steps:
+        for language, stats in statistics_from_counts(step.counts).items():
+            s = stats.summary()
+            lines.append(f"    {language:4s} {s['docs']:6,d} docs  {s['words']:9,d} words  "
+                         f"{s['mean_words_per_doc']:8.1f} words/doc  {s['sentences']:7,d} sentences  "
+                         f"{s['mean_sentences_per_doc']:6.1f} sentences/doc  {s['mean_word_length']:5.2f} chars/word")
+    return lines
+
+
+def curate_languages(raw_dir: str | Path, curated_dir: str | Path, languages: list[str] | tuple[str, ...],
+                     docs_per_language: int = 40, tasks: int = 2, workers: int = 1, tail: float = DEFAULT_TAIL,
+                     console: TextIO | None = None) -> ShardManifest:
+    """Write `multi-<language>` raw sources, calibrate each language's thresholds on its own documents, curate
+    them, and print the per-language statistics of each source under its curation line."""
+    from mixlab.pipelines.curate import curate
+
+    out = console or sys.stderr
+    recipes = {}
+    for language in languages:
+        write_language_source(raw_dir, language, docs_per_language)
+        spec = _language_source(language)
+        sample = extracted_texts(language_documents(language, docs_per_language), spec.html)
+        recipe = MultilingualRecipe(language=language, thresholds=calibrate_language(language, sample, tail))
+        recipes[f"multi-{language}"] = lambda r, c, t, _rec=recipe: multilingual_pipeline(r, c, _rec.language,
+                                                                                          tasks=t, recipe=_rec)
+    manifest = curate(raw_dir, curated_dir, sources=list(recipes), tasks=tasks, workers=workers, recipes=recipes,
+                      console=out)
+    print("per-language statistics (documents that passed the filters, before MinHash):", file=out)
+    for source in recipes:
+        print(f"  {source}", file=out)
+        for line in language_stats_lines(manifest.source(source)):
+            print(line, file=out)
+    return manifest

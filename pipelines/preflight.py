@@ -42,11 +42,9 @@ from mixlab.pipelines.run_config import (
 from mixlab.training import ConfigError, RunRecord
 from mixlab.training.preflight import (
     CHECK_NAMES,
-    CHECKPOINT,
     EVAL,
+    FIXES,
     PLAN,
-    RANK_SEEDS,
-    THROUGHPUT,
     TOKEN_SHARDS,
     CheckResult,
     TrainingSetup,
@@ -58,16 +56,6 @@ from mixlab.training.preflight import (
     check_token_shards,
     guarded,
 )
-
-FIXES = {
-    TOKEN_SHARDS: "re-run `mixlab tokenize` on data.curated",
-    PLAN: "change what the error names (see `mixlab mix plan --config RUN.yaml`)",
-    EVAL: "give every evaluated source held-out windows of train.seq_len + 1 tokens and score a dataset of the "
-          "run's tokenizer (eval.curated)",
-    CHECKPOINT: "the checkpoint code must save and load every piece of state (training/checkpoint.py)",
-    THROUGHPUT: "a smaller train.batch_size or model, fewer train.total_steps",
-    RANK_SEEDS: "derive per-rank seeds with training.seeds.rank_seeds",
-}
 
 
 def load_preflight_config(config_file: str | Path, overrides: Sequence[str] = ()) -> RunConfig:
@@ -168,14 +156,13 @@ def _preflight(config: RunConfig, dp: int, tp: int, steps: int, memory_limit_byt
                              f"point data.curated at a tokenized curated directory (`mixlab curate`, then `mixlab "
                              f"tokenize --curated {config.curated_dir}`)")
         return [failed, *_skipped(CHECK_NAMES[1:-1], "needs the tokenized data"),
-                guarded(RANK_SEEDS, FIXES[RANK_SEEDS], lambda: check_rank_seeds(
-                    TrainingSetup(config.model, config.train, _no_sampler), dp, tp))]
+                check_rank_seeds(TrainingSetup(config.model, config.train, _no_sampler), dp, tp)]
     train_config = config.train
     flat = schedule
     try:
         plan = plan_run(config, manifest)
         flat = plan.schedule or schedule  # the flat schedule the plan resolved (a hierarchy's leaves)
-        plan_result = guarded(PLAN, FIXES[PLAN], lambda: check_plan(plan, config.model))
+        plan_result = check_plan(plan, config.model)  # never raises: an error inside is its FAIL
     except Exception as err:  # noqa: BLE001
         plan_result = CheckResult(PLAN, "FAIL", f"{type(err).__name__}: {err}", FIXES[PLAN])
     new_sampler = _sampler_factory(manifest, flat, config)
@@ -193,7 +180,7 @@ def _preflight(config: RunConfig, dp: int, tp: int, steps: int, memory_limit_byt
         sha, run_path = _existing_tokenizer(config)
         return check_token_shards(manifest, evaluated_sources(manifest, flat), config.model.vocab_size, sha, run_path)
 
-    results = [guarded(TOKEN_SHARDS, FIXES[TOKEN_SHARDS], token_shards), plan_result]
+    results = [guarded(TOKEN_SHARDS, token_shards), plan_result]  # guarded: reading run.json may raise
 
     setup = TrainingSetup(config.model, train_config, new_sampler, train_config.resolved_device())
 
@@ -205,16 +192,14 @@ def _preflight(config: RunConfig, dp: int, tp: int, steps: int, memory_limit_byt
         scored = held_out_manifest(config, manifest)
         return check_eval(setup, evaluator, evaluated_sources(scored, flat), _task_factory(scored, config, workdir))
 
-    eval_result = guarded(EVAL, FIXES[EVAL], eval_check)
+    eval_result = guarded(EVAL, eval_check)  # guarded: the held-out manifest may not load
     results.append(eval_result)
-    ckpt_result = guarded(CHECKPOINT, FIXES[CHECKPOINT],
-                          lambda: check_checkpoint_round_trip(setup, workdir=workdir / "round-trip"))
+    ckpt_result = check_checkpoint_round_trip(setup, workdir=workdir / "round-trip")
     results.append(ckpt_result)
-    results.append(guarded(THROUGHPUT, FIXES[THROUGHPUT], lambda: check_throughput_and_memory(
+    results.append(check_throughput_and_memory(
         setup, steps, eval_seconds=eval_result.measured.get("eval_seconds"),
-        checkpoint_seconds=ckpt_result.measured.get("save_seconds"), memory_limit_bytes=memory_limit_bytes)))
-    results.append(guarded(RANK_SEEDS, FIXES[RANK_SEEDS],
-                           lambda: check_rank_seeds(replace(setup, sampler_factory=_no_sampler), dp, tp)))
+        checkpoint_seconds=ckpt_result.measured.get("save_seconds"), memory_limit_bytes=memory_limit_bytes))
+    results.append(check_rank_seeds(replace(setup, sampler_factory=_no_sampler), dp, tp))
     return results
 
 

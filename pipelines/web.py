@@ -1,5 +1,6 @@
 """Web recipe in FineWeb's order: URL filter -> Trafilatura text -> language ID -> Gopher repetition + quality
--> C4 quality (+ bad words) -> FineWeb quality -> [your steps] -> PII redaction -> MinHash."""
+-> C4 quality (+ bad words) -> FineWeb quality -> [your steps] -> PII redaction -> 13-gram decontamination
+-> exact dedup (across sources) -> [sentence dedup] -> MinHash."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from mixlab.curation import (
     C4Quality,
     C4Settings,
     CurationConfigError,
+    DecontamSettings,
     DomainBlocklist,
+    ExactDedupSettings,
     FinewebQuality,
     FineWebSettings,
     GopherSettings,
@@ -24,6 +27,7 @@ from mixlab.curation import (
     PiiRedaction,
     PiiSettings,
     QuarantiningTrafilatura,
+    SentenceDedupSettings,
     SourceLayout,
     SourcePipelines,
     UrlFilter,
@@ -61,6 +65,9 @@ class WebRecipe:
     pii: PiiSettings | None = field(default_factory=PiiSettings)
     minhash: MinhashSettings = field(default_factory=MinhashSettings)
     max_doc_bytes: int | None = None  # raw records above are quarantined as too_large; None: 4 MiB (the reader's)
+    exact: ExactDedupSettings | None = field(default_factory=ExactDedupSettings)  # across sources; None: off
+    sentence: SentenceDedupSettings | None = None  # datatrove's sentence dedup, opt-in (it cuts text)
+    decontam: DecontamSettings | None = field(default_factory=DecontamSettings)  # None: no decontamination
 
     def __post_init__(self) -> None:
         if self.gopher is None:
@@ -84,7 +91,7 @@ def web_pipeline(raw_dir: str | Path, curated_dir: str | Path, language: str = "
                  tasks: int = 2, recipe: WebRecipe | None = None,
                  extra_steps: list[PipelineStep] | None = None) -> SourcePipelines:
     """Stages for `raw_dir/<source>` (default source `web-<language>`); `extra_steps` (your own datatrove
-    steps) run after the built-in quality filters, before PII redaction and MinHash dedup."""
+    steps) run after the built-in quality filters, before PII redaction, decontamination and dedup."""
     recipe = recipe or WebRecipe(language=language)
     source = source or f"web-{recipe.language}"
     layout = SourceLayout(source, Path(raw_dir) / source, Path(curated_dir))
@@ -113,4 +120,5 @@ def web_pipeline(raw_dir: str | Path, curated_dir: str | Path, language: str = "
         *([PiiRedaction(recipe.pii)] if recipe.pii is not None else []),
     ]
     return assemble_stages(layout, "web", filters, tasks, recipe.minhash, words, config=asdict(recipe),
-                           max_doc_bytes=recipe.max_doc_bytes)
+                           max_doc_bytes=recipe.max_doc_bytes, exact=recipe.exact, sentence=recipe.sentence,
+                           decontam=recipe.decontam)

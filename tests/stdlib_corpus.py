@@ -99,3 +99,20 @@ def build_tokenized_dir(root: Path, vocab_size: int = 1000) -> Path:
     train_tokenizer(root, TokenizerConfig(vocab_size=vocab_size), show_progress=False)
     tokenize_manifest(root, show_progress=False)
     return root
+
+
+def copy_untokenized_sources(curated_dir: Path, out: Path, names: tuple[str, ...]) -> Path:
+    """Some sources of a curated directory (e.g. the session fixture, never changed in place) copied into `out`
+    with their shards and without any tokenizer or token shards: a small dataset a test may tokenize."""
+    import shutil
+
+    manifest = ShardManifest.load(curated_dir)
+    manifest.sources = {name: manifest.sources[name] for name in names}
+    manifest.tokenizer = None
+    for entry in manifest.sources.values():
+        entry.token_shards, entry.tokens = [], {}
+        for shard in entry.shards:
+            (out / shard.path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(curated_dir / shard.path, out / shard.path)
+    manifest.save(out)
+    return out

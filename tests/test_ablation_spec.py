@@ -6,6 +6,7 @@ import pytest
 from mixlab.ablations.spec import AblationSpec, AblationSpecError, Axis
 from mixlab.pipelines.run_config import run_config_from_document
 from mixlab.training import TrainConfig
+from stdlib_corpus import copy_untokenized_sources
 
 BASE = {"runs_dir": "runs", "data": {"curated": "curated"}, "model": {"preset": "tiny", "vocab_size": 600},
         "train": {"preset": "tiny", "total_steps": 40},
@@ -79,3 +80,55 @@ def test_a_named_list_variant_may_set_a_whole_document():
     assert variant.document(spec.base)["mixture"] == schedule
     with pytest.raises(AblationSpecError, match="is a document"):
         AblationSpec(name="docs", base={"runs_dir": "runs"}, mode="list", variants=({"mixture": schedule},)).expand()
+
+
+def test_a_tokenizer_axis_trains_each_candidate_on_its_own_token_dataset(curated_dir: Path, tmp_path: Path):
+    """`mixlab tokenize` writes one token dataset per candidate; a `tokenizer` axis points each proxy at its own,
+    sizes its model from that vocabulary, and the report ranks the variants by bits per byte."""
+
+    from mixlab.ablations.ablation_report import ranked_table
+    from mixlab.ablations.launch import LocalLauncher, resolved_config, run_ablation
+    from mixlab.ablations.results import ablation_results
+    from mixlab.curation import ShardManifest
+    from mixlab.curation.token_shards import read_doc_metadata
+    from mixlab.pipelines.cli import main
+
+    # two web sources of the real curated corpus, untokenized
+    curated = copy_untokenized_sources(curated_dir, tmp_path / "curated", ("web-de", "web-ru"))
+    assert main(["tokenize", "--curated", str(curated), "--vocab-sizes", "300,400", "--val-fraction", "0.1"]) == 0
+
+    base = {"runs_dir": str(tmp_path / "runs"), "data": {"curated": str(curated)}, "model": {"preset": "tiny"},
+            "mixture": {"stages": [{"name": "all", "weights": {"web-de": 0.5, "web-ru": 0.5}}]},
+            "train": {"preset": "tiny", "total_steps": 6, "checkpoint_every": 6, "eval_every": 6, "warmup_steps": 2,
+                      "progress_bar": False}}
+    spec = AblationSpec("tok", base, axes=(Axis("tokenizer", ["bpe-300", "bpe-400"]),), include_base=False)
+    documents = spec.documents()
+    assert sorted(documents) == ["tok-tokenizer_bpe-300-s0", "tok-tokenizer_bpe-400-s0"]
+    for vocab in (300, 400):
+        document = documents[f"tok-tokenizer_bpe-{vocab}-s0"]
+        assert document["data"]["curated"] == str(curated / "tokenized" / f"bpe-{vocab}")
+        assert "tokenizer" not in document and resolved_config(document).model.vocab_size == vocab
+    # the same held-out documents in both token datasets: bits per byte is measured on the same text
+    held_out = [sorted(read_doc_metadata(ShardManifest.load(curated / "tokenized" / name), "web-ru", "val",
+                                         ["id"]).column("id").to_pylist()) for name in ("bpe-300", "bpe-400")]
+    assert held_out[0] == held_out[1] and held_out[0]
+
+    run_ablation(spec, LocalLauncher(parallel=1, threads=1))
+    table = ranked_table(ablation_results(spec), "all/bpb", base_variant="tokenizer=bpe-300")
+    rows = {row["variant"]: row for row in table.iter_rows(named=True)}
+    assert set(rows) == {"tokenizer=bpe-300", "tokenizer=bpe-400"}
+    assert all(0 < row["mean"] < 20 for row in rows.values())  # bits per byte of a barely trained model
+    larger, smaller = rows["tokenizer=bpe-400"], rows["tokenizer=bpe-300"]
+    assert larger["diff_to_base"] == larger["mean"] - smaller["mean"]
+    assert "than base" in rows["tokenizer=bpe-400"]["verdict"]
+
+
+@pytest.mark.parametrize(("base", "value", "match"), [
+    ({"model": {"preset": "tiny", "vocab_size": 600}}, "bpe-300", "leave it out"),
+    ({"eval": {"curated": "other"}}, "bpe-300", "eval.curated"),
+    ({}, "../elsewhere", "name a token dataset"),
+])
+def test_a_tokenizer_axis_refuses_what_belongs_to_another_tokenizer(base, value, match):
+    document = {**BASE, "model": {"preset": "tiny"}, **base}
+    with pytest.raises(AblationSpecError, match=match):
+        AblationSpec("tok", document, axes=(Axis("tokenizer", [value]),), include_base=False).documents()

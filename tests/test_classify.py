@@ -238,3 +238,41 @@ def test_bad_input_is_refused_with_the_field(stdlib_curated: Path, tmp_path: Pat
                          ClassifierTrainConfig(name="x"), stdlib_curated)
     with pytest.raises(CurationConfigError, match="not a classifier directory"):
         load_classifier(tmp_path)
+
+
+def test_curation_imports_nothing_from_the_layers_above():
+    """curation is the lowest layer: no module of it imports mixtures, training or ablations, at module level
+    or inside a function (the one exception: decontam's loader of the ablation tasks' eval sets)."""
+    import ast
+
+    import mixlab.curation as curation
+
+    above = ("mixlab.mixtures", "mixlab.training", "mixlab.ablations")
+    allowed = {("decontam.py", "mixlab.ablations.tasks")}
+    found = []
+    for path in sorted(Path(curation.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [(path.name, n) for n in names if n.startswith(above) and (path.name, n) not in allowed]
+    assert found == []
+
+
+def test_selection_specs_filter_with_the_mixture_selections_semantics(tmp_path: Path):
+    """A `selection:` spec (curation) and a mixture `Selection` pick the same rows: one `MetadataQuery`."""
+    import pyarrow as pa
+    from mixlab.curation.classify import _load_selection
+    from mixlab.curation.metadata_filter import MetadataFilterError, MetadataQuery
+    from mixlab.mixtures.selection import Selection, SelectionError
+
+    table = pa.table({"language": ["en", "fr", None, "en"], "language_score": [0.95, 0.99, 0.5, 0.7]})
+    data = {"name": "en", "source": "web-*", "where": {"language": "en", "language_score": {"min": 0.9}},
+            "long_docs": {"min_tokens": 10, "factor": 2}}
+    spec = ExampleSpec.parse(f"selection:{json.dumps(data)}")
+    query, selection = _load_selection(spec.value, spec), Selection.from_dict(data)
+    assert isinstance(selection, MetadataQuery) and issubclass(SelectionError, MetadataFilterError)
+    assert query.mask(table, "web-en").tolist() == selection.mask(table, "web-en").tolist() == [True, False, False,
+                                                                                                 False]
+    with pytest.raises(CurationConfigError, match="selection 'en': where\\['language'\\]"):
+        bad = json.dumps({**data, "where": {"language": []}})
+        _load_selection(bad, ExampleSpec.parse(f"selection:{bad}"))

@@ -122,7 +122,8 @@ def test_own_steps_from_the_cli_spec_are_counted_and_the_environment_is_untouche
     assert repo_cache_listing() == cache  # no cache in the checkout
     steps = {s.name: s for s in manifest.source("math").steps}
     assert [s.name for s in manifest.source("math").steps] == [
-        "read", "language_id", "math_quality", "drop_word", "keep_short_documents", "minhash_dedup"]
+        "read", "language_id", "math_quality", "drop_word", "keep_short_documents", "decontamination_filter",
+        "exact_dedup", "minhash_dedup"]
     assert steps["drop_word"].dropped == {"contains_apples": steps["drop_word"].dropped_total}
     assert steps["drop_word"].dropped_total > 0
     assert steps["keep_short_documents"].dropped == {"unspecified": steps["keep_short_documents"].dropped_total}

@@ -9,15 +9,18 @@ from pathlib import Path
 import pytest
 from datatrove.data import Document
 from datatrove.utils.word_tokenizers import load_word_tokenizer
+from mixlab.curation.accounting import step_stats
 from mixlab.curation.lid import derive_language_threshold, language_scores
 from mixlab.curation.multilingual import (
     DEFAULT_TAIL,
+    LANGUAGE_COUNT_FIELDS,
     LanguageStatsStep,
     derive_stop_words,
     derive_thresholds,
     document_metrics,
     language_statistics,
     multilingual_filters,
+    statistics_from_counts,
 )
 from mixlab.curation.text import (
     ScriptRunTokenizer,
@@ -29,12 +32,10 @@ from mixlab.curation.text import (
 from mixlab.pipelines.multilingual import (
     LANGUAGE_SOURCES,
     MULTILINGUAL_LANGUAGES,
-    MultilingualRecipe,
-    calibrate_language,
+    curate_languages,
     extracted_texts,
     language_documents,
     multilingual_pipeline,
-    write_language_source,
 )
 
 SAMPLE_DOCS = 30
@@ -182,24 +183,26 @@ def test_statistics_per_language(samples: dict[str, list[str]]) -> None:
     assert stats["zh"]["mean_word_length"] > stats["ja"]["mean_word_length"]
     step = LanguageStatsStep("en")
     docs = [Document(text=t, id=str(i), metadata={"language": "de"}) for i, t in enumerate(samples["de"][:5])]
-    assert len(list(step.run(iter(docs)))) == 5
-    assert step.statistics["de"].docs == 5 and step.stats["de_words"].total == step.statistics["de"].words
+    docs.append(Document(text=samples["en"][0], id="en", metadata={}))  # no language: the default one
+    assert len(list(step.run(iter(docs)))) == 6
+    assert step.statistics["de"].docs == 5 and step.stats["lang_de_words"].total == step.statistics["de"].words
+    # the stats keys are what the manifest keeps (manifest_counts): the statistics come back from them whole
+    counts = step_stats("language_stats_step", step.stats.stats, step.manifest_counts).counts
+    assert set(counts) == {f"lang_{lang}_{f}" for lang in ("de", "en") for f in LANGUAGE_COUNT_FIELDS}
+    rebuilt = statistics_from_counts(counts)
+    assert {lang: s.summary() for lang, s in rebuilt.items()} == {
+        lang: s.summary() for lang, s in step.statistics.items()}
+    assert rebuilt["de"].summary() == language_statistics(samples["de"][:5], "de").summary()
 
 
-def test_recipe_runs_per_language_and_is_counted(tmp_path: Path, samples: dict[str, list[str]]) -> None:
+def test_recipe_runs_per_language_and_is_counted(tmp_path: Path) -> None:
     from mixlab.curation.stages import SourceLayout
-    from mixlab.pipelines.curate import curate
 
     raw, curated = tmp_path / "raw", tmp_path / "curated"
-    recipes = {}
-    for lang in ("ja", "he"):
-        write_language_source(raw, lang, 40)
-        recipe = MultilingualRecipe(language=lang, thresholds=calibrate_language(lang, samples[lang]))
-        recipes[f"multi-{lang}"] = lambda r, c, t, _rec=recipe: multilingual_pipeline(r, c, _rec.language,
-                                                                                          tasks=t, recipe=_rec)
-    manifest = curate(raw, curated, sources=list(recipes), tasks=1, workers=1, recipes=recipes,
-                      console=io.StringIO())
+    console = io.StringIO()
+    manifest = curate_languages(raw, curated, ("ja", "he"), docs_per_language=40, console=console)
     assert manifest.check() == []
+    printed = console.getvalue()
     for lang in ("ja", "he"):
         entry = manifest.source(f"multi-{lang}")
         names = [s.name for s in entry.steps]
@@ -207,5 +210,26 @@ def test_recipe_runs_per_language_and_is_counted(tmp_path: Path, samples: dict[s
         assert 0 < entry.docs < 40
         assert set(entry.languages) == {lang}
         assert list(SourceLayout(f"multi-{lang}", Path(), curated).output.glob("*.parquet"))
+        # the per-language statistics are in the manifest, counted by the step itself
+        step = entry.steps[names.index("language_stats_step")]
+        stats = statistics_from_counts(step.counts)
+        assert set(stats) == {lang} and stats[lang].docs == step.docs_in == step.kept
+        assert stats[lang].words > stats[lang].docs and stats[lang].sentences >= stats[lang].docs
+        # recomputed on the written shards (MinHash may have dropped some after the step): never more
+        kept = language_statistics(shard_texts(curated, f"multi-{lang}"), lang)
+        assert kept.docs == entry.docs
+        assert kept.words <= stats[lang].words and (kept.words == stats[lang].words) == (kept.docs == stats[lang].docs)
+        summary = stats[lang].summary()
+        assert f"{lang:4s} {summary['docs']:6,d} docs" in printed
+        assert f"{summary['mean_words_per_doc']:8.1f} words/doc" in printed
+    raw, curated = tmp_path / "raw2", tmp_path / "curated2"
     config = multilingual_pipeline(raw, curated, "zh").config
     assert config["splitter"] == "SpacySentencizerTokenizer" and config["splitter_code"] == "xx"
+
+
+def shard_texts(curated: Path, source: str) -> list[str]:
+    import pyarrow.parquet as pq
+    from mixlab.curation.stages import SourceLayout
+
+    return [t for path in sorted(SourceLayout(source, Path(), curated).output.glob("*.parquet"))
+            for t in pq.read_table(path, columns=["text"]).column(0).to_pylist()]

@@ -20,6 +20,7 @@ from mixlab.pipelines.run_config import EvalConfig
 from mixlab.training import RunStore, Transformer, save_checkpoint
 from mixlab.training.preflight import (
     CHECK_NAMES,
+    FIXES,
     TrainingSetup,
     check_checkpoint_round_trip,
     check_eval,
@@ -27,6 +28,8 @@ from mixlab.training.preflight import (
     check_rank_seeds,
     check_throughput_and_memory,
     check_token_shards,
+    guarded,
+    never_raises,
 )
 from mixlab.training.seeds import world_seeds
 
@@ -243,3 +246,27 @@ def test_cli_without_tokenized_data_fails_the_data_checks_and_refuses_bad_flags(
     assert lines[5].startswith("PASS  rank seeds")
     assert main(["preflight", str(config), "--steps", "0"]) == 2
     assert "--steps 0: give a whole number >= 1" in capsys.readouterr().err
+
+
+def test_each_fix_string_lives_in_one_place():
+    """A check that raises gets its fix from FIXES, whether decorated (`never_raises`) or run by the CLI through
+    `guarded`; neither module spells a fix out a second time."""
+    import mixlab.pipelines.preflight as cli_module
+    import mixlab.training.preflight as checks_module
+
+    assert set(FIXES) == set(CHECK_NAMES) and all(FIXES.values())
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    for name in CHECK_NAMES:
+        decorated = never_raises(name)(boom)()
+        assert decorated.failed and decorated.fix == FIXES[name] and "RuntimeError: boom" in decorated.detail
+        assert guarded(name, boom).to_dict() == decorated.to_dict()
+    with pytest.raises(KeyError, match="FIXES"):
+        never_raises("not a check")
+    checks_source = Path(checks_module.__file__).read_text(encoding="utf-8")
+    cli_source = Path(cli_module.__file__).read_text(encoding="utf-8")
+    for fix in FIXES.values():
+        head = fix[:40]  # the opening words (a literal may break after them)
+        assert checks_source.count(head) == 1 and head not in cli_source, fix

@@ -16,6 +16,7 @@ from mixlab.curation.tokenizer import (
     EOS_TOKEN,
     TokenizerConfig,
     TokenizerError,
+    byte_length_rule,
     byte_symbol_table,
     iter_training_texts,
     load_tokenizer,
@@ -24,7 +25,7 @@ from mixlab.curation.tokenizer import (
     train_tokenizer,
 )
 from stdlib_corpus import build_curated_dir, stdlib_code_docs, write_source
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,97 @@ def test_byte_lengths_refuse_a_non_byte_level_tokenizer(tmp_path: Path):
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     path = tmp_path / "tokenizer.json"
     word_level.save(str(path))
-    with pytest.raises(TokenizerError, match="not a byte-level tokenizer"):
+    with pytest.raises(TokenizerError, match="token byte lengths are not defined"):
         token_byte_lengths(path)
+
+
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+ODD_TEXT = "ünïcödé ✓ 🚀 日本語 Ελληνικά\ttab"  # characters a small alphabet lacks: byte fallback
+
+
+def sentencepiece_bpe(texts: list[str], path: Path) -> Path:
+    """A SentencePiece-style BPE: Metaspace (`▁`, dummy prefix), byte fallback, a 60-character alphabet."""
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=900, limit_alphabet=60,
+                                                       special_tokens=["<unk>", "</s>", *BYTE_TOKENS]))
+    tok.save(str(path))
+    return path
+
+
+def unigram_with_byte_fallback(texts: list[str], path: Path) -> Path:
+    """A Unigram trained by `tokenizers`, given SentencePiece's 256 `<0xNN>` pieces and byte_fallback (the
+    trainer has no such option: the pieces are added to the vocabulary, as sentencepiece lays them out)."""
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    tok.train_from_iterator(texts, trainers.UnigramTrainer(vocab_size=900, special_tokens=["<unk>", "</s>"],
+                                                           unk_token="<unk>"))
+    spec = json.loads(tok.to_str())
+    spec["model"]["vocab"] += [[piece, -100.0] for piece in BYTE_TOKENS]
+    spec["model"]["byte_fallback"] = True
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+def wordpiece(texts: list[str], path: Path, lowercase: bool = False) -> Path:
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=2000, special_tokens=["[UNK]", "[SEP]"]))
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("build", [sentencepiece_bpe, unigram_with_byte_fallback])
+def test_sentencepiece_style_byte_lengths_add_up_to_the_document(trained: Path, tmp_path: Path, build):
+    """`▁` is one space byte and `<0xNN>` one byte: a document's sum is its UTF-8 size plus the dummy prefix."""
+    texts = real_texts(trained)
+    path = build(texts, tmp_path / "tokenizer.json")
+    rule = byte_length_rule(path)
+    assert rule.kind == "metaspace" and rule.prefix_bytes == 1 and not rule.exact
+    lengths, tokenizer = token_byte_lengths(path), load_tokenizer(path)
+    fallback = 0
+    for text in [*texts, ODD_TEXT, " starts with a space"]:
+        encoding = tokenizer.encode(text)
+        fallback += sum(t in BYTE_TOKENS for t in encoding.tokens)
+        prefix = 0 if text.startswith(" ") else 1  # Metaspace prepends `▁` unless the text starts with one
+        assert lengths[encoding.ids].sum() == len(text.encode("utf-8")) + prefix, text[:40]
+    assert fallback > 0  # the byte-fallback path was exercised
+    assert lengths[tokenizer.token_to_id("</s>")] == 0
+
+
+def test_wordpiece_counts_one_whitespace_byte_per_word(trained: Path, tmp_path: Path):
+    """WordPiece drops whitespace, so exactness is impossible: a word-start token counts one byte for it, and
+    the sum is the UTF-8 size less the whitespace bytes plus the word-start tokens (the stated bound)."""
+    texts = real_texts(trained)
+    path = wordpiece(texts, tmp_path / "tokenizer.json")
+    assert byte_length_rule(path).kind == "wordpiece"
+    lengths, tokenizer = token_byte_lengths(path), load_tokenizer(path)
+    assert lengths[tokenizer.token_to_id("[SEP]")] == 0
+    errors = []
+    for text in texts:
+        encoding = tokenizer.encode(text)
+        assert tokenizer.token_to_id("[UNK]") not in encoding.ids  # trained on these texts
+        whitespace = sum(len(ch.encode("utf-8")) for ch in text if ch.isspace())
+        word_starts = sum(not t.startswith("##") for t in encoding.tokens)
+        size = len(text.encode("utf-8"))
+        assert lengths[encoding.ids].sum() == size - whitespace + word_starts
+        errors.append(abs(lengths[encoding.ids].sum() - size) / size)
+    assert float(np.median(errors)) < 0.15  # one byte per word is close to the whitespace of prose and code
+
+
+def test_byte_lengths_refuse_kinds_that_cannot_be_made_right(trained: Path, tmp_path: Path):
+    texts = real_texts(trained)[:10]
+    with pytest.raises(TokenizerError, match="BertNormalizer normalizer changes the text"):
+        token_byte_lengths(wordpiece(texts, tmp_path / "uncased.json", lowercase=True))
+    no_fallback = json.loads(sentencepiece_bpe(texts, tmp_path / "sp.json").read_text())
+    no_fallback["model"]["byte_fallback"] = False
+    (tmp_path / "no_fallback.json").write_text(json.dumps(no_fallback))
+    with pytest.raises(TokenizerError, match="without byte_fallback"):
+        token_byte_lengths(tmp_path / "no_fallback.json")
 
 
 def shard_of_text(manifest: ShardManifest, source: str) -> dict[str, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from mixlab.curation.text import RegexWordTokenizer, WarmSpacyTokenizer
 from mixlab.curation.token_shards import TokenSource, read_doc_metadata
 from mixlab.curation.tokenizer import (
     TokenizerError,
+    byte_length_rule,
     install_tokenizer,
     load_tokenizer,
     sentencepiece_to_tokenizer_json,
@@ -27,6 +27,7 @@ from mixlab.pipelines.corpus import Downloads, default_cache_dir
 from mixlab.pipelines.tokenize import candidates_from_args
 from mixlab.pipelines.tokenizer_cli import main
 from mixlab.training.errors import ConfigError
+from stdlib_corpus import copy_untokenized_sources
 
 LITELLM_WHEEL = ("litellm", "1.60.0")
 MISTRAL_WHEEL = ("mistral-common", "1.5.1")
@@ -101,6 +102,8 @@ def test_byte_level_has_no_fallback_and_sentencepiece_does(comparison, tokenized
             assert row.byte_fallback_tokens == 0 and row.unk_tokens == 0, row
     assert comparison.tokenizers["mixlab"]["kind"] == "bpe-bytelevel"
     assert comparison.tokenizers["mistral"]["kind"] == "bpe+bytefallback"
+    assert comparison.tokenizers["mistral"]["bits_per_byte"] == "exact + 1 byte/doc (dummy prefix)"
+    assert comparison.tokenizers["mixlab"]["bits_per_byte"] == "exact"
     mistral_rows = [r for r in comparison.rows if r.tokenizer == "mistral"]
     assert any(r.byte_fallback_share > 0 for r in mistral_rows)
     # the count by hand: <0xNN> tokens in the first Russian documents
@@ -148,17 +151,7 @@ def test_cli_compare(tokenized_curated, anthropic_json, capsys):
 @pytest.fixture()
 def small_curated(curated_dir: Path, tmp_path: Path) -> Path:
     """Two small web sources of the curated fixture, in a directory of their own, untokenized."""
-    manifest = ShardManifest.load(curated_dir)
-    manifest.sources = {name: manifest.sources[name] for name in ("web-de", "web-ru")}
-    manifest.tokenizer = None
-    out = tmp_path / "curated"
-    for entry in manifest.sources.values():
-        entry.token_shards, entry.tokens = [], {}
-        for shard in entry.shards:
-            (out / shard.path).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(curated_dir / shard.path, out / shard.path)
-    manifest.save(out)
-    return out
+    return copy_untokenized_sources(curated_dir, tmp_path / "curated", ("web-de", "web-ru"))
 
 
 def test_tokenize_several_vocab_sizes_and_an_existing_tokenizer(small_curated, anthropic_json, capsys):
@@ -206,3 +199,22 @@ def test_bad_tokenizer_options_are_refused(small_curated, tmp_path, anthropic_js
         install_tokenizer(small_curated, no_eos)
     with pytest.raises(TokenizerError, match="not a sentencepiece model"):
         sentencepiece_to_tokenizer_json(anthropic_json, tmp_path / "x.json")
+
+
+def test_bits_per_byte_is_defined_for_real_shipped_tokenizers(tokenized_curated, anthropic_json, mistral_json):
+    """Mistral's sentencepiece BPE (`▁`, `<0xNN>` fallback, a dummy prefix its decoder strips) sums to the
+    document's UTF-8 size plus exactly the 1-byte prefix; the byte-level claude tokenizer sums to it exactly."""
+    manifest = ShardManifest.load(tokenized_curated)
+    texts = [text for name in sorted(manifest.sources) for shard in manifest.sources[name].shards[:1]
+             for text in pq.read_table(manifest.resolve(shard.path), columns=["text"]).column(0).to_pylist()[:5]]
+    assert len(texts) >= 20
+    rule = byte_length_rule(mistral_json)
+    assert (rule.kind, rule.prefix_bytes) == ("metaspace", 1)
+    for path, prefix in ((mistral_json, 1), (anthropic_json, 0)):
+        lengths, tokenizer = token_byte_lengths(path), load_tokenizer(path)
+        fallback = 0
+        for text in texts:
+            encoding = tokenizer.encode(text, add_special_tokens=False)
+            fallback += sum(bool(re.fullmatch(r"<0x[0-9A-F]{2}>", t)) for t in encoding.tokens)
+            assert int(lengths[encoding.ids].sum()) == len(text.encode("utf-8")) + prefix, (path.name, text[:40])
+        assert (fallback > 0) == (prefix == 1), path.name  # the mistral documents go through byte fallback too

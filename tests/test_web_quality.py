@@ -217,7 +217,8 @@ def test_web_recipe_runs_the_steps_in_fineweb_order(raw_corpus: Path, tmp_path: 
     names = [type(step).__name__ for step in stages.stages[0].pipeline]
     assert names[1:4] == ["UrlFilter", "QuarantiningTrafilatura", "BundledLanguageFilter"]
     assert names.index("C4Quality") > names.index("GopherQualityFilter")
-    assert names.index("FinewebQuality") > names.index("C4Quality") and names[-2] == "PiiRedaction"
+    assert names.index("FinewebQuality") > names.index("C4Quality")
+    assert names[-3:-1] == ["PiiRedaction", "DecontaminationFilter"]
     off = web_pipeline(tmp_path / "raw", tmp_path / "curated", recipe=WebRecipe(
         url_filter=None, use_c4=False, use_fineweb=False, pii=None), tasks=1)
     assert "UrlFilter" not in {type(s).__name__ for s in off.stages[0].pipeline}
@@ -232,7 +233,8 @@ def test_web_recipe_runs_the_steps_in_fineweb_order(raw_corpus: Path, tmp_path: 
                                                                                recipe=fineweb_order)})
     steps = [s.name for s in manifest.source("web-en").steps]
     assert steps[:4] == ["read", "url_filter", "extract", "language_id"]
-    assert steps[-3:] == ["fineweb_quality", "pii_redaction", "minhash_dedup"] and "c4_quality" in steps
+    assert steps[-5:] == ["fineweb_quality", "pii_redaction", "decontamination_filter", "exact_dedup",
+                          "minhash_dedup"] and "c4_quality" in steps
     url = next(s for s in manifest.source("web-en").steps if s.name == "url_filter")
     assert url.docs_in == len(rows) and url.kept == len(rows)
     pii = next(s for s in manifest.source("web-en").steps if s.name == "pii_redaction")

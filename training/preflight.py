@@ -73,20 +73,37 @@ class CheckResult:
                 "measured": dict(self.measured)}
 
 
-def guarded(name: str, fix: str, check: Callable[[], CheckResult]) -> CheckResult:
-    """Run one check; an exception becomes its FAIL (the error text is the detail) so the others still run."""
+# What to do when a check raises (a check's own FAIL results name their own, more precise fix). The one place
+# these strings live: `never_raises` and `guarded` (used by `mixlab preflight`) both take them from here.
+FIXES: dict[str, str] = {
+    TOKEN_SHARDS: "re-run `mixlab tokenize` on data.curated",
+    PLAN: "change what the error names (see `mixlab mix plan --config RUN.yaml`)",
+    EVAL: "give every evaluated source held-out windows of train.seq_len + 1 tokens and score a dataset of the "
+          "run's tokenizer (eval.curated)",
+    CHECKPOINT: "the checkpoint code must save and load every piece of state (training/checkpoint.py)",
+    THROUGHPUT: "a smaller train.batch_size or model, fewer train.total_steps",
+    RANK_SEEDS: "derive per-rank seeds with training.seeds.rank_seeds",
+}
+
+
+def guarded(name: str, check: Callable[[], CheckResult]) -> CheckResult:
+    """Run one check; an exception becomes its FAIL (the error text is the detail, FIXES[name] the fix) so the
+    others still run."""
     try:
         return check()
     except Exception as err:  # noqa: BLE001 - every failure of a check is reported, none stops the checklist
-        return CheckResult(name, "FAIL", f"{type(err).__name__}: {err}", fix)
+        return CheckResult(name, "FAIL", f"{type(err).__name__}: {err}", FIXES[name])
 
 
-def never_raises(name: str, fix: str) -> Callable[[Callable[..., CheckResult]], Callable[..., CheckResult]]:
+def never_raises(name: str) -> Callable[[Callable[..., CheckResult]], Callable[..., CheckResult]]:
     """Decorate a check so that an exception inside it is its FAIL, never the caller's problem."""
+    if name not in FIXES:
+        raise KeyError(f"never_raises({name!r}): add the check's fix to FIXES")
+
     def wrap(check: Callable[..., CheckResult]) -> Callable[..., CheckResult]:
         @functools.wraps(check)
         def run(*args: Any, **kwargs: Any) -> CheckResult:
-            return guarded(name, fix, lambda: check(*args, **kwargs))
+            return guarded(name, lambda: check(*args, **kwargs))
         return run
     return wrap
 
@@ -163,7 +180,7 @@ def _sync(device: torch.device) -> None:
 
 
 # ---- 1. token shards --------------------------------------------------------------------------------------
-@never_raises(TOKEN_SHARDS, "re-run `mixlab tokenize` on the curated directory")
+@never_raises(TOKEN_SHARDS)
 def check_token_shards(manifest: ShardManifest, sources: Sequence[str], model_vocab_size: int,
                        run_tokenizer_sha256: str | None = None, run_path: str | Path | None = None) -> CheckResult:
     """Every token shard of `sources` (train and val) exists, matches the manifest's size and sha256, opens
@@ -248,7 +265,7 @@ class PlanLike(Protocol):
     def check(self) -> None: ...
 
 
-@never_raises(PLAN, "change what the error names (see `mixlab mix plan`)")
+@never_raises(PLAN)
 def check_plan(plan: PlanLike, model_config: ModelConfig) -> CheckResult:
     """The planner's refusals (each with its fix) and stages whose seq_len the model has no positions for."""
     problems = list(plan.problems)
@@ -273,8 +290,7 @@ class EvaluatorLike(Protocol):
     def evaluate(self, model: nn.Module, device: torch.device | str | None = None) -> list[dict[str, Any]]: ...
 
 
-@never_raises(EVAL, "give every evaluated source held-out windows of train.seq_len + 1 tokens, and "
-                     "score a dataset of the run's tokenizer")
+@never_raises(EVAL)
 def check_eval(setup: TrainingSetup, evaluator_factory: Callable[[], EvaluatorLike], expected_sources: Sequence[str],
                tasks_factory: Callable[[], EvaluatorLike] | None = None) -> CheckResult:
     """Build the evaluator (and the downstream tasks) and score a freshly initialised model once: a row for
@@ -353,7 +369,7 @@ def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: Sampl
     }
 
 
-@never_raises(CHECKPOINT, "save and load every piece of training state (training/checkpoint.py)")
+@never_raises(CHECKPOINT)
 def check_checkpoint_round_trip(setup: TrainingSetup, *, save: Callable[..., Path] = save_checkpoint,
                                 load: Callable[..., Any] = load_checkpoint,
                                 workdir: str | Path | None = None) -> CheckResult:
@@ -460,7 +476,7 @@ def _threads(cfg: TrainConfig, device: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@never_raises(THROUGHPUT, "a smaller train.batch_size or model, or fewer train.total_steps")
+@never_raises(THROUGHPUT)
 def check_throughput_and_memory(setup: TrainingSetup, steps: int = 5, warmup: int = 1, *,
                                 eval_seconds: float | None = None, checkpoint_seconds: float | None = None,
                                 time_budget_h: float | None = None, memory_limit_bytes: int | None = None
@@ -539,7 +555,7 @@ def state_hash(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-@never_raises(RANK_SEEDS, "derive per-rank seeds with training.seeds.rank_seeds")
+@never_raises(RANK_SEEDS)
 def check_rank_seeds(setup: TrainingSetup, dp: int = 1, tp: int = 1, *,
                      seed_fn: Callable[[int, int, int], list[RankSeeds]] = world_seeds,
                      max_inits: int = 4) -> CheckResult:

@@ -7,10 +7,11 @@ and `.evaluate(model)` returns one row per task: accuracy, margin, items, chance
 
 from mixlab.ablations.tasks.builders import DEFAULT_MAX_ITEMS, MIN_ITEMS, build_tasks, held_out_split
 from mixlab.ablations.tasks.cloze import ClozeEvaluator
-from mixlab.ablations.tasks.items import ClozeItem, ClozeTask, TaskFileError, load_tasks
+from mixlab.ablations.tasks.items import INDEX_NAME, ClozeItem, ClozeTask, TaskFileError, load_tasks
 
 __all__ = [
     "DEFAULT_MAX_ITEMS",
+    "INDEX_NAME",
     "MIN_ITEMS",
     "ClozeEvaluator",
     "ClozeItem",
