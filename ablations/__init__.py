@@ -1,6 +1,13 @@
 """Ablations: specs of proxy runs to compare, and reports on runs (tables, plots, noise)."""
 
-from mixlab.ablations.ablation_report import build_ablation_report, exceeds_seed_noise, ranked_table
+from mixlab.ablations.ablation_report import (
+    bpb_chance_levels,
+    build_ablation_report,
+    exceeds_seed_noise,
+    loss_units_differ,
+    ranked_table,
+    run_vocab_sizes,
+)
 from mixlab.ablations.compare import (
     config_differences,
     curation_funnel,
@@ -21,9 +28,12 @@ from mixlab.ablations.slurm import SlurmLauncher
 from mixlab.ablations.spec import AblationSpec, AblationSpecError, AblationVariant, Axis
 
 __all__ = [
+    "bpb_chance_levels",
     "build_ablation_report",
     "exceeds_seed_noise",
+    "loss_units_differ",
     "ranked_table",
+    "run_vocab_sizes",
     "RegMixConfig",
     "RegMixReport",
     "run_regmix",

@@ -8,6 +8,11 @@ per variant with a band over seeds; a ranked table per key metric with the diffe
 it exceeds the seed noise; the playbook's signal checks on the downstream tasks and on per-source bpb; and, for
 mixture axes, every per-source metric against the share of tokens that source really got in each run.
 
+A tokenizer axis (or runs with different vocabularies) puts each variant's loss in nats per token of its own
+tokenizer: those are different units, so the `/loss` metrics are then not ranked (the page and summary say so)
+and variants are ranked by bits per byte; bpb's chance level (a uniform guess) is set per variant from its own
+vocabulary and tokens per byte.
+
 Seed noise, as used here: a variant's final mean differs from the base's by more than the seed noise when
 |diff| > k x the pooled seed std of the two (k = 2 by default; std over seeds with ddof=1, pooled as the root of
 the dof-weighted mean variance). The bar does not shrink with more seeds on purpose: it asks whether the effect
@@ -25,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import yaml
 from mixlab.ablations import ablation_plots, compare
@@ -33,7 +39,7 @@ from mixlab.ablations.outputs import json_safe
 from mixlab.ablations.report import REPORT_CSS, HtmlPage, html_table
 from mixlab.ablations.results import ablation_results, task_chance, task_sources, write_results
 from mixlab.ablations.signal import signal_table
-from mixlab.ablations.spec import AblationSpec
+from mixlab.ablations.spec import TOKENIZER_FIELD, AblationSpec
 from mixlab.training import RunRecord
 
 logger = logging.getLogger("mixlab.ablation_report")
@@ -179,44 +185,90 @@ def report_task_signal(results: pl.DataFrame, chance: Mapping[str, float] | None
     if not levels:
         return None, notes
     table = signal_table(_signal_rows(results, list(levels)), levels, {m: higher_is_better(m) for m in levels})
-    return table, notes
+    return table.drop("chance_per_variant"), notes  # a task's chance is one number (1 / choices)
 
 
-def bpb_signal(results: pl.DataFrame, vocab_size: int | None, metrics: Sequence[str] | None = None
+def bpb_chance_levels(results: pl.DataFrame, vocab_size: int | Mapping[str, int] | None, metric: str
+                      ) -> tuple[dict[str, float], list[str]]:
+    """Per variant, the bpb of a uniform guess over its own vocabulary: ln(V) nats per token, which in bits per
+    byte is ln(V) x the run's own bpb / loss (its windows' tokens per byte). A tokenizer axis changes both V and
+    tokens per byte from one variant to the next, so one level for all would misjudge every variant but one.
+    `vocab_size` is one size for every run or a mapping run -> size; a run without one adds nothing (named in the
+    returned notes), and a variant none of whose runs has one gets no level. A variant's level is the mean of
+    its runs' (its seeds share tokenizer and windows)."""
+    source = metric[: -len("/bpb")]
+    pairs = (results.filter(pl.col("metric") == metric).select("run", "variant", "step", pl.col("value").alias("bpb"))
+             .join(results.filter(pl.col("metric") == f"{source}/loss")
+                   .select("run", "step", pl.col("value").alias("loss")), on=["run", "step"])
+             .filter(pl.col("loss") > 0))
+    if pairs.is_empty():
+        return {}, [f"{metric}: no matching {source}/loss rows to convert the uniform guess into bpb; left out"]
+    per_run = (pairs.group_by("run", "variant").agg((pl.col("bpb") / pl.col("loss")).median().alias("ratio"))
+               .sort("variant", "run"))
+    chances: dict[str, list[float]] = {}
+    lacking = []
+    for run, variant, ratio in per_run.iter_rows():
+        size = vocab_size.get(run) if isinstance(vocab_size, Mapping) else vocab_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+            lacking.append(run)
+            continue
+        chances.setdefault(variant, []).append(float(ratio) * math.log(size))
+    notes = [f"{metric}: run(s) {lacking} have no vocabulary size in their configs (no uniform-guess chance level); "
+             "a variant with none is left out of its signal checks"] if lacking else []
+    return {variant: float(np.mean(levels)) for variant, levels in chances.items()}, notes
+
+
+def bpb_signal(results: pl.DataFrame, vocab_size: int | Mapping[str, int] | None, metrics: Sequence[str] | None = None
                ) -> tuple[pl.DataFrame | None, list[str]]:
-    """The signal checks on per-source bpb read as tasks. signal_table needs a chance level for every task and
-    refuses without one; for a loss the honest one is a uniform guess over the vocabulary: ln(V) nats per token,
-    which in bits per byte is bpb x ln(V) / loss (the same windows' tokens per byte, read off the rows)."""
+    """The signal checks on per-source bpb read as tasks. The above-random check needs a chance level; for a
+    loss the honest one is a uniform guess over the vocabulary, per variant (bpb_chance_levels): each variant's
+    margin is taken from its own level. `vocab_size` is one size for all runs or a mapping run -> size (the
+    report reads each run's config). The table's `chance` is the mean level over the final runs, and
+    `chance_per_variant` lists each variant's; a variant without a level is left out of its metric's checks."""
     wanted = [m for m in (metrics or key_metrics(results)) if m.endswith("/bpb")]
     if not wanted:
         return None, []
-    if not vocab_size or vocab_size < 2:
+    if not vocab_size or (not isinstance(vocab_size, Mapping) and vocab_size < 2):
         return None, ["no vocabulary size in the runs' configs: bpb has no chance level (uniform guess), so its "
                       "signal checks are left out"]
-    levels: dict[str, float] = {}
-    notes = []
+    chances: dict[str, dict[str, float]] = {}
+    notes: list[str] = []
     for metric in wanted:
-        source = metric[: -len("/bpb")]
-        pairs = (results.filter(pl.col("metric") == metric).select("run", "step", pl.col("value").alias("bpb"))
-                 .join(results.filter(pl.col("metric") == f"{source}/loss")
-                       .select("run", "step", pl.col("value").alias("loss")), on=["run", "step"])
-                 .filter(pl.col("loss") > 0))
-        if pairs.is_empty():
-            notes.append(f"{metric}: no matching {source}/loss rows to convert the uniform guess into bpb; left out")
-            continue
-        ratio = (pairs["bpb"] / pairs["loss"]).median()
-        levels[metric] = float(ratio) * math.log(vocab_size)
-    if not levels:
+        levels, why = bpb_chance_levels(results, vocab_size, metric)
+        notes += why
+        if levels:
+            chances[metric] = levels
+    if not chances:
         return None, notes
-    table = signal_table(_signal_rows(results, list(levels)), levels, dict.fromkeys(levels, False))
-    return table, notes
+    with_level = pl.any_horizontal(*[(pl.col("task") == m) & pl.col("variant").is_in(list(levels))
+                                     for m, levels in chances.items()])
+    rows = _signal_rows(results, list(chances)).filter(with_level)
+    return signal_table(rows, chances, dict.fromkeys(chances, False), tasks=list(chances)), notes
 
 
 # ---- mixture axes: metric against the trained share of each source --------------------------------
+def _spec_fields(spec: AblationSpec) -> list[str]:
+    """The fields the spec's axes or variants set, in order."""
+    fields = [a.field for a in spec.axes] if spec.axes else [k for v in spec.variants for k in v if k != "name"]
+    return list(dict.fromkeys(fields))
+
+
 def mixture_axes(spec: AblationSpec) -> list[str]:
     """The spec's fields that change the mixture: `mixture` or `mixture.<...>`."""
-    fields = [a.field for a in spec.axes] if spec.axes else [k for v in spec.variants for k in v if k != "name"]
-    return [f for f in dict.fromkeys(fields) if f == "mixture" or f.startswith("mixture.")]
+    return [f for f in _spec_fields(spec) if f == "mixture" or f.startswith("mixture.")]
+
+
+def loss_units_differ(spec: AblationSpec, vocab_sizes: Mapping[str, int] | None = None) -> str | None:
+    """Why the runs' per-token losses are in different units (a tokenizer axis, or runs with different
+    vocabularies), or None when they compare. Nats per token of two tokenizers measure different things (a
+    tokenizer with more tokens per byte has an easier next token), so then only bits per byte ranks variants."""
+    if TOKENIZER_FIELD in _spec_fields(spec):
+        return (f"the spec varies the tokenizer (field `{TOKENIZER_FIELD}`): each variant's loss is in nats per "
+                "token of its own vocabulary")
+    sizes = sorted(set((vocab_sizes or {}).values()))
+    if len(sizes) > 1:
+        return f"the runs' vocabularies differ ({', '.join(map(str, sizes))} tokens): their losses are per token of each"
+    return None
 
 
 def trained_shares(spec: AblationSpec) -> pl.DataFrame:
@@ -272,21 +324,27 @@ def _variant_order(spec: AblationSpec) -> list[str]:
     return list(dict.fromkeys(v.name for v in spec.expand()))
 
 
-def _vocab_size(spec: AblationSpec) -> int | None:
-    """The model vocabulary the proxies trained with (run.json's config), for the uniform-guess bpb."""
+def run_vocab_sizes(spec: AblationSpec) -> dict[str, int]:
+    """Run id -> the model vocabulary it trained with (its run.json config; else the base's model.vocab_size),
+    for the uniform-guess bpb of each run: a tokenizer axis gives each variant its own."""
+    fallback = (spec.base.get("model") or {}).get("vocab_size")
+    sizes = {}
     for proxy in proxy_runs(spec):
-        if proxy.status != "pending":
-            size = (RunRecord.load(proxy.path).config.get("model") or {}).get("vocab_size")
-            if isinstance(size, int) and not isinstance(size, bool):
-                return size
-    size = (spec.base.get("model") or {}).get("vocab_size")
-    return size if isinstance(size, int) else None
+        size = (RunRecord.load(proxy.path).config.get("model") or {}).get("vocab_size") \
+            if proxy.status != "pending" else None
+        size = size if isinstance(size, int) and not isinstance(size, bool) else fallback
+        if isinstance(size, int) and not isinstance(size, bool):
+            sizes[proxy.run_id] = size
+    return sizes
 
 
-def _families(metrics: Sequence[str]) -> list[tuple[str, str, list[str]]]:
-    """(key, title, metrics) per figure: held-out loss, held-out bpb, then one per task metric kind."""
+def _families(metrics: Sequence[str], mixed_units: bool = False) -> list[tuple[str, str, list[str]]]:
+    """(key, title, metrics) per figure: held-out loss, held-out bpb, then one per task metric kind. With
+    `mixed_units` (a tokenizer axis) the loss title says that its curves do not compare across variants."""
     out = []
-    for key, title, suffix in (("eval_loss", "Held-out loss per source (nats/token)", "/loss"),
+    loss_title = "Held-out loss per source (nats/token" + (" of each variant's own tokenizer: not comparable "
+                                                          "across variants, read bpb)" if mixed_units else ")")
+    for key, title, suffix in (("eval_loss", loss_title, "/loss"),
                                ("eval_bpb", "Held-out bits per byte per source", "/bpb")):
         chosen = [m for m in metrics if m.endswith(suffix) and not m.startswith(("task/", "train/"))]
         if chosen:
@@ -332,11 +390,14 @@ def _noise_rule(k: float) -> str:
 
 def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
                           chance: Mapping[str, float] | None = None, metrics: Sequence[str] | None = None,
-                          k: float = NOISE_K, results: pl.DataFrame | None = None) -> Path:
+                          k: float = NOISE_K, results: pl.DataFrame | None = None,
+                          vocab_sizes: Mapping[str, int] | None = None) -> Path:
     """Write `report.html` and `summary.json` for the spec's proxies (default dir
     `<runs_dir>/../ablations/<spec.name>/report/`) and return the HTML's path. `chance` maps a task name to its
     accuracy at random (1/choices); `metrics` limits the ranked metrics (default: every held-out loss/bpb and
-    task metric); `results` replaces `ablation_results(spec)` (e.g. a table read back from Parquet)."""
+    task metric); `results` replaces `ablation_results(spec)` (e.g. a table read back from Parquet) and
+    `vocab_sizes` (run id -> vocabulary) the one each run's config recorded. When the runs' losses are in
+    different units (loss_units_differ: a tokenizer axis), `/loss` metrics are not ranked: bpb ranks them."""
     out = Path(out_dir) if out_dir is not None else runs_dir(spec).parent / "ablations" / spec.name / "report"
     out.mkdir(parents=True, exist_ok=True)
     results = ablation_results(spec) if results is None else results
@@ -350,6 +411,10 @@ def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
     if unknown and metrics is not None:
         raise ValueError(f"metrics {unknown} are not in the results of ablation {spec.name!r}; they hold "
                          f"{sorted(present)}")
+    vocab_sizes = run_vocab_sizes(spec) if vocab_sizes is None else dict(vocab_sizes)
+    mixed_units = loss_units_differ(spec, vocab_sizes)
+    unranked = [m for m in wanted if mixed_units and m.endswith("/loss")]
+    ranked_metrics = [m for m in wanted if m not in unranked]
     page = HtmlPage(out)
     notes: list[str] = []
     summary: dict[str, Any] = {
@@ -368,18 +433,27 @@ def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
     if not results.is_empty():
         page.add("<h2>Curves per variant</h2>",
                  "<p class=note>Line: mean over seeds at each step; band: min–max over seeds.</p>")
-        for key, title, family in _families(wanted):
+        for key, title, family in _families(wanted, mixed_units is not None):
             page.figure(key, ablation_plots.seed_curves(results, family, variants, title), title)
         if "train/loss" in present:
-            page.figure("train_loss", ablation_plots.seed_curves(results, ["train/loss"], variants, "Training loss"),
+            title = "Training loss" + (" (nats/token of each variant's own tokenizer)" if mixed_units else "")
+            page.figure("train_loss", ablation_plots.seed_curves(results, ["train/loss"], variants, title),
                         "training loss")
 
     # ---- ranked tables
     ranked: dict[str, list[dict[str, Any]]] = {}
+    if unranked:
+        note = (f"Per-token loss is not ranked: {mixed_units}. Nats per token of different tokenizers are different "
+                f"units, so the variants are ranked by bits per byte only; left out: {', '.join(unranked)}.")
+        notes.append(note)
+        summary["unranked"] = {"metrics": unranked, "reason": mixed_units}
+    summary["ranked_by_bpb_only"] = mixed_units is not None
     if wanted:
         page.add("<h2>Ranked variants per metric (final step)</h2>", f"<p>{_noise_rule(k)} Ranked by the mean over "
                  "seeds: lower is better for loss and bpb, higher for accuracy and margin.</p>")
-        tables = {m: ranked_table(results, m, base_variant, k) for m in wanted}
+        if unranked:
+            page.add(f"<p class=bad>{html.escape(note)}</p>")
+        tables = {m: ranked_table(results, m, base_variant, k) for m in ranked_metrics}
         overview = [{"metric": m, "best": t["variant"][0], "best mean": t["mean"][0],
                      "beyond noise vs base": int(t["exceeds_seed_noise"].fill_null(False).sum()),
                      "within noise": int((~t["exceeds_seed_noise"]).fill_null(False).sum()),
@@ -408,11 +482,12 @@ def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
             signal["tasks"] = tasks.to_dicts()
         elif not any(m.startswith("task/") for m in present):
             page.add("<p class=note>No task metrics in these runs (set eval.tasks in the base to score them).</p>")
-        bpb, bpb_notes = bpb_signal(results, _vocab_size(spec), wanted)
+        bpb, bpb_notes = bpb_signal(results, vocab_sizes, wanted)
         page.add("<h3>Held-out bits per byte per source</h3>")
         if bpb is not None:
             page.add("<p class=note>Chance for a loss: a uniform guess over the vocabulary (ln V nats per token), in "
-                     "bits per byte.</p>", html_table(bpb, floats=4))
+                     "bits per byte, per variant from its own vocabulary and tokens per byte (chance_per_variant); "
+                     "chance is their mean over the final runs.</p>", html_table(bpb, floats=4))
             signal["bpb"] = bpb.to_dicts()
         for note in [*task_notes, *bpb_notes]:
             page.add(f"<p class=bad>{html.escape(note)}</p>")
@@ -428,10 +503,12 @@ def build_ablation_report(spec: AblationSpec, out_dir: str | Path | None = None,
                  f"<p>Mixture axes: {', '.join(f'<code>{html.escape(f)}</code>' for f in mixing)}. A source's share "
                  "in a run is the share of the tokens the run actually trained on that came from it (the last "
                  "logged tokens_by_source), whatever the schedule or policy did.</p>")
-        loss_metrics = [m for m in wanted if m.endswith("/loss") and m.split("/")[0] != "all"]
+        per_source = "/bpb" if mixed_units else "/loss"  # a tokenizer axis too: per-token losses do not compare
+        loss_metrics = [m for m in wanted if m.endswith(per_source) and m.split("/")[0] != "all"]
         task_metrics = [m for m in wanted if m.startswith("task/")]
         points = weight_points(results, shares, [*loss_metrics, *task_metrics], task_sources=task_sources(spec))
-        for key, chosen, title in (("weight_loss", loss_metrics, "Held-out loss vs the source's trained share"),
+        loss_title = f"Held-out {'bpb' if mixed_units else 'loss'} vs the source's trained share"
+        for key, chosen, title in (("weight_loss", loss_metrics, loss_title),
                                    ("weight_tasks", task_metrics, "Task metrics vs trained source shares")):
             mine = points.filter(pl.col("metric").is_in(chosen))
             if not mine.is_empty():

@@ -190,12 +190,17 @@ def noise(table: pl.DataFrame | Iterable[Mapping[str, Any]], task: str | None = 
 
 
 # ---- above random ---------------------------------------------------------------------------
+Chance = float | Mapping[str, float]
+"""A task's chance level: one for every run, or one per variant (e.g. bpb under a tokenizer axis, where each
+variant's uniform guess depends on its own vocabulary)."""
+
+
 @dataclass(frozen=True)
 class AboveRandom:
     """How far the final score sits from chance, in the better direction, against its error."""
 
     final: float                        # mean final score over runs
-    chance: float
+    chance: float                       # the chance level, or the mean of the runs' own levels per variant
     margin: float                       # final - chance (chance - final when lower is better)
     stderr: float | None                # of the mean: binomial from n_items, else over runs
     seed_std: float | None
@@ -204,15 +209,28 @@ class AboveRandom:
     per_variant: dict[str, float] = field(default_factory=dict)  # each variant's margin
     step: int | None = None
     reason: str | None = None
+    chance_per_variant: dict[str, float] | None = None  # each variant's own level; None for one level for all
 
 
-def above_random(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: float, task: str | None = None,
+def _variant_levels(task: str, variants: Iterable[str], chance: Mapping[str, float]) -> dict[str, float]:
+    """The per-variant chance levels of the variants present, or an error naming those without one."""
+    present = sorted(set(variants))
+    lacking = [v for v in present if v not in chance]
+    if lacking:
+        raise ValueError(f"task {task!r}: no chance level for variant(s) {lacking}; give one per variant or "
+                         "drop those variants' rows")
+    return {v: float(chance[v]) for v in present}
+
+
+def above_random(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Chance, task: str | None = None,
                  higher_is_better: bool = True, k: float = 2.0, n_items: int | None = None, ddof: int = 1,
                  variant_column: str | None = "variant") -> AboveRandom:
     """The mean final score against `chance` (e.g. 1/num_choices for accuracy, log(vocab) for a loss). It is
     above random when the margin exceeds k times the larger of the standard error (binomial with `n_items`
     for an accuracy, else std over runs / sqrt(runs)) and the seed std: a margin that seeds or item sampling
-    could erase is no margin."""
+    could erase is no margin. A mapping variant -> level measures each run from its own variant's level: the
+    check runs on score - level, so `chance` is then the mean level over the final runs (and the margin the
+    mean of the runs' margins); a constant per variant leaves the seed std unchanged."""
     task, rows = _one_task(as_table(table, variant_column), task)
     step = _final_step(rows)
     if step is None:
@@ -220,10 +238,18 @@ def above_random(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: floa
                          "compare with chance; evaluate every run at its last step")
     finals = _finals(rows, step)
     values = finals["value"].to_numpy()
+    levels: dict[str, float] | None = None
+    if isinstance(chance, Mapping):
+        levels = _variant_levels(task, rows["variant"].to_list(), chance)
+        run_chance = np.array([levels[v] for v in finals["variant"].to_list()])
+        level = float(run_chance.mean())
+    else:
+        level = float(chance)
+        run_chance = np.full(len(values), level)
     final = float(values.mean())
     sign = 1.0 if higher_is_better else -1.0
-    margin = sign * (final - chance)
-    per_variant = {v: sign * (float(g["value"].mean()) - chance)
+    margin = sign * (final - level)
+    per_variant = {v: sign * (float(g["value"].mean()) - (level if levels is None else levels[v]))
                    for (v,), g in sorted(finals.group_by("variant"), key=lambda item: str(item[0][0]))}
     if n_items is not None:
         if n_items < 1:
@@ -231,20 +257,21 @@ def above_random(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: floa
         p = min(max(final, 0.0), 1.0)
         stderr: float | None = math.sqrt(p * (1 - p) / (n_items * len(values)))
     elif len(values) >= 2:
-        stderr = float(np.std(values, ddof=1) / math.sqrt(len(values)))
+        stderr = float(np.std(values - run_chance, ddof=1) / math.sqrt(len(values)))
     else:
         stderr = None
     seed_std = noise(rows, task, ddof=ddof, variant_column="variant").std
     scales = [s for s in (stderr, seed_std) if s is not None]
     if not scales:
-        return AboveRandom(final, chance, margin, None, None, k, None, per_variant, step,
+        return AboveRandom(final, level, margin, None, None, k, None, per_variant, step,
                            "one run and no item count: no error to compare the margin with; give n_items or "
-                           "more seeds")
+                           "more seeds", levels)
     bar = k * max(scales)
     above = margin > bar
-    reason = None if above else (f"margin {_fmt(margin)} over chance {_fmt(chance)} is within {k:g} x "
-                                 f"{_fmt(max(scales))}")
-    return AboveRandom(final, chance, margin, stderr, seed_std, k, above, per_variant, step, reason)
+    against = (f"over chance {_fmt(level)}" if levels is None
+               else f"{'above' if higher_is_better else 'below'} the variants' own chance levels")
+    reason = None if above else f"margin {_fmt(margin)} {against} is within {k:g} x {_fmt(max(scales))}"
+    return AboveRandom(final, level, margin, stderr, seed_std, k, above, per_variant, step, reason, levels)
 
 
 # ---- ranking consistency --------------------------------------------------------------------
@@ -343,12 +370,13 @@ def _verdict(mono: Monotonicity, nz: Noise, ar: AboveRandom, rank: RankingConsis
     return (not bad), "; ".join(bad) if bad else ", ".join(good)
 
 
-def task_signal(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Mapping[str, float],
+def task_signal(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Mapping[str, Chance],
                 higher_is_better: Mapping[str, bool], n_items: Mapping[str, int] | None = None,
                 thresholds: SignalThresholds | None = None, variant_column: str | None = "variant",
                 tasks: Sequence[str] | None = None) -> list[TaskSignal]:
-    """All four checks for every task in the table (or `tasks`), sorted by task, each with a verdict. Every
-    task needs a chance level and a direction; `n_items` (items per task) gives accuracies a binomial error."""
+    """All four checks for every task in the table (or `tasks`, in that order; else sorted by task), each with a
+    verdict. Every task needs a chance level (one number, or a mapping variant -> level: see above_random) and a
+    direction; `n_items` (items per task) gives accuracies a binomial error."""
     th = thresholds or SignalThresholds()
     frame = as_table(table, variant_column)
     names = sorted(frame["task"].unique().to_list()) if tasks is None else list(tasks)
@@ -361,9 +389,10 @@ def task_signal(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Mappi
     for task in names:
         _, rows = _one_task(frame, task)
         hib = bool(higher_is_better[task])
+        level = chance[task]
         mono = monotonicity(rows, task, hib, variant_column="variant")
         nz = noise(rows, task, ddof=th.ddof, variant_column="variant")
-        ar = above_random(rows, float(chance[task]), task, hib, th.k,
+        ar = above_random(rows, level if isinstance(level, Mapping) else float(level), task, hib, th.k,
                           None if n_items is None else n_items.get(task), th.ddof, variant_column="variant")
         rank = ranking_consistency(rows, task, th.last, variant_column="variant")
         ok, why = _verdict(mono, nz, ar, rank, th)
@@ -371,12 +400,26 @@ def task_signal(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Mappi
     return out
 
 
-def signal_table(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Mapping[str, float],
+SIGNAL_TABLE_SCHEMA = {
+    "task": pl.Utf8, "higher_is_better": pl.Boolean, "rho": pl.Float64, "seed_std": pl.Float64,
+    "variant_spread": pl.Float64, "final": pl.Float64, "chance": pl.Float64, "margin": pl.Float64,
+    "above_random": pl.Boolean, "tau": pl.Float64, "trustworthy": pl.Boolean, "reason": pl.Utf8,
+    "chance_per_variant": pl.Utf8,
+}
+
+
+def _chance_per_variant(levels: Mapping[str, float] | None) -> str | None:
+    """`variant level, ...` (4 significant digits) for the table; None where one level serves every run."""
+    return None if levels is None else ", ".join(f"{v} {c:.4g}" for v, c in sorted(levels.items()))
+
+
+def signal_table(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Mapping[str, Chance],
                  higher_is_better: Mapping[str, bool], n_items: Mapping[str, int] | None = None,
-                 thresholds: SignalThresholds | None = None, variant_column: str | None = "variant"
-                 ) -> pl.DataFrame:
+                 thresholds: SignalThresholds | None = None, variant_column: str | None = "variant",
+                 tasks: Sequence[str] | None = None) -> pl.DataFrame:
     """One row per task for the report: the four checks as numbers (null where not computable), the verdict
-    and its reason."""
+    and its reason. With per-variant chance levels `chance` is their mean over the final runs and
+    `chance_per_variant` lists them (null where the task has one level)."""
     rows = [{
         "task": s.task,
         "higher_is_better": s.higher_is_better,
@@ -390,8 +433,6 @@ def signal_table(table: pl.DataFrame | Iterable[Mapping[str, Any]], chance: Mapp
         "tau": s.ranking.tau,
         "trustworthy": s.trustworthy,
         "reason": s.reason,
-    } for s in task_signal(table, chance, higher_is_better, n_items, thresholds, variant_column)]
-    schema = {"task": pl.Utf8, "higher_is_better": pl.Boolean, "rho": pl.Float64, "seed_std": pl.Float64,
-              "variant_spread": pl.Float64, "final": pl.Float64, "chance": pl.Float64, "margin": pl.Float64,
-              "above_random": pl.Boolean, "tau": pl.Float64, "trustworthy": pl.Boolean, "reason": pl.Utf8}
-    return pl.DataFrame(rows, schema=schema)
+        "chance_per_variant": _chance_per_variant(s.above_random.chance_per_variant),
+    } for s in task_signal(table, chance, higher_is_better, n_items, thresholds, variant_column, tasks)]
+    return pl.DataFrame(rows, schema=SIGNAL_TABLE_SCHEMA)

@@ -42,7 +42,13 @@ from mixlab.curation.code_filters import (
     programming_language_counts,
 )
 from mixlab.curation.console import CurationError, DocumentProgress, failed_task_log, quiet_datatrove_console
-from mixlab.curation.datacard import data_card, read_front_matter, write_data_card, write_dataset_card
+from mixlab.curation.datacard import (
+    data_card,
+    data_card_path,
+    read_front_matter,
+    write_data_card,
+    write_dataset_card,
+)
 from mixlab.curation.decontam import (
     EVAL_SET_LOADERS,
     EVAL_SET_ORIGINS,
@@ -333,6 +339,7 @@ __all__ = [
     "extract_math_html",
     # the data card, dropped-document examples, metadata queries, downloads
     "data_card",
+    "data_card_path",
     "write_data_card",
     "DropSampleWriter",
     "attach_drop_samples",

@@ -386,9 +386,9 @@ def _source_section(manifest: ShardManifest, name: str, entry: SourceEntry, hist
             lines += [f"Examples not read: {_cell(err)}", ""]
     drops = [(s.name, reason, n) for s in entry.steps for reason, n in s.dropped.items() if n]
     if drops:
-        lines += ["Examples of dropped documents (the first ones per reason; text cut to 500 characters). "
-                  "\"No example recorded\": the step keeps none (extractors), or the source was curated without drop "
-                  "sampling (`attach_drop_samples`).", ""]
+        lines += ["Examples of dropped documents (the first ones per reason; text cut to 500 characters; for the "
+                  "extractor, the raw HTML). \"No example recorded\": the step keeps none (the cluster stages of a "
+                  "dedup), or the source was curated without drop sampling (`attach_drop_samples`).", ""]
         previous = None
         for step, reason, count in drops:
             if step != previous:

@@ -24,6 +24,7 @@ from datatrove.pipeline.dedup import MinhashDedupFilter
 from datatrove.pipeline.filters.base_filter import BaseFilter
 from datatrove.pipeline.writers.disk_base import DiskWriter
 from mixlab.curation.accounting import step_name
+from mixlab.curation.extract import QuarantiningTrafilatura
 from mixlab.curation.manifest import ManifestError
 from mixlab.curation.paths import outside_problem
 from mixlab.curation.readers import QUARANTINE_PREFIX
@@ -40,7 +41,8 @@ KEPT_METADATA = ("path", "url", "origin", "language", "language_score", "lang_hi
 # steps that are not BaseFilters but write what they drop to an `exclusion_writer`, and the reason the manifest
 # counts their drops under (they set no `filter_reason`). Sentence dedup is not here: its exclusion writer gets
 # every document it shortened, kept ones too.
-EXCLUDING_STEPS: list[tuple[type, str]] = [(MinhashDedupFilter, "minhash_duplicate")]
+EXCLUDING_STEPS: list[tuple[type, str]] = [(MinhashDedupFilter, "minhash_duplicate"),
+                                           (QuarantiningTrafilatura, "empty_extraction")]
 
 
 def dropped_dir(layout: SourceLayout) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -99,6 +100,7 @@ class QuarantiningTrafilatura(Trafilatura):
                  favour_precision: bool = True, **kwargs: Any):
         super().__init__(favour_precision=favour_precision, timeout=timeout, deduplicate=deduplicate, **kwargs)
         self.quarantine = quarantine_writer(quarantine_folder, "extract")
+        self.exclusion_writer = None  # set by `attach_drop_samples`: pages that extracted to nothing, as examples
 
     def _quarantine(self, doc, reason: str, error: str, rank: int) -> None:
         self.stat_update(StatHints.dropped, f"dropped_{QUARANTINE_PREFIX}{reason}")
@@ -106,7 +108,8 @@ class QuarantiningTrafilatura(Trafilatura):
                                                   source=doc.metadata.get("source")), rank)
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        with ExtractorSandbox(timeout=self.timeout, warmup_text="") as extractor, self.quarantine:
+        with (ExtractorSandbox(timeout=self.timeout, warmup_text="") as extractor, self.quarantine,
+              self.exclusion_writer or contextlib.nullcontext()):
             for doc in data:
                 self.stat_update(StatHints.total)
                 with self.track_time():
@@ -131,3 +134,6 @@ class QuarantiningTrafilatura(Trafilatura):
                     yield doc
                 else:
                     self.stat_update(StatHints.dropped, "dropped_empty_extraction")
+                    if self.exclusion_writer is not None:
+                        doc.metadata["filter_reason"] = "empty_extraction"
+                        self.exclusion_writer.write(doc, rank)

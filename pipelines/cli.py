@@ -54,6 +54,7 @@ def cmd_corpus_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
+    from mixlab.curation import data_card_path
     from mixlab.pipelines.curate import curate, load_recipe_specs
 
     parallelism = _overrides(args, ["tasks", "workers"])
@@ -64,6 +65,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
         print(f"ACCOUNTING: {problem}", file=sys.stderr)
     print(f"manifest: {manifest.root / 'manifest.json'}")
     print(f"dataset:  {manifest.root / 'data'}  (datasets.load_dataset or DuckDB read it as is)")
+    if (card := data_card_path(manifest)).is_file():
+        print(f"data card: {card}  (languages, lengths, scores, cluster sizes, the funnel, dropped examples)")
     return 1 if problems else 0
 
 
@@ -349,7 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cap per source on the UTF-8 bytes of the raw documents' text (web: the raw HTML, before "
                             "extraction), in MB of 10^6 bytes; a source with less text is warned about "
                             f"(default {_default(fetch_corpus, 'max_mb')})")
-    fetch.add_argument("--sources", nargs="*", help="source names (default: all: web-en web-de ... code-python math chat)")
+    fetch.add_argument("--sources", nargs="*", help="source names (default: all: web-en web-de ... code-python math "
+                       "chat; also math-web, SymPy's HTML docs with TeX, only when named)")
     fetch.set_defaults(func=cmd_corpus_fetch)
 
     cur = sub.add_parser("curate", help="run the datatrove curation recipe of each raw source")

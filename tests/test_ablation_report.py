@@ -17,17 +17,19 @@ import pytest
 import torch
 from mixlab.ablations.ablation_plots import metric_vs_weight
 from mixlab.ablations.ablation_report import (
+    bpb_chance_levels,
     bpb_signal,
     build_ablation_report,
     exceeds_seed_noise,
     key_metrics,
+    loss_units_differ,
     pooled_seed_std,
     ranked_table,
     report_task_signal,
     trained_shares,
     weight_points,
 )
-from mixlab.ablations.launch import proxy_runs, resolved_config
+from mixlab.ablations.launch import DONE, proxy_runs, resolved_config
 from mixlab.ablations.results import ablation_results
 from mixlab.ablations.spec import AblationSpec, Axis
 from mixlab.pipelines.pretrain import pretrain
@@ -218,3 +220,67 @@ def test_the_examples_favoured_source_check_reads_the_ranked_table(ablation: Abl
                                                                    row["exceeds_seed_noise"])
     assert check.holds == (row["diff_to_base"] < 0 and bool(row["exceeds_seed_noise"]))
     assert check.source in check.line() and ("beyond seed noise" in check.line()) == check.holds
+
+
+def test_a_tokenizer_axis_is_ranked_by_bpb_with_each_variants_own_chance(tmp_path: Path):
+    """Two tokenizers (as `mixlab tokenize --vocab-sizes 300,400` names them): the smaller vocabulary cuts text
+    into more tokens per byte, so its next token is easier and its per-token loss lower, while its bits per byte
+    are higher. The report ranks by bpb, leaves the loss tables out and says why, and each variant's uniform
+    guess comes from its own vocabulary and tokens per byte."""
+    base = {"runs_dir": str(tmp_path / "runs"), "data": {"curated": str(tmp_path / "curated")},
+            "model": {"preset": "tiny"}, "train": {"preset": "tiny", "total_steps": 40}}
+    spec = AblationSpec("tok", base, axes=(Axis("tokenizer", ["bpe-300", "bpe-400"]),), seeds=(0, 1),
+                        include_base=False)
+    tokens_per_byte = {"tokenizer=bpe-300": 0.5, "tokenizer=bpe-400": 0.4}
+    start_loss = {"tokenizer=bpe-300": 3.0, "tokenizer=bpe-400": 3.3}  # per token: bpe-300 lower all along
+    rows, vocab_sizes = [], {}
+    for proxy in proxy_runs(spec):
+        variant, seed = proxy.variant.name, proxy.variant.seed
+        vocab_sizes[proxy.run_id] = int(proxy.variant.labels["tokenizer"].split("-")[1])
+        common = {"run": proxy.run_id, "variant": variant, "seed": seed, "status": DONE,
+                  "tokenizer": proxy.variant.labels["tokenizer"]}
+        for step in (10, 20, 30, 40):
+            for source, offset in (("all", 0.0), ("web-de", 0.1)):
+                loss = start_loss[variant] + offset - step / 50 + seed / 100
+                rows += [{**common, "step": step, "metric": f"{source}/loss", "value": loss},
+                         {**common, "step": step, "metric": f"{source}/bpb",
+                          "value": loss * tokens_per_byte[variant] / math.log(2)}]
+    results = pl.DataFrame(rows)
+    assert vocab_sizes == {"tok-tokenizer_bpe-300-s0": 300, "tok-tokenizer_bpe-300-s1": 300,
+                           "tok-tokenizer_bpe-400-s0": 400, "tok-tokenizer_bpe-400-s1": 400}
+    by_loss = ranked_table(results, "all/loss", None)["variant"].to_list()
+    by_bpb = ranked_table(results, "all/bpb", None)["variant"].to_list()
+    assert by_loss == list(reversed(by_bpb)) == ["tokenizer=bpe-300", "tokenizer=bpe-400"]  # opposite orders
+
+    # the uniform guess per variant: ln(V) nats per token at that variant's own tokens per byte
+    levels, notes = bpb_chance_levels(results, vocab_sizes, "all/bpb")
+    assert not notes
+    want = {v: tokens_per_byte[v] * math.log(int(v.split("-")[1])) / math.log(2) for v in tokens_per_byte}
+    assert levels == pytest.approx(want)
+    assert levels["tokenizer=bpe-300"] > levels["tokenizer=bpe-400"] + 0.5  # one shared level would be off
+    bpb, notes = bpb_signal(results, vocab_sizes)
+    row = bpb.filter(pl.col("task") == "all/bpb").row(0, named=True)
+    finals = results.filter((pl.col("metric") == "all/bpb") & (pl.col("step") == 40))
+    assert row["final"] == pytest.approx(finals["value"].mean())
+    assert row["chance"] == pytest.approx(sum(want.values()) / 2)  # two runs of each variant
+    assert row["margin"] == pytest.approx(row["chance"] - row["final"]) and row["above_random"] is True
+    assert all(f"{v} {c:.4g}" in row["chance_per_variant"] for v, c in want.items())
+    partial, notes = bpb_signal(results, {r: s for r, s in vocab_sizes.items() if "400" not in r})
+    assert set(partial["chance_per_variant"].str.contains("bpe-400")) == {False}
+    assert "tok-tokenizer_bpe-400-s0" in notes[0]
+
+    assert "tokenizer" in loss_units_differ(spec, vocab_sizes)
+    plain = AblationSpec("lr", base, axes=(Axis("train.lr", [0.001]),))
+    assert loss_units_differ(plain, {"a": 300, "b": 300}) is None
+    assert "300, 400" in loss_units_differ(plain, {"a": 300, "b": 400})
+
+    path = build_ablation_report(spec, tmp_path / "report", results=results, vocab_sizes=vocab_sizes)
+    page = path.read_text()
+    summary = json.loads((path.parent / "summary.json").read_text())
+    assert set(summary["ranked"]) == {"all/bpb", "web-de/bpb"}  # no per-token loss table
+    assert [r["variant"] for r in summary["ranked"]["all/bpb"]] == by_bpb
+    assert summary["ranked_by_bpb_only"] is True
+    assert summary["unranked"]["metrics"] == ["all/loss", "web-de/loss"]
+    assert "Per-token loss is not ranked" in page and "ranked by bits per byte only" in page
+    assert "<code>all/loss</code></h3>" not in page and "<code>all/bpb</code></h3>" in page
+    assert {r["task"]: r["chance"] for r in summary["signal"]["bpb"]}["all/bpb"] == pytest.approx(row["chance"])

@@ -150,9 +150,11 @@ def test_drop_samples_exist_per_reason_and_are_raw_documents(sampled: tuple[Path
                            for line in p.read_text().splitlines())
         assert per_file and max(per_file.values()) <= 3  # the writer keeps 3 per reason and rank
         for step in manifest.sources[name].steps:
-            if step.name in ("read", "extract"):  # the reader quarantines; the extractor is no filter
+            if step.name == "read":  # the reader quarantines (examples from quarantine/, tested below)
                 continue
             for reason, count in step.dropped.items():
+                if reason.startswith("quarantine_"):
+                    continue  # an extractor's timeouts and errors are quarantined, not sampled
                 examples = samples.get((step.name, reason), [])
                 assert 1 <= len(examples) <= min(3, count), (name, step.name, reason)
                 for sample in examples:
@@ -213,3 +215,23 @@ def test_drop_samples_are_not_written_through_a_symlink_out_of_the_curated_dir(r
     with pytest.raises(ManifestError, match="dropped: resolves to .*outside"):
         attach_drop_samples(pipelines, layout)
     assert not any(getattr(step, "exclusion_writer", None) for stage in pipelines.stages for step in stage.pipeline)
+
+
+def test_mixlab_curate_samples_drops_itself_and_names_the_card(raw_corpus: Path, tmp_path: Path, capsys) -> None:
+    """`mixlab curate` attaches the drop samplers on its own (no `attach_drop_samples` call here) and prints where
+    the card is; the card shows examples for the math filter's drops."""
+    from mixlab.pipelines.cli import main
+
+    out = tmp_path / "curated"
+    assert main(["curate", "--raw", str(raw_corpus), "--out", str(out), "--sources", "math"]) == 0
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data card:"))
+    card = Path(line.split()[2])
+    assert card == data_card_path(ShardManifest.load(out)) and card.is_file()
+    quality = next(s for s in ShardManifest.load(out).source("math").steps if s.name == "math_quality")
+    assert quality.dropped_total > 0
+    samples = read_drop_samples(dropped_dir(SourceLayout("math", raw_corpus / "math", out)))
+    assert {reason for step, reason in samples if step == "math_quality"} == set(quality.dropped)
+    text = card.read_text()
+    for reason, count in quality.dropped.items():
+        assert f"<code>{html.escape(reason)}</code>: {count:,} dropped (" in text
+        assert f"<code>{html.escape(reason)}</code>: {count:,} dropped (no example" not in text

@@ -136,6 +136,42 @@ def test_one_run_needs_an_item_count():
     assert above_random(table, chance=0.25, n_items=50).above is False  # 50 items: error ~ 0.065
 
 
+def _own_levels() -> tuple[list[dict], dict[str, float]]:
+    """A falling loss whose two variants end 0.2 under very different chance levels (two vocabularies, say)."""
+    levels = {"v0": 6.0, "v1": 3.0}
+    return _rows("loss", 2, 3, lambda v, s, i: levels[f"v{v}"] - 0.11 - 0.01 * i + 0.001 * (s - 1)), levels
+
+
+def test_each_variant_is_measured_from_its_own_chance_level():
+    table, levels = _own_levels()
+    own = above_random(table, chance=levels, higher_is_better=False)
+    assert own.chance == pytest.approx(4.5) and own.chance_per_variant == levels  # mean level over the 6 runs
+    assert own.margin == pytest.approx(0.2) and own.per_variant == pytest.approx({"v0": 0.2, "v1": 0.2})
+    assert own.above is True and own.stderr < 0.001  # the error is over score - own level: seeds only
+    # one level for all (their mean): same margin, but the 3-nat gap between the variants swamps the error
+    shared = above_random(table, chance=4.5, higher_is_better=False)
+    assert shared.margin == pytest.approx(own.margin) and shared.chance_per_variant is None
+    assert shared.above is False and shared.stderr > 0.5 and "over chance 4.5" in shared.reason
+    same = above_random(table, chance={"v0": 4.5, "v1": 4.5}, higher_is_better=False)
+    assert (same.margin, same.stderr, same.above) == pytest.approx((shared.margin, shared.stderr, shared.above))
+    assert "variants' own chance levels" in same.reason
+    with pytest.raises(ValueError, match=r"no chance level for variant\(s\) \['v1'\]"):
+        above_random(table, chance={"v0": 6.0}, higher_is_better=False)
+
+
+def test_signal_table_takes_one_level_or_one_per_variant_per_task():
+    losses, levels = _own_levels()
+    accuracy = _rows("acc", 2, 3, lambda v, s, i: 0.3 + 0.02 * i + 0.05 * v + 0.001 * s)
+    frame = signal_table([*losses, *accuracy], {"loss": levels, "acc": 0.25}, {"loss": False, "acc": True},
+                         tasks=["loss", "acc"])
+    assert frame["task"].to_list() == ["loss", "acc"]  # the order asked for
+    loss, acc = frame.rows(named=True)
+    assert loss["chance"] == pytest.approx(4.5) and loss["chance_per_variant"] == "v0 6, v1 3"
+    assert loss["above_random"] is True and acc["chance"] == 0.25 and acc["chance_per_variant"] is None
+    (signal,) = task_signal(losses, {"loss": levels}, {"loss": False})
+    assert signal.above_random.chance_per_variant == levels and "above random (margin 0.2)" in signal.reason
+
+
 # ---- ranking consistency --------------------------------------------------------------------
 def test_flipping_rankings_give_tau_minus_one_and_stable_ones_one():
     stable = _rows("acc", 4, 2, lambda v, s, i: 0.3 + 0.05 * v + 0.01 * i)
