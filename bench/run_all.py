@@ -16,7 +16,12 @@ Anchors:
   of proxies launched as `mixlab ablate run` launches them (bench/proxy_bench.py; here 2 proxies, extrapolated
   to the goal's 16; run it alone for the measured 16);
 - mixture search: no speed anchor but a quality one, RegMix's published figures (Spearman rho ~0.90 linear,
-  ~0.97+ LightGBM on their 1M-parameter runs) against mixlab's regressors on the same split (bench/regmix_bench.py).
+  ~0.97+ LightGBM on their 1M-parameter runs) against mixlab's regressors on the same split (bench/regmix_bench.py);
+- issue 11 (one table: figure, anchor, mixlab, ratio, check): the web filter chain and MinHash signatures against
+  stock datatrove with their decision/cluster equality checks (bench/web_chain_bench.py, bench/minhash_bench.py),
+  tokenization against bare `tokenizers` (bench/tokenize_bench.py, else the tokenization bench above), and
+  `curate()` at 1 and 2 workers: docs/s, parallel efficiency, peak memory per worker against the 2 GB bound
+  (bench/curation_scaling_bench.py); a bench module that is missing is printed as MISSING.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +191,219 @@ def bench_regmix() -> dict | None:
     return regmix_bench.run()
 
 
+# ---- issue 11: curation at 10x datatrove -----------------------------------------------------------------------
+# Each figure comes from its own bench module; one that is not there (yet) or fails is printed as missing, never
+# fails the run. A module's `run(...)` (given `quick`/`curated` where it takes them) returns a dict: the first number
+# under a key starting with "anchor" or "stock" is the stock datatrove (or bare tokenizers) rate, the first starting
+# with "mixlab" or "fast" is ours (or "seconds": {"stock": s, "fast": s} with "docs"), an optional "ratio" overrides
+# mixlab / anchor, and the check is its "check" string or derived from its equality keys (see `_check_text`).
+# Without `run`: the module's entry in ISSUE11_FALLBACKS, else its `main` runs and prints its own lines.
+ISSUE11_TARGETS = {  # figure -> (bench module, the issue's ratio target)
+    "web filter chain (docs/s)": ("web_chain_bench", 10.0),
+    "MinHash signatures (docs/s)": ("minhash_bench", 10.0),
+    "tokenization + .ds shards (tok/s)": ("tokenize_bench", 0.9),
+}
+
+
+@dataclass
+class Issue11Row:
+    """One line of the issue-11 table; `anchor`/`mixlab` None when the figure is missing."""
+
+    figure: str
+    anchor: float | None = None
+    mixlab: float | None = None
+    ratio: float | None = None
+    check: str = ""
+    anchor_text: str | None = None  # overrides the formatted numbers (memory: GiB)
+    mixlab_text: str | None = None
+
+
+def _web_chain_fallback(module, quick: bool, curated: Path) -> dict:
+    """bench/web_chain_bench.py before it has `run`: both chains on its own documents."""
+    return module.run_chains(module.web_documents())
+
+
+def _minhash_fallback(module, quick: bool, curated: Path) -> dict:
+    """bench/minhash_bench.py before it has `run`: its `main` on the bench corpus, the summary from its --json."""
+    import json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "minhash.json"
+        module.main(["--curated", str(curated), "--json", str(out)])
+        return json.loads(out.read_text())["all"]
+
+
+ISSUE11_FALLBACKS = {"web_chain_bench": _web_chain_fallback, "minhash_bench": _minhash_fallback}
+
+
+def _rates(result: dict) -> tuple[float | None, float | None]:
+    """(anchor, mixlab) rates of a bench result, by the key names above."""
+    anchor, ours = _first_number(result, ("anchor", "stock")), _first_number(result, ("mixlab", "fast"))
+    seconds, docs = result.get("seconds"), result.get("docs")
+    if (anchor is None or ours is None) and isinstance(seconds, dict) and isinstance(docs, int | float):
+        anchor_s = seconds.get("anchor", seconds.get("stock"))
+        ours_s = seconds.get("mixlab", seconds.get("fast"))
+        anchor = anchor if anchor is not None else (_rate(docs, anchor_s) if anchor_s is not None else None)
+        ours = ours if ours is not None else (_rate(docs, ours_s) if ours_s is not None else None)
+    return anchor, ours
+
+
+def _run_main(module) -> None:
+    """A bench module's `main` with its defaults (no arguments), for its own printed lines."""
+    import inspect
+    import sys
+
+    main = module.main
+    saved = sys.argv
+    try:
+        if inspect.signature(main).parameters:
+            main([])
+        else:
+            sys.argv = [module.__file__]  # its argparse must not see this run's --quick
+            main()
+    except SystemExit as done:
+        if done.code not in (None, 0):
+            raise RuntimeError(f"{module.__name__}.main exited {done.code}") from None
+    finally:
+        sys.argv = saved
+
+
+def _first_number(result: dict, prefixes: tuple[str, ...]) -> float | None:
+    for key, value in result.items():
+        if key.startswith(prefixes) and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _check_text(result: dict) -> str:
+    """The equality check a bench reports: a "check" string, or disagreement counts / equality flags by name."""
+    if isinstance(result.get("check"), str):
+        return result["check"]
+    parts = []
+    for key, value in result.items():
+        name = key.replace("_", " ")
+        if "disagree" in key:
+            count = len(value) if isinstance(value, list | dict) else value
+            parts.append(f"{count} {name}")
+        elif isinstance(value, bool) and any(w in key for w in ("equal", "identical", "same", "match")):
+            parts.append(f"{name}: {'yes' if value else 'NO'}")
+    return "; ".join(parts)
+
+
+def _call_run(module, quick: bool, curated: Path) -> dict | None:
+    """`module.run` with the arguments it takes among quick/curated; None when it has no usable `run`."""
+    import inspect
+
+    run = getattr(module, "run", None)
+    if run is None:
+        return None
+    offered = {"quick": quick, "curated": curated}
+    params = inspect.signature(run).parameters
+    required = [p for p in params.values() if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                    p.KEYWORD_ONLY)]
+    if any(p.name not in offered for p in required):
+        return None
+    result = run(**{k: v for k, v in offered.items() if k in params})
+    return result if isinstance(result, dict) else None
+
+
+def _import_bench(name: str):
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:
+            raise
+        return None
+
+
+def issue11_row(figure: str, module_name: str, target: float, quick: bool, curated: Path) -> Issue11Row:
+    """One issue-11 figure from its bench module; a missing module or a failing bench is a row that says so."""
+    try:
+        module = _import_bench(module_name)
+        if module is None:
+            return Issue11Row(figure, check=f"MISSING: bench/{module_name}.py not found")
+        result = _call_run(module, quick, curated)
+        if result is None and module_name in ISSUE11_FALLBACKS and getattr(module, "run", None) is None:
+            result = ISSUE11_FALLBACKS[module_name](module, quick, curated)
+        if result is None:
+            if getattr(module, "main", None) is None:
+                return Issue11Row(figure, check=f"MISSING: bench/{module_name}.py has no run() or main()")
+            _run_main(module)
+            return Issue11Row(figure, check=f"see bench/{module_name}.py output above")
+    except (Exception, SystemExit) as err:  # a failing bench (or its sys.exit) is reported, the others still run
+        return Issue11Row(figure, check=f"FAILED: {type(err).__name__}: {err}"[:200])
+    anchor, ours = _rates(result)
+    ratio = result.get("ratio") if isinstance(result.get("ratio"), int | float) else (
+        ours / anchor if anchor and ours is not None else None)
+    check = _check_text(result)
+    if ratio is not None:
+        check = f"{check}; " if check else ""
+        check += f">= {target:g}x: {'PASS' if ratio >= target else 'FAIL'}"
+    return Issue11Row(figure, anchor, ours, ratio, check)
+
+
+def tokenization_row(existing: dict, target: float) -> Issue11Row:
+    """The tokenization figure from this run's `bench_tokenization` (when bench/tokenize_bench.py is missing)."""
+    anchor, ours = existing["anchor_tok_s"], existing["mixlab_tok_s"]
+    ratio = ours / anchor
+    return Issue11Row("tokenization + .ds shards (tok/s)", anchor, ours, ratio,
+                      f"bench_tokenization above; >= {target:g}x: {'PASS' if ratio >= target else 'FAIL'}")
+
+
+def scaling_rows(quick: bool) -> tuple[list[Issue11Row], list[str]]:
+    """Scaling (1 -> 2 workers) and peak memory per worker from bench/curation_scaling_bench.py, and its lines."""
+    try:
+        module = _import_bench("curation_scaling_bench")
+        if module is None:
+            return [Issue11Row("scaling 1 -> 2 workers (docs/s)", check="MISSING: bench/curation_scaling_bench.py")], []
+        result = module.run(module.ScalingConfig(max_mb=1.0 if quick else 3.0))
+    except (Exception, SystemExit) as err:
+        return [Issue11Row("scaling 1 -> 2 workers (docs/s)", check=f"FAILED: {type(err).__name__}: {err}"[:200])], []
+    key = "overall (sum of sources)"
+    low, high = min(result["docs_per_s"]), max(result["docs_per_s"])
+    gib = 1024**3
+    peak, bound = result["peak_worker_bytes"], result["memory_bound_bytes"]
+    rows = [
+        Issue11Row("scaling 1 -> 2 workers (docs/s)", result["docs_per_s"][low][key], result["docs_per_s"][high][key],
+                   result["speedup"], f"efficiency {result['efficiency']:.0%}, CPU s ratio "
+                   f"{result['cpu_ratio']:.2f}; load avg "
+                   f"{result['load_start'][0]:.1f} -> {result['load_end'][0]:.1f} on {result['cpus']} CPUs"),
+        Issue11Row("peak memory per worker (GiB)", bound / gib, peak / gib, None,
+                   f"<= 2 GB: {'PASS' if result['memory_ok'] else 'FAIL'} (VmHWM of each worker)",
+                   anchor_text=f"bound {bound / gib:.2f}", mixlab_text=f"{peak / gib:.2f}"),
+    ]
+    return rows, module.report_lines(result)
+
+
+def print_issue11_table(rows: list[Issue11Row]) -> None:
+    print("\nissue 11 (curation at 10x datatrove; anchor = stock datatrove / bare tokenizers, same run, same docs)")
+    print(f"{'figure':36s} {'anchor':>12s} {'mixlab':>12s} {'ratio':>7s}  check")
+    for row in rows:
+        anchor = row.anchor_text or ("-" if row.anchor is None else f"{row.anchor:,.0f}")
+        ours = row.mixlab_text or ("-" if row.mixlab is None else f"{row.mixlab:,.0f}")
+        ratio = "-" if row.ratio is None else f"{row.ratio:.2f}x"
+        print(f"{row.figure:36s} {anchor:>12s} {ours:>12s} {ratio:>7s}  {row.check}")
+
+
+def bench_issue11(curated: Path, quick: bool, tokenization: dict) -> None:
+    """Every issue-11 figure, then one table (figure, anchor, mixlab, ratio, check)."""
+    rows = []
+    for figure, (module_name, target) in ISSUE11_TARGETS.items():
+        row = issue11_row(figure, module_name, target, quick, curated)
+        if module_name == "tokenize_bench" and row.check.startswith("MISSING"):
+            row = tokenization_row(tokenization, target)
+        rows.append(row)
+    scaling, lines = scaling_rows(quick)
+    rows += scaling
+    if lines:
+        print("\n" + "\n".join(lines))
+    print_issue11_table(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller inputs (a smoke run, noisier ratios)")
@@ -206,6 +425,7 @@ def main() -> None:
         print(f"{name:34s} {anchor:12,.0f} {ours:12,.0f} {ours / anchor:6.2f}x")
     marks = sampler["rss_mib"]
     print(f"sampler RSS over {marks[-1][0]:,d} steps: {marks[1][1]:.1f} MiB after 10%, {marks[-1][1]:.1f} MiB at the end")
+    bench_issue11(curated, args.quick, results["tokenization (tokens/s)"])
     print("\nproxies per hour (bench/proxy_bench.py):")
     print("\n".join(bench_proxies(args.quick)))
     regmix = bench_regmix()

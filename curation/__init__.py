@@ -77,6 +77,15 @@ from mixlab.curation.downloads import GSM8K_WHEEL, Downloads, SourceUnavailable,
 from mixlab.curation.drop_samples import DropSampleWriter, attach_drop_samples
 from mixlab.curation.errors import CurationConfigError
 from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura, flatten_deep_html
+from mixlab.curation.fast_minhash import FastMinhashDedupSignature
+from mixlab.curation.fast_web import (
+    FastGopherQuality,
+    FastGopherRepetition,
+    FusedWebQuality,
+    fast_gopher_pair,
+    fast_web_chain,
+    stock_web_chain,
+)
 from mixlab.curation.filters import (
     ChatFormatFilter,
     ChatFormatSettings,
@@ -354,6 +363,13 @@ __all__ = [
     "assemble_stages",
     "build_source_entry",
     "gopher_filters",
+    "FastGopherQuality",
+    "FastMinhashDedupSignature",
+    "FastGopherRepetition",
+    "FusedWebQuality",
+    "fast_gopher_pair",
+    "fast_web_chain",
+    "stock_web_chain",
     # running recipes: plain steps counted, progress, a quiet console, errors that name the log
     "CountedStep",
     "CurationError",

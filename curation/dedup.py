@@ -24,13 +24,12 @@ from datasketch import MinHash, MinHashLSH
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
-from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
+from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter
 from datatrove.pipeline.dedup.minhash import (
     SENTINEL,
     HashSig,
     MinhashConfig,
     MinhashDedupBuckets,
-    _mersenne_prime,
     read_sigs,
 )
 from datatrove.pipeline.dedup.sentence_dedup import (
@@ -46,28 +45,6 @@ from datatrove.utils.text import TextNormConfig, simplify_text
 from datatrove.utils.typeshelper import StatHints
 from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer
 from mixlab.curation.errors import CurationConfigError
-
-SIGNATURE_CHUNK = 8192  # shingles hashed at once: ~8192 x 112 hashes x 8 bytes x a few arrays, ~20 MB
-
-
-class BoundedMinhashDedupSignature(MinhashDedupSignature):
-    """datatrove's signature step, hashing a document's shingles in chunks of `SIGNATURE_CHUNK`.
-
-    The stock step builds one (shingles x hashes) uint64 matrix per document: ~2.7 KB per word, so a
-    100 MB document grew one worker past 15 GB. A running minimum over chunks gives the same signature
-    with memory bounded whatever the document's length.
-    """
-
-    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
-        a, b = self.parameters
-        minimum = None
-        for start in range(0, max(len(shingles), 1), SIGNATURE_CHUNK):
-            phv = (shingles[start:start + SIGNATURE_CHUNK] * a + b) % _mersenne_prime
-            if self.config.hash_config.precision == 32:
-                phv = np.bitwise_and(phv, self.config.hash_config.max)
-            chunk_min = np.min(phv, axis=0)
-            minimum = chunk_min if minimum is None else np.minimum(minimum, chunk_min)
-        return [x.tolist() for x in np.split(minimum.astype(self.config.hash_config.np_dtype), self.config.num_buckets)]
 
 
 class CountingMinhashDedupFilter(MinhashDedupFilter):
@@ -410,6 +387,9 @@ def minhash_stages(work_dir: Path, settings: MinhashSettings, words: str | WordT
     if (index_folder is None) != (source is None):
         raise ValueError(f"minhash_stages: index_folder={index_folder!r} and source={source!r} go together: "
                          "give both to dedup across sources, or neither")
+    # datatrove's signature files byte for byte (tests/test_fast_minhash.py), several times faster
+    from mixlab.curation.fast_minhash import FastMinhashDedupSignature
+
     config = settings.config()
     sigs, buckets, clusters = work_dir / "signatures", work_dir / "buckets", work_dir / "clusters"
     across = settings.across_sources and index_folder is not None and source is not None
@@ -420,7 +400,7 @@ def minhash_stages(work_dir: Path, settings: MinhashSettings, words: str | WordT
         bucket_step, cluster_class = MinhashDedupBuckets(input_folder=str(sigs), output_folder=str(buckets),
                                                          config=config), MinhashDedupCluster
     return MinhashStages(
-        signatures=[BoundedMinhashDedupSignature(output_folder=str(sigs), config=config, language=words)],
+        signatures=[FastMinhashDedupSignature(output_folder=str(sigs), config=config, language=words)],
         buckets=[bucket_step],
         clusters=[
             cluster_class(input_folder=str(buckets), output_folder=str(clusters), config=config,

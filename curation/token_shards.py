@@ -1,12 +1,15 @@
 """Token shards: curated Parquet -> `.ds` files (datatrove/nanotron format), and a memory-mapped reader.
 
-Writing goes through datatrove's own `DocumentTokenizer`, so the files are exactly what datatrove writes and
-nanotron's Nanoset reads: `.ds` (uint16 tokens, uint32 when the vocabulary needs it, every document ending
+The files are byte for byte what datatrove's `DocumentTokenizer` (unshuffled) writes and nanotron's Nanoset
+reads, written through datatrove's own `TokenizedFile` but without its executor: each curated shard is read
+once with Arrow, its documents encoded once in batches (a background thread encodes the next batch while this
+one is written) and both splits written from that pass (tests/test_token_shards.py compares the bytes with
+datatrove's). `.ds` (uint16 tokens, uint32 when the vocabulary needs it, every document ending
 with EOS), `.ds.index` (uint64 end offset of each document) and `.ds.metadata` (`tokenizer|token_size`, then
 the token count). Documents are held out for `val` by `curation.splits.split_source` (a share of each
 source's text bytes, in the order of a hash of the document ids), so the split is stable across re-runs,
 independent of shard layout and worker count, and the same one the tokenizer was trained without. mixlab
-only renames the files (one token shard per curated shard, `tokens/<source>/<split>/00000.ds`) and writes an
+names the files (one token shard per curated shard, `tokens/<source>/<split>/00000.ds`) and writes an
 exact tokenizer id into the metadata instead of an absolute path, so that shards stay valid when the work
 directory moves and a reader can tell which tokenizer made them.
 
@@ -19,22 +22,23 @@ The manifest does not list it (its `ShardFile` entries are token shards); its pa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
+import threading
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
+from queue import Full, Queue
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from datatrove.data import Document, DocumentsPipeline
-from datatrove.pipeline.filters.base_filter import BaseFilter
-from mixlab.curation.console import quiet_datatrove_console
 from mixlab.curation.manifest import (
     ManifestError,
     ShardFile,
@@ -86,29 +90,31 @@ def token_size_for_vocab(vocab_size: int) -> int:
 
 
 # ---- train/val routing ---------------------------------------------------------------------------
-class SplitRouter(BaseFilter):
-    """Keep the documents of one split: validation is the chosen ids of the document's source.
+def route_rows(batch: pa.RecordBatch, val_set: pa.Array) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """The documents of one curated record batch as datatrove's reader sees them, and their split.
 
-    Task `rank` reads curated shard `rank`, so the source (and its validation ids) is known per rank.
-    """
+    Returns `str(doc.id)` of every row, the positions of the rows that are documents (text neither null nor
+    empty: datatrove skips `not text`), in file order, and whether each of those is a validation document
+    (its id is one of the source's validation ids, `val_set`)."""
+    text = batch.column(batch.schema.get_field_index("text"))
+    ids = pc.fill_null(pc.cast(batch.column(batch.schema.get_field_index("id")), pa.string()), "None")  # str(doc.id)
+    has_text = pc.fill_null(pc.greater(pc.binary_length(text), 0), False)
+    positions = np.flatnonzero(has_text.to_numpy(zero_copy_only=False))
+    in_val = pc.fill_null(pc.is_in(ids, value_set=val_set), False).to_numpy(zero_copy_only=False)
+    return ids, positions, in_val[positions]
 
-    name = "🔀 train/val split"
 
-    def __init__(self, split: str, source_by_rank: list[str], val_ids: dict[str, frozenset[str]]):
-        super().__init__()
-        self.split = split
-        self.source_by_rank = source_by_rank
-        self.val_ids = val_ids
-        self.current: frozenset[str] = frozenset()
-
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        self.current = self.val_ids[self.source_by_rank[rank]]
-        return super().run(data, rank, world_size)
-
-    def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if (str(doc.id) in self.current) == (self.split == "val"):
-            return True
-        return False, "other_split"
+def _row_part(batch: pa.RecordBatch, ids: pa.Array, chosen: np.ndarray) -> pa.Table:
+    """Sidecar rows of the chosen positions of a curated batch: `id`, then the curated metadata fields."""
+    take = pa.array(chosen, pa.int64())
+    part = {"id": ids.take(take)}
+    if (index := batch.schema.get_field_index("metadata")) >= 0:
+        metadata = batch.column(index)
+        if pa.types.is_struct(metadata.type):
+            for field, values in zip(metadata.type, metadata.flatten(), strict=True):
+                if field.name not in ("id", "tokens"):  # the sidecar's own columns win
+                    part[field.name] = values.take(take)
+    return pa.table(part)
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -489,9 +495,6 @@ def tokenize_manifest(
         manifest.source(name)
     # every folder this writes or clears, checked before anything is: a symlink pointing out is refused here
     token_dirs = {name: manifest.resolve(f"{TOKENS_DIR}/{name}") for name in names}
-    for split in SPLITS:
-        manifest.resolve(f"{TOKENS_DIR}/.staging-{split}")
-        manifest.resolve(f"logs/tokenize-{split}")
     manifest.resolve(f"{TOKENIZER_DIR}/{TOKENIZER_FILE}")
     info = _resolve_tokenizer(manifest, tokenizer_path)
     if info.held_out is not None and info.held_out != config.val_settings():
@@ -512,25 +515,32 @@ def tokenize_manifest(
             if problem := manifest.check_file(shard, owner=name, checksum=config.verify_checksums):
                 raise TokenShardError(problem)
 
-    # one datatrove task per curated shard, across all sources: task r reads shard r
-    tasks = [(name, i, shard) for name in names for i, shard in enumerate(manifest.sources[name].shards)]
     val_ids = {}
     for name in names:
         val_ids[name] = source_val_ids(manifest, name, config, held_out_ids)
         manifest.sources[name].token_shards = []
         manifest.sources[name].tokens = dict.fromkeys(SPLITS, 0)
         shutil.rmtree(token_dirs[name], ignore_errors=True)
+    jobs = [
+        ShardJob(
+            source=name,
+            curated=manifest.resolve(shard.path),
+            curated_path=shard.path,
+            outputs={split: manifest.resolve(f"{TOKENS_DIR}/{name}/{split}/{i:05d}.ds") for split in SPLITS},
+            val_ids=val_ids[name],
+        )
+        for name in names
+        for i, shard in enumerate(manifest.sources[name].shards)
+    ]
 
     total_tokens, started = 0, time.perf_counter()
-    bar = tqdm(SPLITS, desc="tokenize", unit="split", disable=not show_progress)
-    for split in bar:
-        bar.set_postfix_str(split)
-        records = _tokenize_split(manifest, tasks, split, val_ids, tok_path, info, config)
-        for name, record in records:
-            manifest.sources[name].token_shards.append(record)
-            manifest.sources[name].tokens[split] += record.tokens or 0
-            total_tokens += record.tokens or 0
-        bar.set_postfix_str(f"{split} {total_tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+    done = _tokenize_shards(manifest, jobs, tok_path, info, config, show_progress)
+    for split in SPLITS:  # the manifest lists a source's train shards, then its val shards, in curated order
+        for job, records in zip(jobs, done, strict=True):
+            for record in (r for r in records if r.split == split):
+                manifest.sources[job.source].token_shards.append(record)
+                manifest.sources[job.source].tokens[split] += record.tokens or 0
+                total_tokens += record.tokens or 0
     for name in names:
         entry = manifest.sources[name]
         docs = sum(r.docs for r in entry.token_shards)
@@ -584,96 +594,40 @@ def _resolve_tokenizer(manifest: ShardManifest, tokenizer_path: str | Path | Non
     return manifest.tokenizer
 
 
-def _tokenize_split(
-    manifest: ShardManifest,
-    tasks: list[tuple[str, int, ShardFile]],
-    split: str,
-    val_ids: dict[str, frozenset[str]],
-    tok_path: Path,
-    info: TokenizerInfo,
-    config: TokenizeConfig,
-) -> list[tuple[str, ShardFile]]:
-    """Run one datatrove pipeline (read shards -> keep this split -> DocumentTokenizer) with one task per
-    curated shard, then move each task's output to `tokens/<source>/<split>/<shard>.ds` with portable
-    metadata. Returns (source, token shard) pairs; shards without a document of this split are dropped."""
-    from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.readers import ParquetReader
-    from datatrove.pipeline.tokens import DocumentTokenizer
+@dataclass(frozen=True)
+class ShardJob:
+    """One curated shard to tokenize: both splits are written from a single read and a single encode pass."""
 
-    staging = manifest.resolve(f"{TOKENS_DIR}/.staging-{split}")
-    logs_dir = manifest.resolve(f"logs/tokenize-{split}")
-    for stale in (staging, logs_dir):
-        shutil.rmtree(stale, ignore_errors=True)
-    logs_dir.mkdir(parents=True)
-    paths_file = logs_dir / "curated_shards.txt"
-    paths_file.write_text("".join(f"{shard.path}\n" for _, _, shard in tasks))
-    executor = LocalPipelineExecutor(
-        pipeline=[
-            ParquetReader(str(manifest.root), paths_file=str(paths_file), read_metadata=False),
-            SplitRouter(split, [source for source, _, _ in tasks], val_ids),
-            DocumentTokenizer(
-                output_folder=str(staging),
-                tokenizer_name_or_path=str(tok_path),
-                eos_token=info.eos_token,
-                batch_size=config.batch_size,
-                shuffle_documents=False,  # the sampler shuffles windows; file order stays = curated order
-            ),
-        ],
-        tasks=len(tasks),
-        workers=min(config.workers, len(tasks)),
-        logging_dir=str(logs_dir),
-        skip_completed=False,  # always re-tokenize: a stale completion marker must never keep old shards
-    )
-    with quiet_datatrove_console():
-        executor.run()
-
-    name = tokenizer_id(info)
-    token_size = token_size_for_vocab(info.vocab_size)
-    encoder = _eos_encoder(tok_path, info.eos_token)
-    records = []
-    for rank, (source, index, curated) in enumerate(tasks):
-        written = staging / f"{rank:05d}_unshuffled.ds"
-        if not written.exists():
-            raise TokenShardError(
-                f"{written}: datatrove wrote no token shard for task {rank}; see {logs_dir}/logs"
-            )
-        meta = ShardMetadata.read(written)
-        if meta.token_size != token_size:
-            raise TokenShardError(
-                f"{written}: {meta.token_size}-byte tokens for a {info.vocab_size}-token vocabulary"
-            )
-        if meta.tokens == 0:  # this curated shard had no document of this split
-            continue
-        final = manifest.resolve(f"{TOKENS_DIR}/{source}/{split}/{index:05d}.ds")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        for suffix in ("", ".index", ".metadata"):
-            Path(f"{written}{suffix}").replace(f"{final}{suffix}")
-        ShardMetadata(name, meta.token_size, meta.tokens).write(final)
-        shard = TokenShard(final, vocab_size=info.vocab_size, tokenizer=name)
-        relative = final.relative_to(manifest.root).as_posix()
-        digest = sha256_file(final)
-        rows = _curated_rows(manifest.resolve(curated.path), split, val_ids[source], shard, encoder)
-        _write_doc_sidecar(manifest.resolve(f"{relative}{DOCS_SUFFIX}"), rows, shard, digest, curated.path)
-        records.append(
-            (
-                source,
-                ShardFile(
-                    path=relative,
-                    docs=shard.num_docs,
-                    bytes=final.stat().st_size,
-                    sha256=digest,
-                    tokens=len(shard),
-                    split=split,
-                ),
-            )
-        )
-    shutil.rmtree(staging, ignore_errors=True)
-    return records
+    source: str
+    curated: Path  # the curated Parquet file, resolved
+    curated_path: str  # as the manifest lists it (recorded in the sidecars)
+    outputs: dict[str, Path]  # split -> its token shard, `tokens/<source>/<split>/<shard>.ds`
+    val_ids: frozenset[str]
 
 
-# ---- per-document sidecars -----------------------------------------------------------------------
-def _eos_encoder(tok_path: Path, eos_token: str):
-    """The tokenizer as DocumentTokenizer runs it (EOS appended by the post-processor), to re-encode samples."""
+@dataclass(frozen=True)
+class EncodedBatch:
+    """One record batch of a curated shard: its documents (`route_rows`) and their encodings, in order."""
+
+    batch: pa.RecordBatch
+    ids: pa.Array
+    positions: np.ndarray
+    in_val: np.ndarray
+    encodings: list
+
+
+@dataclass(frozen=True)
+class WrittenShard:
+    """A token shard as written (before it is checked and recorded), with its per-document rows."""
+
+    split: str
+    path: Path
+    rows: pa.Table
+
+
+def eos_encoder(tok_path: Path, eos_token: str):
+    """The tokenizer as datatrove's DocumentTokenizer runs it: EOS appended to every document by the
+    post-processor, so each encoding is one document exactly as it is stored."""
     from tokenizers.processors import TemplateProcessing
 
     tokenizer = load_tokenizer(tok_path)
@@ -683,44 +637,260 @@ def _eos_encoder(tok_path: Path, eos_token: str):
     return tokenizer
 
 
-def _curated_rows(curated: Path, split: str, val_ids: frozenset[str], shard: TokenShard, encoder) -> pa.Table:
-    """The rows of a curated shard that went into `shard`, in its document order, as `id` + metadata columns.
+_eos_encoder = eos_encoder  # the older private name
 
-    They are the documents datatrove's reader yields (text neither null nor empty) that `SplitRouter` routes to
+
+def routed_batches(job: ShardJob, batch_size: int) -> Iterator[tuple[EncodedBatch, list[str]]]:
+    """The documents of a curated shard, read with Arrow and routed (`route_rows`) a record batch at a time, each
+    with its texts still to encode (`encodings` empty)."""
+    parquet = pq.ParquetFile(job.curated)
+    names = parquet.schema_arrow.names
+    if not {"id", "text"} <= set(names):
+        raise TokenShardError(f"{job.curated}: no `id`/`text` columns; re-run `mixlab curate` to write it again")
+    columns = [c for c in ("id", "text", "metadata") if c in names]
+    val_set = pa.array(sorted(job.val_ids), pa.string())
+    for batch in parquet.iter_batches(batch_size=batch_size, columns=columns):
+        ids, positions, in_val = route_rows(batch, val_set)
+        if len(positions):
+            texts = batch.column(columns.index("text")).take(pa.array(positions, pa.int64())).to_pylist()
+            yield EncodedBatch(batch, ids, positions, in_val, []), texts
+
+
+def _ids_encoder(encoder):
+    """`encode_batch_fast` (ids only, no offsets; the same ids as `encode_batch`), where tokenizers has it."""
+    return encoder.encode_batch_fast if hasattr(encoder, "encode_batch_fast") else encoder.encode_batch
+
+
+def encoded_batches(job: ShardJob, encoder, batch_size: int) -> Iterator[EncodedBatch]:
+    """`routed_batches` with their encodings, one encode call per record batch."""
+    encode = _ids_encoder(encoder)
+    for routed, texts in routed_batches(job, batch_size):
+        yield dataclasses.replace(routed, encodings=encode(texts))
+
+
+def tokenize_shard(
+    job: ShardJob,
+    encoder,
+    token_size: int,
+    tokenizer_name: str,
+    batch_size: int,
+    batches: Iterable[EncodedBatch] | None = None,
+) -> list[WrittenShard]:
+    """Tokenize one curated shard into its train and val token shards (datatrove's `TokenizedFile` writes the
+    `.ds`, `.ds.index` and `.ds.metadata`); a split without a document gets no files. `batches`: the shard's
+    `encoded_batches`, when another thread prepares them (default: read and encoded here).
+
+    Why not datatrove's executor + DocumentTokenizer: they cost a task logger, a tokenizer load and a read of
+    the shard per task and split, plus a `Document` and a `struct.pack` per document; here the shard is read
+    once with Arrow, each batch of documents is encoded once and written as one numpy buffer. The bytes are
+    the same (tests/test_token_shards.py compares them with datatrove's)."""
+    from datatrove.pipeline.tokens.tokenizer import TokenizedFile
+
+    dtype = np.dtype("<u4" if token_size == 4 else "<u2")
+    files, parts = {}, {split: [] for split in SPLITS}
+    for split, path in job.outputs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        files[split] = TokenizedFile(
+            str(path.parent), path.name, save_index=True, tokenizer_name_or_path=tokenizer_name,
+            save_final_metadata=False, token_size=token_size,
+        )
+    try:
+        for encoded in batches if batches is not None else encoded_batches(job, encoder, batch_size):
+            in_val = encoded.in_val
+            for split, chosen in (("train", np.flatnonzero(~in_val)), ("val", np.flatnonzero(in_val))):
+                if not len(chosen):
+                    continue
+                docs = [encoded.encodings[i].ids for i in chosen.tolist()]
+                ends = np.cumsum(np.fromiter(map(len, docs), np.int64, len(docs)))
+                tokens = np.fromiter(chain.from_iterable(docs), dtype, int(ends[-1]))
+                files[split].write_bytes(tokens.tobytes(), doc_ends=ends.tolist())
+                parts[split].append(_row_part(encoded.batch, encoded.ids, encoded.positions[chosen]))
+    finally:
+        for file in files.values():
+            file.close()
+    written = []
+    for split, path in job.outputs.items():
+        tokens = files[split].write_idx
+        if tokens == 0:  # this curated shard has no document of this split
+            files[split].cleanup()
+            continue
+        ShardMetadata(tokenizer_name, token_size, tokens).write(path)
+        rows = pa.concat_tables(parts[split], promote_options="default")
+        written.append(WrittenShard(split, path, rows))
+    return written
+
+
+_END = object()
+
+
+def _prefetched(jobs: list[ShardJob], encoder, batch_size: int, stop: threading.Event) -> Iterator[Iterator]:
+    """Per job, an iterator over its encoded batches, read and encoded by a background thread at least one
+    `batch_size` of documents ahead (documents of consecutive shards encoded together), so that the Rust encoder (which releases the GIL) runs while this thread writes files,
+    checksums and sidecars. Each job's iterator must be consumed before the next one; `stop` ends the thread."""
+    queue: Queue = Queue(maxsize=2)
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                return True
+            except Full:
+                continue
+        return False
+
+    encode = _ids_encoder(encoder)
+    pending: list = []  # routed batches (with their texts) and ends of jobs, in order, not yet encoded
+
+    def flush() -> bool:
+        """Encode every pending text in one call (documents of several small shards together keep every core
+        busy) and hand the batches over in order."""
+        encodings = encode([text for item in pending if item is not _END for text in item[1]])
+        start = 0
+        for item in pending:
+            if item is not _END:
+                routed, texts = item
+                item = dataclasses.replace(routed, encodings=encodings[start : start + len(texts)])
+                start += len(texts)
+            if not put(item):
+                return False
+        pending.clear()
+        return True
+
+    def produce() -> None:
+        try:
+            waiting = 0
+            for job in jobs:
+                for routed in routed_batches(job, batch_size):
+                    pending.append(routed)
+                    waiting += len(routed[1])
+                    if waiting >= batch_size:
+                        if not flush():
+                            return
+                        waiting = 0
+                pending.append(_END)
+            flush()
+        except BaseException as err:  # handed to the consumer, which raises it
+            put(err)
+
+    threading.Thread(target=produce, name="mixlab-tokenize-prefetch", daemon=True).start()
+
+    def one_job() -> Iterator[EncodedBatch]:
+        while (item := queue.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    for _ in jobs:
+        yield one_job()
+
+
+_worker_encoder = None
+
+
+def _init_worker(tok_path: Path, eos_token: str) -> None:
+    global _worker_encoder
+    _worker_encoder = eos_encoder(tok_path, eos_token)
+
+
+def _tokenize_in_worker(job: ShardJob, token_size: int, tokenizer_name: str, batch_size: int) -> list[WrittenShard]:
+    return tokenize_shard(job, _worker_encoder, token_size, tokenizer_name, batch_size)
+
+
+def _tokenize_shards(
+    manifest: ShardManifest,
+    jobs: list[ShardJob],
+    tok_path: Path,
+    info: TokenizerInfo,
+    config: TokenizeConfig,
+    show_progress: bool,
+) -> list[list[ShardFile]]:
+    """Tokenize every job, in this process or (config.workers > 1) in a pool of spawned processes, then check
+    each written shard (the three files agree, a sidecar row per document), write its sidecar and return the
+    manifest entries of each job's shards."""
+    name = tokenizer_id(info)
+    token_size = token_size_for_vocab(info.vocab_size)
+    bar = tqdm(total=len(jobs), desc="tokenize", unit="shard", disable=not show_progress)
+    workers, stop = min(config.workers, len(jobs)), threading.Event()
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+            initargs=(tok_path, info.eos_token),
+        )
+        futures = [pool.submit(_tokenize_in_worker, job, token_size, name, config.batch_size) for job in jobs]
+        results = (future.result() for future in futures)
+    else:
+        pool, encoder = None, eos_encoder(tok_path, info.eos_token)
+        per_job = _prefetched(jobs, encoder, config.batch_size, stop)
+        results = (
+            tokenize_shard(job, encoder, token_size, name, config.batch_size, batches)
+            for job, batches in zip(jobs, per_job, strict=True)
+        )
+    done, tokens, started = [], 0, time.perf_counter()
+    try:
+        for job, written in zip(jobs, results, strict=True):
+            records = []
+            for shard_out in written:
+                shard = TokenShard(shard_out.path, vocab_size=info.vocab_size, tokenizer=name)
+                if shard_out.rows.num_rows != shard.num_docs:
+                    raise TokenShardError(
+                        f"{shard.path}: {shard.num_docs} documents tokenized but {shard_out.rows.num_rows} rows of "
+                        f"{job.curated}; re-run `mixlab tokenize`"
+                    )
+                digest = sha256_file(shard.path)
+                _write_doc_sidecar(Path(f"{shard.path}{DOCS_SUFFIX}"), shard_out.rows, shard, digest, job.curated_path)
+                records.append(
+                    ShardFile(
+                        path=shard.path.relative_to(manifest.root).as_posix(),
+                        docs=shard.num_docs,
+                        bytes=shard.path.stat().st_size,
+                        sha256=digest,
+                        tokens=len(shard),
+                        split=shard_out.split,
+                    )
+                )
+                tokens += len(shard)
+            done.append(records)
+            bar.update()
+            bar.set_postfix_str(f"{tokens / max(time.perf_counter() - started, 1e-9):,.0f} tok/s")
+    finally:
+        stop.set()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    return done
+
+
+# ---- per-document sidecars -----------------------------------------------------------------------
+def _curated_rows(curated: Path, split: str, val_ids: frozenset[str], shard: TokenShard, encoder) -> pa.Table:
+    """The rows of a curated shard that went into an existing `shard`, in its document order, as `id` + metadata
+    columns: a check of a shard against its curated source (tokenizing builds the rows from the same read).
+
+    They are the documents datatrove's reader yields (text neither null nor empty) that `route_rows` routes to
     `split`. The count must equal the shard's documents, and a few documents (first, last, spread between) must
-    re-encode to exactly their tokens in the shard; otherwise nothing can be aligned and tokenization stops.
+    re-encode to exactly their tokens in the shard; otherwise nothing can be aligned and a TokenShardError says so.
     """
     parquet = pq.ParquetFile(curated)
     names = parquet.schema_arrow.names
     if not {"id", "text"} <= set(names):
         raise TokenShardError(f"{curated}: no `id`/`text` columns, so per-document metadata cannot be written")
     columns = [c for c in ("id", "text", "metadata") if c in names]
-    wanted_val = split == "val"
     val_set = pa.array(sorted(val_ids), pa.string())
     n = shard.num_docs
     samples = set(np.linspace(0, n - 1, num=min(SIDECAR_SAMPLE_DOCS, n)).round().astype(int).tolist())
     texts: dict[int, str] = {}
     parts, kept = [], 0
     for batch in parquet.iter_batches(batch_size=4096, columns=columns):
+        ids, positions, in_val = route_rows(batch, val_set)
+        positions = positions[in_val if split == "val" else ~in_val]
         text = batch.column(columns.index("text"))
-        has_text = pc.fill_null(pc.greater(pc.binary_length(text), 0), False)  # datatrove skips `not text`
-        ids = pc.fill_null(pc.cast(batch.column(columns.index("id")), pa.string()), "None")  # str(doc.id)
-        in_val = pc.fill_null(pc.is_in(ids, value_set=val_set), False)
-        keep = pc.and_(has_text, in_val if wanted_val else pc.invert(in_val))
-        positions = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
         for j, position in enumerate(positions.tolist()):
             if kept + j in samples:
                 texts[kept + j] = text[position].as_py()
         kept += len(positions)
-        chosen = pa.array(positions, pa.int64())
-        part = {"id": ids.take(chosen)}
-        if "metadata" in columns:
-            metadata = batch.column(columns.index("metadata"))
-            if pa.types.is_struct(metadata.type):
-                for field, values in zip(metadata.type, metadata.flatten(), strict=True):
-                    if field.name not in ("id", "tokens"):  # the sidecar's own columns win
-                        part[field.name] = values.take(chosen)
-        parts.append(pa.table(part))
+        parts.append(_row_part(batch, ids, positions))
     rows = pa.concat_tables(parts, promote_options="default") if parts else pa.table({"id": pa.array([], pa.string())})
     if rows.num_rows != n:
         raise TokenShardError(

@@ -35,6 +35,7 @@ from mixlab.curation import (
     WarmSpacyTokenizer,
     assemble_stages,
     bad_words,
+    fast_gopher_pair,
     gopher_filters,
 )
 
@@ -114,7 +115,7 @@ def web_pipeline(raw_dir: str | Path, curated_dir: str | Path, language: str = "
         *before_extraction,
         QuarantiningTrafilatura(str(layout.quarantine), timeout=recipe.extract_timeout_s),
         BundledLanguageFilter([recipe.language], language_threshold=recipe.language_threshold),
-        *gopher_filters(recipe.gopher, words),
+        *fast_gopher_pair(gopher_filters(recipe.gopher, words)),  # the stock pair's answers, words split once
         *quality,
         *(extra_steps or []),
         *([PiiRedaction(recipe.pii)] if recipe.pii is not None else []),

@@ -187,3 +187,64 @@ def test_tokenize_config_is_the_only_way_to_set_the_split(tokenized_copy: Path):
         tokenize_manifest(tokenized_copy, val_fraction=0.5, show_progress=False)  # type: ignore[call-arg]
     manifest = tokenize_manifest(tokenized_copy, None, TokenizeConfig(), sources=["code"], show_progress=False)
     assert manifest.sources["code"].tokens["val"] > 0
+
+
+def _datatrove_reference(manifest: ShardManifest, curated: str, split: str, val_ids: frozenset[str], out: Path) -> Path:
+    """One curated shard tokenized the stock way (datatrove's executor: ParquetReader -> split filter ->
+    DocumentTokenizer, unshuffled); returns the `.ds` it wrote."""
+    from datatrove.executor import LocalPipelineExecutor
+    from datatrove.pipeline.filters import LambdaFilter
+    from datatrove.pipeline.readers import ParquetReader
+    from datatrove.pipeline.tokens import DocumentTokenizer
+
+    LocalPipelineExecutor(
+        pipeline=[
+            ParquetReader(str(manifest.root), glob_pattern=curated, read_metadata=False),
+            LambdaFilter(lambda doc: (str(doc.id) in val_ids) == (split == "val")),
+            DocumentTokenizer(
+                output_folder=str(out / "ds"), tokenizer_name_or_path=str(tokenizer_path(manifest.root)),
+                eos_token=manifest.tokenizer.eos_token, shuffle_documents=False,
+            ),
+        ],
+        tasks=1, workers=1, logging_dir=str(out / "logs"),
+    ).run()
+    return out / "ds" / "00000_unshuffled.ds"
+
+
+def test_token_shards_are_byte_for_byte_what_datatrove_writes(tokenized: Path, tmp_path: Path):
+    """The fast writer (one Arrow read, one encode pass per shard) against datatrove's own DocumentTokenizer."""
+    from mixlab.curation.splits import source_val_ids
+
+    manifest = ShardManifest.load(tokenized)
+    compared = 0
+    for name, entry in manifest.sources.items():
+        val_ids = source_val_ids(manifest, name, TokenizeConfig())
+        for i, curated in enumerate(entry.shards):
+            for split in ("train", "val"):
+                ours = tokenized / "tokens" / name / split / f"{i:05d}.ds"
+                reference = _datatrove_reference(manifest, curated.path, split, val_ids, tmp_path / f"{name}{i}{split}")
+                if not ours.exists():  # no document of this split in this shard: datatrove wrote no token
+                    assert reference.stat().st_size == 0
+                    continue
+                assert ours.read_bytes() == reference.read_bytes()
+                assert Path(f"{ours}.index").read_bytes() == Path(f"{reference}.index").read_bytes()
+                tokens = ShardMetadata.read(ours).tokens
+                assert Path(f"{reference}.metadata").read_text().splitlines()[1] == str(tokens)
+                compared += 1
+    assert compared >= 4  # code: 2 shards x 2 splits, prose: 1 shard (val documents are spread by id hash)
+
+
+def test_routing_keeps_the_documents_datatrove_reads(tmp_path: Path):
+    """Empty and null texts are skipped and a null id is `"None"`, as datatrove's ParquetReader does."""
+    import pyarrow as pa
+    from datatrove.pipeline.readers import ParquetReader
+    from mixlab.curation.token_shards import route_rows
+
+    texts = ["first", "", None, "fourth", "fifth"]
+    ids = ["a", "b", "c", None, "e"]
+    pq.write_table(pa.table({"text": texts, "id": ids}), tmp_path / "shard.parquet")
+    read = [str(doc.id) for doc in ParquetReader(str(tmp_path), read_metadata=False).run()]
+    batch = pq.read_table(tmp_path / "shard.parquet").to_batches()[0]
+    row_ids, positions, in_val = route_rows(batch, pa.array(["e", "b"], pa.string()))
+    assert [row_ids[int(p)].as_py() for p in positions] == read == ["a", "None", "e"]
+    assert in_val.tolist() == [False, False, True]

@@ -216,7 +216,7 @@ def test_web_recipe_runs_the_steps_in_fineweb_order(raw_corpus: Path, tmp_path: 
     stages = web_pipeline(tmp_path / "raw", tmp_path / "curated", tasks=1, recipe=fineweb_order)
     names = [type(step).__name__ for step in stages.stages[0].pipeline]
     assert names[1:4] == ["UrlFilter", "QuarantiningTrafilatura", "BundledLanguageFilter"]
-    assert names.index("C4Quality") > names.index("GopherQualityFilter")
+    assert names.index("C4Quality") > names.index("FastGopherQuality")
     assert names.index("FinewebQuality") > names.index("C4Quality")
     assert names[-3:-1] == ["PiiRedaction", "DecontaminationFilter"]
     off = web_pipeline(tmp_path / "raw", tmp_path / "curated", recipe=WebRecipe(
