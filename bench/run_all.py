@@ -18,8 +18,9 @@ Anchors:
 - mixture search: no speed anchor but a quality one, RegMix's published figures (Spearman rho ~0.90 linear,
   ~0.97+ LightGBM on their 1M-parameter runs) against mixlab's regressors on the same split (bench/regmix_bench.py);
 - issue 11 (one table: figure, anchor, mixlab, ratio, check): the web filter chain and MinHash signatures against
-  stock datatrove with their decision/cluster equality checks (bench/web_chain_bench.py, bench/minhash_bench.py),
-  tokenization against bare `tokenizers` (bench/tokenize_bench.py, else the tokenization bench above), and
+  stock datatrove with their decision/cluster equality checks (bench/web_chain_bench.py on its own 14k-document
+  web corpus in five languages, bench/minhash_bench.py on the demo's corpus), tokenization of the demo's corpus
+  against bare `tokenizers` (bench/tokenize_bench.py, else the tokenization bench above), and
   `curate()` at 1 and 2 workers: docs/s, parallel efficiency, peak memory per worker against the 2 GB bound
   (bench/curation_scaling_bench.py); a bench module that is missing is printed as MISSING.
 """
@@ -46,15 +47,17 @@ def _rate(count: float, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
-def prepare(max_mb: float) -> Path:
-    """A small real corpus, curated and tokenized once (cached between benchmark runs)."""
+def prepare(max_mb: float, sources: tuple[str, ...] | None = ("web-en", "code-python", "math"),
+            work: Path = WORK) -> Path:
+    """A real corpus, curated and tokenized once (cached between benchmark runs): by default a small one of
+    three sources; `sources=None` is every default source (the demo's corpus at `max_mb=20`)."""
     from mixlab.curation import TokenizerConfig, tokenize_manifest, train_tokenizer
     from mixlab.pipelines.corpus import fetch_corpus
     from mixlab.pipelines.curate import curate
 
-    fetch_corpus(WORK, max_mb=max_mb, sources=["web-en", "code-python", "math"])
-    curated = WORK / "curated"
-    manifest = curate(WORK / "raw", curated)
+    fetch_corpus(work, max_mb=max_mb, sources=list(sources) if sources else None)
+    curated = work / "curated"
+    manifest = curate(work / "raw", curated)
     if manifest.tokenizer is None:
         train_tokenizer(curated, TokenizerConfig(vocab_size=4096), show_progress=False)
         tokenize_manifest(curated, show_progress=False)
@@ -390,7 +393,10 @@ def print_issue11_table(rows: list[Issue11Row]) -> None:
 
 
 def bench_issue11(curated: Path, quick: bool, tokenization: dict) -> None:
-    """Every issue-11 figure, then one table (figure, anchor, mixlab, ratio, check)."""
+    """Every issue-11 figure, then one table (figure, anchor, mixlab, ratio, check). MinHash and tokenization
+    run on the demo's corpus (all sources, 20 MB each; --quick: 2 MB), curated here once."""
+    curated = prepare(max_mb=2.0 if quick else 20.0, sources=None,
+                      work=WORK / ("demo_corpus_quick" if quick else "demo_corpus"))
     rows = []
     for figure, (module_name, target) in ISSUE11_TARGETS.items():
         row = issue11_row(figure, module_name, target, quick, curated)

@@ -2,9 +2,10 @@
 datatrove's own word tokenizer) against mixlab's fast chain (`mixlab.curation.fast_web`), on the same real documents
 in the same run. Prints docs/s of each, the ratio, and every document whose decision or reason differs.
 
-    .venv/bin/python bench/web_chain_bench.py [--docs N] [--raw DIR]
+    .venv/bin/python bench/web_chain_bench.py [--quick] [--docs N] [--raw DIR]
 
-Documents: the web-{en,de,fr,es,ru} pages of the offline corpus, extracted once with trafilatura (cached as JSONL),
+Documents: the web-{en,de,fr,es,ru} pages of the offline corpus (the demo's size, 20 MB of raw text per language,
+about 14k documents; `--quick`: 2 MB), extracted once with trafilatura (cached as JSONL),
 each alone and in runs of 4 consecutive pages (long enough for Gopher's 50 words), plus adversarial texts; URLs
 are made from the page ids, and a share of them from datatrove's own block lists so that each URL rule fires.
 """
@@ -12,6 +13,7 @@ are made from the page ids, and a share of them from datatrove's own block lists
 from __future__ import annotations
 
 import argparse
+import gc
 import gzip
 import json
 import tarfile
@@ -127,6 +129,24 @@ def web_documents(raw_dir: Path = DEFAULT_RAW, languages: tuple[str, ...] = LANG
     return docs[:max_docs] if max_docs else docs
 
 
+def bench_corpus(quick: bool = False) -> Path:
+    """The raw folder of the bench's own web corpus (built once from the offline sources, then cached)."""
+    from mixlab.pipelines.corpus import fetch_corpus
+
+    work = REPO / ".cache" / "mixlab-bench" / ("web_chain_quick" if quick else "web_chain_corpus")
+    if not all(any((work / "raw" / f"web-{lang}").glob("*.jsonl.gz")) for lang in LANGUAGES):
+        fetch_corpus(work, max_mb=2.0 if quick else 20.0, sources=[f"web-{lang}" for lang in LANGUAGES])
+    return work / "raw"
+
+
+def run(quick: bool = False) -> dict:
+    """The issue-11 figure for `bench/run_all.py`: docs/s of each chain and the disagreements."""
+    result = run_chains(web_documents(bench_corpus(quick)))
+    n = result["docs"]
+    return {"stock_docs_per_s": n / result["seconds"]["stock"], "fast_docs_per_s": n / result["seconds"]["fast"],
+            "disagreements": result["disagreements"], "docs": n}
+
+
 def run_chains(docs: list[tuple[str, str, str, str]]) -> dict:
     """Both chains on the same documents; seconds of each (after a warm-up) and the disagreements."""
     from mixlab.curation.fast_web import WebChainSettings, chain_verdict, fast_web_chain, stock_web_chain
@@ -144,10 +164,13 @@ def run_chains(docs: list[tuple[str, str, str, str]]) -> dict:
         # warm-up: spaCy pipelines, fastText, the suffix list
         for lang, _, text, url in docs[:: max(1, len(docs) // 50)]:
             chain_verdict(chains[name][lang], Document(text=text, id="warm", metadata={"url": url}))
+        gc.collect()  # neither chain pays for the other's garbage (a full collection lands at random otherwise)
+        gc.freeze()
         start = time.perf_counter()
         verdicts[name] = [chain_verdict(chains[name][lang], Document(text=text, id=pid, metadata={"url": url}))
                           for lang, pid, text, url in docs]
         seconds[name] = time.perf_counter() - start
+        gc.unfreeze()
     disagreements = [(d[0], d[1], s, f) for d, s, f in zip(docs, verdicts["stock"], verdicts["fast"], strict=True)
                      if s != f]
     reasons: dict[str, int] = {}
@@ -159,9 +182,12 @@ def run_chains(docs: list[tuple[str, str, str, str]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=None, help="documents to time (the set repeats beyond its size)")
-    parser.add_argument("--raw", type=Path, default=DEFAULT_RAW, help="raw corpus folder with web-<lang>/ pages")
+    parser.add_argument("--raw", type=Path, default=None,
+                        help="raw corpus folder with web-<lang>/ pages (default: the bench's own corpus)")
+    parser.add_argument("--quick", action="store_true", help="the 2 MB-per-language corpus (a smoke run)")
     args = parser.parse_args()
-    result = run_chains(web_documents(args.raw, max_docs=args.docs))
+    raw = args.raw or bench_corpus(args.quick)
+    result = run_chains(web_documents(raw, max_docs=args.docs))
     n = result["docs"]
     stock_rate, fast_rate = (n / result["seconds"][k] for k in ("stock", "fast"))
     print(f"web filter chain on {n} documents ({', '.join(LANGUAGES)})")

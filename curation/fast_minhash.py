@@ -11,26 +11,31 @@ permutation parameters from the seed) and changes only how it is computed:
 - words: the word tokenizers we use split each whitespace-separated run on its own (spaCy's rule-based
   tokenizer, the regex ones), so a document is `str.split` plus set lookups, and a new run is one word when
   spaCy's affix and special-case rules leave it whole, without building a Doc (`RunCachedWords`);
-- shingles: `map` of `" ".join` and of datatrove's hash function over zipped word lists (no Python loop body);
-- permutations: one (shingles x hashes) matrix per batch of documents, `x mod (2^61 - 1)` by the Mersenne
-  identity (no division), per-document minima by `np.minimum.reduceat`;
+- shingles: with 64-bit xxhash (the default), XXH64 compiled (numba) over slices of the words joined once
+  (an n-gram joined by spaces is a slice of all the words joined by spaces); else `map` of `" ".join` and of
+  datatrove's hash function over zipped word lists;
+- permutations: one compiled loop (numba) per batch of documents, `x mod (2^61 - 1)` by the Mersenne
+  identity (no division), each document's minima kept as it goes (no shingles x hashes matrix);
 - files: each bucket's records are held in memory (up to a bound, then appended to the file), sorted as
   datatrove sorts them and written in its record format: 14 file opens per rank instead of 56.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import unicodedata
 from collections.abc import Callable
 from functools import cache
+from itertools import chain
 
+import numba
 import numpy as np
 import regex
 import xxhash
 from datatrove.data import DocumentsPipeline
 from datatrove.io import DataFolderLike
-from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature, _mersenne_prime
+from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature
 from datatrove.utils.text import (
     MONTHS_PATTERN,
     NUMBERS_PATTERN,
@@ -48,11 +53,109 @@ from mixlab.curation.text import (
     WarmSpacyTokenizer,
 )
 
-BATCH_SHINGLES = 2048  # shingles permuted at once: 2048 x 112 hashes x 8 bytes = 1.8 MB, cache-sized
+BATCH_SHINGLES = 2048  # shingles of the documents permuted in one compiled call
 SPILL_BYTES = 64 << 20  # records held in memory (all buckets; ~70k docs) before they go to the bucket files
 WORD_CACHE_LIMIT = 2_000_000  # distinct whitespace runs remembered per process before starting afresh
 _MASK61 = np.uint64((1 << 61) - 1)
 _SHIFT61 = np.uint64(61)
+
+
+_P1, _P2, _P3 = np.uint64(11400714785074694791), np.uint64(14029467366897019727), np.uint64(1609587929392839161)
+_P4, _P5 = np.uint64(9650029242287828579), np.uint64(2870177450012600261)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _rotl(x, r):  # pragma: no cover - compiled
+    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _read64(buf, i):  # pragma: no cover - compiled
+    v = np.uint64(0)
+    for k in range(8):
+        v |= np.uint64(buf[i + k]) << np.uint64(8 * k)
+    return v
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _xxh64_round(acc, lane):  # pragma: no cover - compiled
+    return _rotl(acc + lane * _P2, 31) * _P1
+
+
+@numba.njit(cache=True, nogil=True)
+def _xxh64(buf, start, end):  # pragma: no cover - compiled
+    """XXH64 (seed 0) of buf[start:end], the function behind `xxhash.xxh64_intdigest`."""
+    length = end - start
+    i = start
+    if length >= 32:
+        v1, v2, v3, v4 = _P1 + _P2, _P2, np.uint64(0), np.uint64(0) - _P1
+        while i + 32 <= end:
+            v1 = _xxh64_round(v1, _read64(buf, i))
+            v2 = _xxh64_round(v2, _read64(buf, i + 8))
+            v3 = _xxh64_round(v3, _read64(buf, i + 16))
+            v4 = _xxh64_round(v4, _read64(buf, i + 24))
+            i += 32
+        h = _rotl(v1, 1) + _rotl(v2, 7) + _rotl(v3, 12) + _rotl(v4, 18)
+        for v in (v1, v2, v3, v4):
+            h = (h ^ _xxh64_round(np.uint64(0), v)) * _P1 + _P4
+    else:
+        h = _P5
+    h += np.uint64(length)
+    while i + 8 <= end:
+        h = _rotl(h ^ _xxh64_round(np.uint64(0), _read64(buf, i)), 27) * _P1 + _P4
+        i += 8
+    if i + 4 <= end:
+        lane = np.uint64(0)
+        for k in range(4):
+            lane |= np.uint64(buf[i + k]) << np.uint64(8 * k)
+        h = _rotl(h ^ (lane * _P1), 23) * _P2 + _P3
+        i += 4
+    while i < end:
+        h = _rotl(h ^ (np.uint64(buf[i]) * _P5), 11) * _P1
+        i += 1
+    h ^= h >> np.uint64(33)
+    h *= _P2
+    h ^= h >> np.uint64(29)
+    h *= _P3
+    h ^= h >> np.uint64(32)
+    return h
+
+
+@numba.njit(cache=True, nogil=True)
+def _ngram_xxh64(buf, starts, n):  # pragma: no cover - compiled
+    """XXH64 of each word n-gram of `buf` (the words joined by single spaces, UTF-8; `starts`: each word's
+    byte offset, then len(buf) + 1): the n-gram at i is buf[starts[i]:starts[i + n] - 1]."""
+    count = starts.size - n
+    out = np.empty(count, dtype=np.uint64)
+    for i in range(count):
+        out[i] = _xxh64(buf, starts[i], starts[i + n] - 1)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _permuted_minima(shingles, ends, a, b, mask):  # pragma: no cover - compiled
+    """Per document (shingles[ends[d-1]:ends[d]]) and hash: the minimum of datatrove's permuted hashes.
+
+    datatrove computes `(h * a + b) % p` in uint64 (the product wraps mod 2^64). With p = 2^61 - 1,
+    y = (x & p) + (x >> 61) is congruent to x and at most p + 7, so x % p is y, or y - p when y >= p: no
+    division, and no (shingles x hashes) matrix in memory."""
+    out = np.empty((ends.size, a.size), dtype=np.uint64)
+    start = 0
+    for d in range(ends.size):
+        row = out[d]
+        row[:] = np.uint64(0xFFFFFFFFFFFFFFFF)
+        for s in range(start, ends[d]):
+            h = shingles[s]
+            for k in range(a.size):
+                x = h * a[k] + b[k]
+                y = (x & _MASK61) + (x >> _SHIFT61)
+                if y >= _MASK61:
+                    y -= _MASK61
+                y &= mask
+                if y < row[k]:
+                    row[k] = y
+        start = ends[d]
+    return out
 
 
 def _direct_hash(hash_func: Callable[[str], int]) -> Callable[[str], int]:
@@ -81,6 +184,17 @@ def _nonspacing_marks() -> regex.Pattern:
     if {c for c in wanted | found if pattern.fullmatch(c)} != wanted:
         raise AssertionError("FastSimplify: the mark pattern does not match unicodedata's Mn characters")
     return pattern
+
+
+def _literal_alternatives(pattern: re.Pattern) -> tuple[str, ...] | None:
+    """The words of a pattern that is a plain `a|b|c` of lowercase letters (then a text holding none of them
+    has no match and its substitution is skipped), else None."""
+    words = tuple(pattern.pattern.split("|"))
+    return words if pattern.flags & ~re.UNICODE == 0 and all(w.isalpha() and w.islower() for w in words) else None
+
+
+_WEEKDAY_NAMES = _literal_alternatives(WEEKDAYS_PATTERN)
+_MONTH_NAMES = _literal_alternatives(MONTHS_PATTERN)
 
 
 @cache
@@ -134,9 +248,9 @@ class FastSimplify:
             text = text.lower()
         if config.norm_numbers:
             text = NUMBERS_PATTERN.sub("0", text)
-        if config.norm_weekdays:
+        if config.norm_weekdays and (_WEEKDAY_NAMES is None or any(d in text for d in _WEEKDAY_NAMES)):
             text = WEEKDAYS_PATTERN.sub("WEEKDAY", text)
-        if config.norm_monthnames:
+        if config.norm_monthnames and (_MONTH_NAMES is None or any(m in text for m in _MONTH_NAMES)):
             text = MONTHS_PATTERN.sub("MONTH", text)
         if config.remove_punctuation:
             text = self._punctuation_to_spaces(text)
@@ -222,7 +336,8 @@ class RunCachedWords:
         if not self._split or distinct.isdisjoint(self._split):  # the common case: every run is a word
             return runs
         split = self._split
-        return [word for run in runs for word in split.get(run, (run,))]
+        words_of = {run: split.get(run, (run,)) for run in distinct}
+        return list(chain.from_iterable(map(words_of.__getitem__, runs)))
 
 
 def sort_records(records: np.ndarray) -> np.ndarray:
@@ -232,18 +347,17 @@ def sort_records(records: np.ndarray) -> np.ndarray:
     order = np.argsort(first, kind="stable")
     ordered_first = first[order]
     if len(records) > 1 and bool(np.any(ordered_first[1:] == ordered_first[:-1])):  # ties: copies of a document
-        ordered = records.copy()
-        ordered.sort(order=records.dtype.names)
-        return ordered
+        # field by field, the first the primary key: the order of a structured sort on all fields (records equal
+        # in every field are equal bytes, so their order among themselves does not show)
+        return records[np.lexsort([records[name] for name in reversed(records.dtype.names)])]
     return records[order]
 
 
 class FastMinhashDedupSignature(MinhashDedupSignature):
     """datatrove's MinHash stage 1 (same settings, same `bucket_NNN/<rank>.minhash.sig` files, byte for byte),
-    computed in batches; see the module docstring. Memory: the permuted `batch_shingles` x hashes matrix (a
-    longer document is permuted in chunks with a running minimum), the records (68 bytes per document and
-    bucket with the default settings) up to `spill_bytes` before they are appended to the bucket files, and one
-    bucket's records while it is sorted."""
+    computed in batches; see the module docstring. Memory: a batch's shingle hashes (`batch_shingles`, or one
+    longer document's), the records (68 bytes per document and bucket with the default settings) up to
+    `spill_bytes` before they are appended to the bucket files, and one bucket's records while it is sorted."""
 
     name = "🎯 MinHash stage 1 (fast)"
 
@@ -279,40 +393,32 @@ class FastMinhashDedupSignature(MinhashDedupSignature):
         count = len(words) - n + 1
         if count <= 0:
             return np.empty(0, dtype=np.uint64)
+        if self._hash_func is xxhash.xxh64_intdigest:  # compiled: each n-gram is a slice of the joined words
+            try:
+                data = np.frombuffer(" ".join(words).encode("utf-8"), dtype=np.uint8)
+            except UnicodeEncodeError:  # a lone surrogate: xxhash raises on it, as datatrove's step does
+                data = None
+            if data is not None:
+                spaces = np.flatnonzero(data == 32)  # the joining spaces, unless a word holds one
+                if spaces.size != len(words) - 1:
+                    byte_lengths = np.fromiter(map(len, map(str.encode, words)), dtype=np.int64, count=len(words))
+                    spaces = np.cumsum(byte_lengths + 1)[:-1] - 1
+                starts = np.empty(len(words) + 1, dtype=np.int64)
+                starts[0], starts[-1] = 0, data.size + 1
+                starts[1:-1] = spaces + 1
+                return _ngram_xxh64(data, starts, n)
         grams = map(" ".join, zip(*(words[i:] for i in range(n)), strict=False)) if n > 1 else iter(words)
         return np.fromiter(map(self._hash_func, grams), dtype=np.uint64, count=count)
 
-    def _permuted_min(self, shingles: np.ndarray, starts: np.ndarray) -> np.ndarray:
-        """Per segment (document) minimum of datatrove's permuted hashes: (len(starts), num_hashes) uint64.
-
-        datatrove computes `(h * a + b) % p` in uint64 (the product wraps mod 2^64). With p = 2^61 - 1,
-        y = (x & p) + (x >> 61) is congruent to x and at most p + 7, so x % p is y, or y - p in the rare case
-        (about 1 in 2^58 values) that y >= p: one check over the batch replaces the division."""
-        a, b = self.parameters
-        x = shingles.reshape((-1, 1)) * a
-        x += b
-        y = x >> _SHIFT61
-        np.bitwise_and(x, _MASK61, out=x)
-        x += y
-        if x.max() >= _mersenne_prime:
-            np.subtract(x, _mersenne_prime, out=y)  # wraps to > 2^63 where x < p, so the minimum picks x there
-            np.minimum(x, y, out=x)
-        if self.config.hash_config.precision == 32:
-            np.bitwise_and(x, np.uint64(self.config.hash_config.max), out=x)
-        return np.minimum.reduceat(x, starts, axis=0)
-
     def _signatures(self, batch: list[np.ndarray]) -> np.ndarray:
-        """The signatures of a batch of non-empty shingle arrays, (len(batch), num_hashes) uint64."""
-        if len(batch) == 1 and len(batch[0]) > self.batch_shingles:  # one long document: running minimum
-            shingles, step = batch[0], self.batch_shingles
-            minimum = self._permuted_min(shingles[:step], np.zeros(1, dtype=np.intp))
-            for start in range(step, len(shingles), step):
-                np.minimum(minimum, self._permuted_min(shingles[start:start + step], np.zeros(1, dtype=np.intp)),
-                           out=minimum)
-            return minimum
-        lengths = np.fromiter((len(s) for s in batch), dtype=np.intp, count=len(batch))
-        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-        return self._permuted_min(np.concatenate(batch), starts)
+        """The signatures of a batch of non-empty shingle arrays, (len(batch), num_hashes) uint64: datatrove's
+        `min over shingles of ((h * a + b) % (2^61 - 1))` (& max_hash at 32-bit precision), compiled."""
+        a, b = self.parameters
+        lengths = np.fromiter((len(s) for s in batch), dtype=np.int64, count=len(batch))
+        ends = np.cumsum(lengths)
+        mask = np.uint64(self.config.hash_config.max if self.config.hash_config.precision == 32 else (1 << 64) - 1)
+        return _permuted_minima(np.concatenate(batch), ends, np.ascontiguousarray(a.reshape(-1)),
+                                np.ascontiguousarray(b.reshape(-1)), mask)
 
     def _record_dtype(self) -> np.dtype:
         fmt = self.config.hash_config.struct_format

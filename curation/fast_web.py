@@ -11,17 +11,18 @@ tokens, their symbol/alpha flags and what the sentencizer does across it. n-gram
 Same answers: every rule is the stock rule in the stock order on the same values; a text the shared split cannot
 treat identically (spaCy's `IS_ALPHA` failure path) runs through the stock filters themselves.
 The URL filter keeps datatrove's rules but reads mixlab's shared, hashed domain list (36 MB mapped, not 600 MB per
-worker); language ID is datatrove's LanguageFilter over the bundled lid.176.ftz.
+worker); language ID is datatrove's LanguageFilter decision over the bundled lid.176.ftz, computed by mixlab.curation.fast_lid.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
-from operator import itemgetter
+from itertools import chain
+from operator import attrgetter
 from typing import Any
 
+import numba
 import numpy as np
 from datatrove.data import Document
 from datatrove.pipeline.base import PipelineStep
@@ -38,6 +39,7 @@ from datatrove.pipeline.filters.c4_filters import CITATION_REGEX, ELLIPSIS, END_
 from datatrove.pipeline.filters.gopher_repetition_filter import find_duplicates
 from datatrove.utils.text import PUNCTUATION_SET
 from datatrove.utils.word_tokenizers import WordTokenizer
+from mixlab.curation.fast_lid import equal_slices
 from mixlab.curation.filters import GopherSettings
 from mixlab.curation.lid import LANGUAGE_THRESHOLD, BundledFT176LID
 from mixlab.curation.text import (
@@ -47,8 +49,11 @@ from mixlab.curation.text import (
     sentencizer_nlp,
 )
 from mixlab.curation.web_quality import DATATROVE_BLOCKLIST, DomainBlocklist, _suffix_extractor
+from spacy.attrs import IS_PUNCT, ORTH
 
 _WS_RUNS = re.compile(r"(\s+)")
+_TOKENS, _TOKEN_IDS = attrgetter("tokens"), attrgetter("token_ids")
+_N_NON_SYMBOL, _NON_SYMBOL_CHARS, _N_ALPHA = attrgetter("n_non_symbol"), attrgetter("non_symbol_chars"), attrgetter("n_alpha")
 MAX_CACHED_CHUNKS = 2_000_000  # per language and process; cleared (not evicted) beyond, to bound memory
 
 
@@ -78,6 +83,7 @@ class ChunkFacts:
     n_alpha: int  # tokens with an alphabetic character
     fires: tuple[int, int]  # sentencizer sentence starts inside the chunk, entering it without / with a seen period
     seen_after: tuple[bool, bool]  # the sentencizer's `seen_period` leaving the chunk, for each entry state
+    token_ids: tuple[int, ...]  # the tokens' ids in the SharedWordSplit (one id per distinct token)
 
 
 class SharedWordSplit:
@@ -89,59 +95,199 @@ class SharedWordSplit:
     def __init__(self, language: str | WordTokenizer):
         self.language, self.spacy_code = spacy_code_of(language)
         self.cache: dict[str, ChunkFacts] = {}
+        self.token_ids: dict[str, int] = {}  # cleared with the cache, so one document's ids are always consistent
         self._punct_chars: frozenset[str] | None = None
+        self._nlp = None
+        self._spanning: Any = None  # an automaton of the whitespace-spanning special cases, or False
 
     @property
     def nlp(self):
-        return sentencizer_nlp(self.spacy_code)
+        """A private spaCy blank pipeline for the language (datatrove's tokenizer, the same rules) whose new
+        lexemes get only the IS_PUNCT flag, the one lexical attribute read here (computing the other twenty,
+        shapes, norms and like_num among them, was half the cost of learning a chunk)."""
+        if self._nlp is None:
+            import spacy
+
+            nlp = spacy.blank(self.spacy_code)
+            nlp.vocab.lex_attr_getters = {IS_PUNCT: nlp.vocab.lex_attr_getters[IS_PUNCT]}
+            self._nlp = nlp
+        return self._nlp
+
+    def covers(self, text: str) -> bool:
+        """False for a text whose stock words are not the per-chunk words: one holding "IS_ALPHA" (spaCy fails
+        on it and datatrove then tokenizes a changed text) or a special case of the tokenizer that spans
+        whitespace (Spanish "EE. UU.", Russian "т.е." forms: spaCy matches those across chunks)."""
+        if "IS_ALPHA" in text:
+            return False
+        if self._spanning is None:
+            keys = [k for k in self.nlp.tokenizer.rules if k.strip() and any(c.isspace() for c in k.strip())]
+            self._spanning = False
+            if keys:
+                import ahocorasick
+
+                self._spanning = ahocorasick.Automaton()
+                for key in keys:
+                    self._spanning.add_word(key, key)
+                self._spanning.make_automaton()
+        return not (self._spanning and next(self._spanning.iter(text), None) is not None)
 
     def _learn(self, chunks: list[str]) -> None:
         nlp = self.nlp
         if self._punct_chars is None:
-            self._punct_chars = frozenset(nlp.get_pipe("sentencizer").punct_chars)
-        if len(self.cache) + len(chunks) > MAX_CACHED_CHUNKS:
-            self.cache.clear()
-        punct_chars = self._punct_chars
+            self._punct_chars = frozenset(sentencizer_nlp(self.spacy_code).get_pipe("sentencizer").punct_chars)
+            self._is_punct = nlp.vocab.lex_attr_getters[IS_PUNCT]
+        rest = []
+        is_punct, punct_chars = self._is_punct, self._punct_chars
+        for chunk in chunks:
+            tokens = self._affix_tokens(chunk)
+            if tokens is None:
+                rest.append(chunk)
+            else:  # each token's IS_PUNCT flag is the vocabulary's getter on its text: no Doc, no lexeme
+                self._remember(chunk, tokens, [(bool(is_punct(t)), t in punct_chars) for t in tokens])
+        if not rest:
+            return
+        # one Doc for all of them: spaCy tokenizes each whitespace-free span alone, and a newline between two
+        # chunks is a token of its own that no special case spans (the spanning ones hold a space)
+        joined = "\n".join(rest)
+        ends = np.cumsum([len(c) + 1 for c in rest]).tolist()
         with nlp.memory_zone():
-            for chunk in chunks:
-                nlp.max_length = max(nlp.max_length, len(chunk) + 10)
-                parsed = nlp.tokenizer(chunk)
-                tokens = tuple(t.text for t in parsed)
-                flags = [(t.is_punct, t.text in punct_chars) for t in parsed]
-                non_symbol = [w for w in tokens if any(ch not in PUNCTUATION_SET for ch in w)]
-                fires, seen_after = [], []
-                for seen in (False, True):
-                    count = 0
-                    for is_punct, in_punct_chars in flags:
-                        if seen and not is_punct and not in_punct_chars:
-                            count += 1
-                            seen = False
-                        elif in_punct_chars:
-                            seen = True
-                    fires.append(count)
-                    seen_after.append(seen)
-                self.cache[chunk] = ChunkFacts(
-                    tokens, len(non_symbol), sum(map(len, non_symbol)),
-                    sum(any(c.isalpha() for c in w) for w in tokens), (fires[0], fires[1]),
-                    (seen_after[0], seen_after[1]))
+            nlp.max_length = max(nlp.max_length, len(joined) + 10)
+            per_chunk: list[list] = [[] for _ in rest]
+            k = 0
+            for token in nlp.tokenizer(joined):
+                if token.text == "\n":  # the separator (the chunks hold no whitespace)
+                    continue
+                while token.idx >= ends[k]:
+                    k += 1
+                per_chunk[k].append((token.text, token.is_punct))
+            for chunk, tokens in zip(rest, per_chunk, strict=True):
+                self._remember(chunk, tuple(text for text, _ in tokens),
+                               [(is_punct, text in self._punct_chars) for text, is_punct in tokens])
+
+    def _affix_tokens(self, chunk: str) -> tuple[str, ...] | None:
+        """spaCy's tokens of one whitespace-free chunk by its own rules (Tokenizer._split_affixes, then
+        _attach_tokens: token_match, special cases, prefixes, suffixes, url_match, infixes) run from Python
+        over its compiled searches; None when the tokens might hold a special case that spaCy's matcher pass
+        would retokenize (two or more tokens that join into a special-case string): spaCy decides those."""
+        rules = self.nlp.tokenizer
+        specials, token_match = rules.rules, rules.token_match
+        prefixes: list[str] = []
+        suffixes: list[str] = []
+        string, last_size = chunk, 0
+        while string and len(string) != last_size:
+            if (token_match and token_match(string)) or string in specials:
+                break
+            last_size = len(string)
+            pre_len = rules.find_prefix(string)
+            if pre_len:
+                prefix, minus_pre = string[:pre_len], string[pre_len:]
+                if minus_pre and minus_pre in specials:
+                    string = minus_pre
+                    prefixes.append(prefix)
+                    break
+            suf_len = rules.find_suffix(string[pre_len:])
+            if suf_len:
+                suffix, minus_suf = string[-suf_len:], string[:-suf_len]
+                if minus_suf and minus_suf in specials:
+                    string = minus_suf
+                    suffixes.append(suffix)
+                    break
+            if pre_len and suf_len and pre_len + suf_len <= len(string):
+                string = string[pre_len:-suf_len]
+                prefixes.append(prefix)
+                suffixes.append(suffix)
+            elif pre_len:
+                string = minus_pre
+                prefixes.append(prefix)
+            elif suf_len:
+                string = minus_suf
+                suffixes.append(suffix)
+        tokens = prefixes
+        if string:
+            if string in specials:
+                tokens.extend(attrs.get(ORTH, attrs.get("ORTH")) for attrs in specials[string])
+            elif (token_match and token_match(string)) or (rules.url_match and rules.url_match(string)):
+                tokens.append(string)
+            else:
+                start = 0
+                for match in rules.find_infix(string):
+                    infix_start, infix_end = match.start(), match.end()
+                    if infix_start == 0:
+                        continue
+                    if infix_start != start:
+                        tokens.append(string[start:infix_start])
+                    if infix_start != infix_end:
+                        tokens.append(string[infix_start:infix_end])
+                    start = infix_end
+                if string[start:]:
+                    tokens.append(string[start:])
+        tokens.extend(reversed(suffixes))
+        if len(tokens) > 1:
+            for i in range(len(tokens) - 1):
+                joined = tokens[i]
+                for j in range(i + 1, len(tokens)):
+                    joined += tokens[j]
+                    if joined in specials:
+                        return None
+        return tuple(tokens)
+
+    def _remember(self, chunk: str, tokens: tuple[str, ...], flags: list[tuple[bool, bool]]) -> None:
+        """The facts of one chunk from its tokens and their (is_punct, is a sentencizer punct char) flags."""
+        non_symbol = [w for w in tokens if any(ch not in PUNCTUATION_SET for ch in w)]
+        fires, seen_after = [], []
+        for seen in (False, True):
+            count = 0
+            for is_punct, in_punct_chars in flags:
+                if seen and not is_punct and not in_punct_chars:
+                    count += 1
+                    seen = False
+                elif in_punct_chars:
+                    seen = True
+            fires.append(count)
+            seen_after.append(seen)
+        ids = self.token_ids
+        self.cache[chunk] = ChunkFacts(
+            tokens, len(non_symbol), sum(map(len, non_symbol)), sum(any(c.isalpha() for c in w) for w in tokens),
+            (fires[0], fires[1]), (seen_after[0], seen_after[1]), tuple(ids.setdefault(t, len(ids)) for t in tokens))
 
     def facts(self, chunks: list[str]) -> list[ChunkFacts]:
         cache = self.cache
+        try:
+            return list(map(cache.__getitem__, chunks))  # the common case: every chunk seen before
+        except KeyError:
+            pass
         missing = [c for c in dict.fromkeys(chunks) if c not in cache]
         if missing:
+            if len(cache) + len(missing) > MAX_CACHED_CHUNKS:  # start afresh, this document's chunks first
+                cache.clear()
+                self.token_ids.clear()
+                missing = list(dict.fromkeys(chunks))
             self._learn(missing)
         return [cache[c] for c in chunks]
 
     def words(self, text: str) -> tuple[list[str], list[ChunkFacts]]:
         """The stock `split_into_words(text, language)` and the facts of each chunk."""
         facts = self.facts(text.split())
-        return [w for f in facts for w in f.tokens], facts
+        return list(chain.from_iterable(map(_TOKENS, facts))), facts
 
-    def count_sentences(self, line: str) -> int:
+    @staticmethod
+    def word_ids(facts: list[ChunkFacts]) -> np.ndarray:
+        """The ids of `words(...)`'s words, from the same facts (equal words, equal ids)."""
+        return np.fromiter(chain.from_iterable(map(_TOKEN_IDS, facts)), dtype=np.int64)
+
+    def count_sentences(self, line: str, chunks: list[str] | None = None) -> int:
         """len(datatrove's `split_into_sentences(line)`): spaCy's sentencizer over the line's tokens. A run of
-        whitespace other than one " " between chunks (and any leading run) is a token of its own there."""
+        whitespace other than one " " between chunks (and any leading run) is a token of its own there.
+        `chunks`: `line.split()` when the caller has it (a line of chunks joined by single spaces is counted
+        from their facts alone)."""
         if not line:
             return 0
+        if chunks is not None and " ".join(chunks) == line:  # no whitespace token: the chunks in a row
+            seen, starts = False, 0
+            for f in self.facts(chunks):
+                starts += f.fires[seen]
+                seen = f.seen_after[seen]
+            return 1 + starts
         parts = _WS_RUNS.split(line)
         chunk_facts = iter(self.facts([p for p in parts[::2] if p]))
         seen, starts = False, 0
@@ -174,16 +320,90 @@ def _power_tables(size: int) -> tuple[np.ndarray, np.ndarray]:
     return _powers["up"], _powers["down"]
 
 
+@numba.njit(cache=True, nogil=True)
+def _slot(key, bits):  # pragma: no cover - compiled
+    return np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(64 - bits))
+
+
+@numba.njit(cache=True, nogil=True)
+def _top_ngram(ids, n):  # pragma: no cover - compiled
+    """(count, first position) of the most frequent n-gram of word ids, the first-occurring one among equals,
+    counted in one pass over an open-addressing table of first positions (n-grams compared id by id)."""
+    m = ids.size - n + 1
+    bits = 1
+    while (1 << bits) < 2 * m:
+        bits += 1
+    mask = (1 << bits) - 1
+    first = np.full(1 << bits, -1, dtype=np.int64)
+    counts = np.zeros(1 << bits, dtype=np.int64)
+    best_count, best_first = 0, 0
+    for i in range(m):
+        key = np.uint64(0)
+        for k in range(n):
+            key = (key ^ np.uint64(ids[i + k])) * np.uint64(0x100000001B3)
+        slot = _slot(key, bits)
+        while first[slot] != -1 and not equal_slices(ids, first[slot], ids, i, n):
+            slot = (slot + 1) & mask
+        if first[slot] == -1:
+            first[slot] = i
+        counts[slot] += 1
+        c = counts[slot]
+        if c > best_count or (c == best_count and first[slot] < best_first):
+            best_count, best_first = c, first[slot]
+    return best_count, best_first
+
+
+@numba.njit(cache=True, nogil=True)
+def _repeated_hash_positions(prefix, up, offsets, n):  # pragma: no cover - compiled
+    """The positions (ascending) whose concatenated n-gram's polynomial hash occurs at two or more positions."""
+    m = offsets.size - n
+    if m <= 0:
+        return np.empty(0, dtype=np.int64)
+    hashes = np.empty(m, dtype=np.uint64)
+    for i in range(m):
+        hashes[i] = (prefix[offsets[i + n]] - prefix[offsets[i]]) * up[offsets[i]]
+    bits = 1
+    while (1 << bits) < 2 * m:
+        bits += 1
+    mask = (1 << bits) - 1
+    keys = np.zeros(1 << bits, dtype=np.uint64)
+    used = np.zeros(1 << bits, dtype=np.bool_)
+    counts = np.zeros(1 << bits, dtype=np.int64)
+    where = np.empty(m, dtype=np.int64)
+    repeats = 0
+    for i in range(m):
+        slot = _slot(hashes[i], bits)
+        while used[slot] and keys[slot] != hashes[i]:
+            slot = (slot + 1) & mask
+        if not used[slot]:
+            used[slot] = True
+            keys[slot] = hashes[i]
+        counts[slot] += 1
+        if counts[slot] == 2:
+            repeats += 1
+        where[i] = slot
+    out = np.empty(m if repeats else 0, dtype=np.int64)
+    k = 0
+    if repeats:
+        for i in range(m):
+            if counts[where[i]] >= 2:
+                out[k] = i
+                k += 1
+    return out[:k]
+
+
 class NgramIndex:
     """One document's words for Gopher's n-gram rules: word ids (for the top n-grams) and a polynomial hash of the
     concatenated words (for the duplicate n-grams). Hashes only nominate candidates: equal strings always hash
     equal, so no repeated hash means no repeated n-gram, and repeats are confirmed on the strings themselves."""
 
-    def __init__(self, words: list[str]):
+    def __init__(self, words: list[str], word_ids: np.ndarray | None = None):
+        """`word_ids`: any ids of the words, equal words with equal ids (SharedWordSplit.word_ids)."""
         self.words = words
-        ids: dict[str, int] = {}
-        self.ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.int64, count=len(words))
-        self.vocab = len(ids)
+        if word_ids is None:
+            ids: dict[str, int] = {}
+            word_ids = np.fromiter((ids.setdefault(w, len(ids)) for w in words), dtype=np.int64, count=len(words))
+        self.ids = word_ids
         self.lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         self.offsets = np.concatenate(([0], np.cumsum(self.lengths)))
         self.joined = "".join(words)
@@ -200,16 +420,7 @@ class NgramIndex:
         m = len(self.words) - n + 1
         if m <= 0:
             return None
-        if self.vocab ** n >= 2**63:  # ids do not pack into one int64 key: count tuples instead
-            gram, count = max(Counter(zip(*(self.words[i:] for i in range(n)), strict=False)).items(),
-                              key=itemgetter(1))
-            return (sum(map(len, gram)) + n - 1) * count
-        keys = self.ids[:m].copy()
-        for k in range(1, n):
-            keys = keys * self.vocab + self.ids[k:k + m]
-        _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        top = counts.max()
-        start = int(first[counts == top].min())
+        top, start = _top_ngram(self.ids, n)
         return (int(self.lengths[start:start + n].sum()) + n - 1) * int(top)
 
     def duplicate_ngram_chars(self, n: int) -> int:
@@ -219,21 +430,13 @@ class NgramIndex:
         m = len(self.words) - n + 1
         if m <= 0:
             return 0
-        starts, ends = self.offsets[:m], self.offsets[n:n + m]
-        with np.errstate(over="ignore"):
-            hashes = (self.prefix[ends] - self.prefix[starts]) * self.up[starts]
-        order = np.argsort(hashes, kind="stable")
-        sorted_hashes = hashes[order]
-        same = sorted_hashes[1:] == sorted_hashes[:-1]
-        if not same.any():
+        repeated = _repeated_hash_positions(self.prefix, self.up, self.offsets, n)
+        if not repeated.size:
             return 0
-        repeated = np.zeros(m, dtype=bool)
-        repeated[order[1:][same]] = True
-        repeated[order[:-1][same]] = True
         joined, offsets = self.joined, self.offsets.tolist()
         seen: set[str] = set()
         repeated_chars, skip_until = 0, 0
-        for i in np.flatnonzero(repeated).tolist():
+        for i in repeated.tolist():
             if i < skip_until:
                 continue
             gram = joined[offsets[i]:offsets[i + n]]
@@ -291,7 +494,7 @@ class FusedWebQuality(BaseFilter):
         return True
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if "IS_ALPHA" in doc.text:  # spaCy fails on it and datatrove then tokenizes a changed text
+        if not self.split.covers(doc.text):
             self.stat_update("stock_fallback")
             return self._stock(doc)
         text = doc.text
@@ -332,7 +535,7 @@ class FusedWebQuality(BaseFilter):
         if f.dup_line_char_frac and chars / len(text) > f.dup_line_char_frac:
             return (False, "dup_line_char_frac"), None, []
         words, facts = self.split.words(text)
-        grams = NgramIndex(words)
+        grams = NgramIndex(words, self.split.word_ids(facts))
         for n, n_frac in f.top_n_grams:
             top = grams.top_ngram_chars(n)
             if top is not None and top / len(text) > n_frac:
@@ -345,13 +548,13 @@ class FusedWebQuality(BaseFilter):
     def _quality(self, text: str, words: list[str], facts: list[ChunkFacts]) -> bool | tuple[bool, str]:
         f = self.quality
         n_words = len(words)
-        n_non_symbol = sum(c.n_non_symbol for c in facts)
+        n_non_symbol = sum(map(_N_NON_SYMBOL, facts))
         if f.min_doc_words and n_non_symbol < f.min_doc_words:
             return False, "gopher_short_doc"
         if f.max_doc_words and n_non_symbol > f.max_doc_words:
             return False, "gopher_long_doc"
         # np.mean of integer lengths: an exact float64 sum over the count, as here; nan when there are none
-        avg = sum(c.non_symbol_chars for c in facts) / n_non_symbol if n_non_symbol else float("nan")
+        avg = sum(map(_NON_SYMBOL_CHARS, facts)) / n_non_symbol if n_non_symbol else float("nan")
         if f.min_avg_word_length and avg < f.min_avg_word_length:
             return False, "gopher_below_avg_threshold"
         if f.max_avg_word_length and avg > f.max_avg_word_length:
@@ -367,7 +570,7 @@ class FusedWebQuality(BaseFilter):
         if f.max_ellipsis_lines_ratio and sum(
                 s.rstrip().endswith(("...", "…")) for s in lines) / len(lines) > f.max_ellipsis_lines_ratio:
             return False, "gopher_too_many_end_ellipsis"
-        if f.max_non_alpha_words_ratio and sum(c.n_alpha for c in facts) / n_words < f.max_non_alpha_words_ratio:
+        if f.max_non_alpha_words_ratio and sum(map(_N_ALPHA, facts)) / n_words < f.max_non_alpha_words_ratio:
             return False, "gopher_below_alpha_threshold"
         if f.min_stop_words and len(f.stop_words.intersection(words)) < f.min_stop_words:
             return False, "gopher_enough_stop_words"
@@ -385,7 +588,7 @@ class FusedWebQuality(BaseFilter):
             line = line.strip()
             words = line.split()
             stats["line-total"] += 1
-            if f.max_word_length != -1 and any(len(word) > f.max_word_length for word in words):
+            if f.max_word_length != -1 and max(map(len, words), default=0) > f.max_word_length:
                 stats["line-filter-too_long_word"] += 1
                 continue
             if f.remove_citations:
@@ -410,7 +613,7 @@ class FusedWebQuality(BaseFilter):
                 stats["line-filter-policy"] += 1
                 continue
             if f.min_num_sentences != -1:
-                sentences += self.split.count_sentences(line)
+                sentences += self.split.count_sentences(line, words)
             kept.append(line)
             stats["line-kept"] += 1
         for key, value in stats.items():
@@ -472,7 +675,7 @@ class FastGopherRepetition(_FastStockStep, GopherRepetitionFilter):
         self._adopt(stock, fused)
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if "IS_ALPHA" in doc.text:
+        if not self.fused.split.covers(doc.text):
             return GopherRepetitionFilter.filter(self, doc)
         return self.fused._repetition(doc.text)[0]
 
@@ -488,7 +691,7 @@ class FastGopherQuality(_FastStockStep, GopherQualityFilter):
         self._adopt(stock, fused)
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        if "IS_ALPHA" in doc.text:
+        if not self.fused.split.covers(doc.text):
             return GopherQualityFilter.filter(self, doc)
         words, facts = self.fused.split.words(doc.text)
         return self.fused._quality(doc.text, words, facts)
@@ -566,10 +769,11 @@ class OfflineLanguageFilter(LanguageFilter):
 
 
 class TopLanguageFilter(OfflineLanguageFilter):
-    """OfflineLanguageFilter's decision and metadata from fastText's top label alone (k=1, not all 176).
+    """OfflineLanguageFilter's decision and metadata from the top label alone, computed by `CompiledTopLabel`.
 
     Exact for a threshold above 0.5: the scores sum to one, so a language other than the top one scores at most
-    0.5 and can never pass; the top label and its score are the ones the full prediction ranks first."""
+    0.5 and can never pass; the top label and its score are the ones the full prediction ranks first (a tie
+    between two labels goes to fastText's own prediction)."""
 
     name = "🌍 Language ID (lid.176.ftz, top label)"
 
@@ -577,10 +781,7 @@ class TopLanguageFilter(OfflineLanguageFilter):
         if self.label_only or not self.languages or self.language_threshold <= 0.5 + 1e-6 \
                 or self.keep_top_pairs_threshold != -1 or self.backend != "ft176":
             return super().filter(doc)
-        labels, scores = self.model.model.predict(doc.text.replace("\n", " "), k=1)
-        if not len(labels):
-            return super().filter(doc)
-        lang, score = labels[0].split("__")[2], scores[0].item()
+        lang, score = self.model.top(doc)
         doc.metadata["language"] = lang
         doc.metadata["language_score"] = score
         return lang in self.languages and score > self.language_threshold

@@ -31,7 +31,13 @@ def bundled_lid_model_path() -> Path:
 
 
 class BundledFT176LID(FT176LID):
-    """FT176LID whose model is the local lid.176.ftz; loaded lazily so the step pickles small."""
+    """FT176LID whose model is the local lid.176.ftz; loaded lazily so the step pickles small.
+
+    `top(doc)` is `predict(doc)[0]` (the top language and its score) from `CompiledTopLabel`, fastText's own
+    computation recompiled (same label, same score bit for bit, about 3x faster), with fastText's `predict`
+    wherever that one does not apply."""
+
+    _top = None  # the CompiledTopLabel, built on first use; False where the model is outside its scope
 
     @property
     def model(self):
@@ -40,6 +46,28 @@ class BundledFT176LID(FT176LID):
 
             self._model = fasttext.load_model(str(bundled_lid_model_path()))
         return self._model
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_top", None)  # 11 MB of arrays, rebuilt in the process that uses it
+        return state
+
+    def top(self, doc: Document) -> tuple[str, float]:
+        if self._top is None:
+            from mixlab.curation.fast_lid import CompiledTopLabel
+
+            try:
+                self._top = CompiledTopLabel(self.model, bundled_lid_model_path())
+            except ValueError:
+                self._top = False
+        if self._top:
+            try:
+                found = self._top.predict(doc.text.replace("\n", " "))
+            except UnicodeEncodeError:  # fastText's own binding raises on it, as the stock filter would
+                found = None
+            if found is not None:
+                return found[0].split("__")[2], found[1]
+        return self.predict(doc)[0]
 
 
 class BundledLanguageFilter(LanguageFilter):
@@ -59,7 +87,7 @@ class BundledLanguageFilter(LanguageFilter):
         self.model = BundledFT176LID(None)  # all scores, not just the expected languages'
 
     def filter(self, doc: Document) -> bool | tuple[bool, str]:
-        (lang, score), _ = self.model.predict(doc)
+        lang, score = self.model.top(doc)
         doc.metadata["language"] = lang
         doc.metadata["language_score"] = round(float(score), 4)
         if self.label_only or not self.languages:

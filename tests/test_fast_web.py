@@ -74,6 +74,22 @@ def test_fused_quality_matches_stock_on_adversarial_texts(web_docs, terminal_pun
                 (language, text[:200])
 
 
+def test_special_cases_spanning_whitespace_go_to_the_stock_filters(web_docs):
+    """spaCy matches Spanish "EE. UU." and Russian "в т.ч." across chunks: such texts take the stock path."""
+    cases = {"es": "Los EE. UU. y la UE firmaron el acuerdo. Es una noticia importante para todos. ",
+             "ru": "Это важно, в т.ч. для всех нас. Мы говорим об этом уже давно, и это так. "}
+    for language, sentence in cases.items():
+        pages = [text for lang, _, text, _ in web_docs if lang == language][:6]
+        texts = [sentence * 12, "\n".join(page + "\n" + sentence * 3 for page in pages)]
+        settings = WebChainSettings(language=language)
+        fused = FusedWebQuality.from_stock(stock_quality_filters(settings))
+        assert not fused.split.covers(texts[0]) and fused.split.covers(pages[0])
+        for text in texts:
+            assert chain_verdict(stock_quality_filters(settings), Document(text=text, id="s")) == \
+                chain_verdict([fused], Document(text=text, id="f")), (language, text[:100])
+        assert fused.stats["stock_fallback"].total == len(texts)
+
+
 def test_recipe_gopher_pair_with_warm_tokenizer_gives_the_stock_pair_answers(web_docs, tmp_path):
     """pipelines/web.py runs `fast_gopher_pair` over mixlab's Gopher pair (warm spaCy words): each of the two steps
     answers as the stock step it replaces, and the manifest still names them gopher_repetition / gopher_quality."""
