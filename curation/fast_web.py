@@ -168,7 +168,7 @@ class SharedWordSplit:
         """spaCy's tokens of one whitespace-free chunk by its own rules (Tokenizer._split_affixes, then
         _attach_tokens: token_match, special cases, prefixes, suffixes, url_match, infixes) run from Python
         over its compiled searches; None when the tokens might hold a special case that spaCy's matcher pass
-        would retokenize (two or more tokens that join into a special-case string): spaCy decides those."""
+        would retokenize (an affix that is one, or tokens that join into one): spaCy decides those."""
         rules = self.nlp.tokenizer
         specials, token_match = rules.rules, rules.token_match
         prefixes: list[str] = []
@@ -202,7 +202,7 @@ class SharedWordSplit:
             elif suf_len:
                 string = minus_suf
                 suffixes.append(suffix)
-        tokens = prefixes
+        tokens, n_prefixes = prefixes, len(prefixes)
         if string:
             if string in specials:
                 tokens.extend(attrs.get(ORTH, attrs.get("ORTH")) for attrs in specials[string])
@@ -221,6 +221,9 @@ class SharedWordSplit:
                     start = infix_end
                 if string[start:]:
                     tokens.append(string[start:])
+        for piece in (*prefixes[:n_prefixes], *suffixes):  # an affix that is a special case of other tokens
+            if piece in specials and [attrs.get(ORTH, attrs.get("ORTH")) for attrs in specials[piece]] != [piece]:
+                return None
         tokens.extend(reversed(suffixes))
         if len(tokens) > 1:
             for i in range(len(tokens) - 1):

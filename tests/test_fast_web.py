@@ -20,6 +20,7 @@ from mixlab.curation.fast_web import (
     FusedWebQuality,
     NgramIndex,
     SharedBlocklistUrlFilter,
+    SharedWordSplit,
     WebChainSettings,
     chain_verdict,
     fast_gopher_pair,
@@ -72,6 +73,25 @@ def test_fused_quality_matches_stock_on_adversarial_texts(web_docs, terminal_pun
         for text in texts:
             assert chain_verdict(stock, Document(text=text, id="s")) == chain_verdict(fused, Document(text=text, id="f")), \
                 (language, text[:200])
+
+
+def test_affix_rules_from_python_give_spacys_tokens(web_docs):
+    """The chunks' tokens by spaCy's affix algorithm run from Python are spaCy's own, language by language."""
+    extra = ["(don't)", "U.S.A.", "e.g.,", "hello:)", "«quoted»", "l'homme", "x-y-z", "http://a.b/c?d=e", "3.14%",
+             "...", "!!!", "(((a)))", "C++", "né(e)", "ул.", "т.е.", "EE.", "a.m.", "¿Qué?", "don't."]
+    for language in ("en", "de", "fr", "es", "ru"):
+        chunks = list(dict.fromkeys(c for lang, _, text, _ in web_docs if lang == language for c in text.split()))
+        chunks += extra + [c for t in web_chain_bench.ADVERSARIAL for c in t.split()]
+        split = SharedWordSplit(language)
+        nlp = split.nlp
+        decided = 0
+        with nlp.memory_zone():
+            for chunk in chunks:
+                tokens = split._affix_tokens(chunk)
+                if tokens is not None:
+                    decided += 1
+                    assert tokens == tuple(t.text for t in nlp.tokenizer(chunk)), (language, chunk)
+        assert decided > 0.9 * len(chunks)
 
 
 def test_special_cases_spanning_whitespace_go_to_the_stock_filters(web_docs):
