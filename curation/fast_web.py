@@ -669,7 +669,7 @@ class _FastStockStep:
 
 class FastGopherRepetition(_FastStockStep, GopherRepetitionFilter):
     """GopherRepetitionFilter (its settings, reasons, manifest name `gopher_repetition`) on the shared word split
-    and the numpy n-gram counts of FusedWebQuality. For a recipe that counts the Gopher pair as two steps."""
+    and the compiled n-gram counts of FusedWebQuality. For a recipe that counts the Gopher pair as two steps."""
 
     name = "👯 Gopher Repetition (fast)"
 

@@ -7,6 +7,7 @@ datatrove's LanguageFilter downloads lid.176.bin at run time; here the same filt
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 from pathlib import Path
 
 from datatrove.data import Document
@@ -30,6 +31,20 @@ def bundled_lid_model_path() -> Path:
     return path
 
 
+@cache
+def compiled_top_label():
+    """The process's one CompiledTopLabel of the bundled model (11 MB of tables, shared by every language
+    filter in the process), or None where the model is outside its scope."""
+    import fasttext
+    from mixlab.curation.fast_lid import CompiledTopLabel
+
+    path = bundled_lid_model_path()
+    try:
+        return CompiledTopLabel(fasttext.load_model(str(path)), path)
+    except ValueError:
+        return None
+
+
 class BundledFT176LID(FT176LID):
     """FT176LID whose model is the local lid.176.ftz; loaded lazily so the step pickles small.
 
@@ -49,17 +64,12 @@ class BundledFT176LID(FT176LID):
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("_top", None)  # 11 MB of arrays, rebuilt in the process that uses it
+        state.pop("_top", None)  # the process's shared predictor, found again where the step runs
         return state
 
     def top(self, doc: Document) -> tuple[str, float]:
         if self._top is None:
-            from mixlab.curation.fast_lid import CompiledTopLabel
-
-            try:
-                self._top = CompiledTopLabel(self.model, bundled_lid_model_path())
-            except ValueError:
-                self._top = False
+            self._top = compiled_top_label() or False
         if self._top:
             try:
                 found = self._top.predict(doc.text.replace("\n", " "))
