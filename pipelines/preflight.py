@@ -44,12 +44,14 @@ from mixlab.training.preflight import (
     CHECK_NAMES,
     EVAL,
     FIXES,
+    PARALLEL_LAYOUT,
     PLAN,
     TOKEN_SHARDS,
     CheckResult,
     TrainingSetup,
     check_checkpoint_round_trip,
     check_eval,
+    check_parallel_layout,
     check_plan,
     check_rank_seeds,
     check_throughput_and_memory,
@@ -131,14 +133,14 @@ def _skipped(names: tuple[str, ...], why: str) -> list[CheckResult]:
 
 
 def preflight(config: RunConfig, dp: int = 1, tp: int = 1, steps: int = 5, *,
-              memory_limit_bytes: int | None = None) -> list[CheckResult]:
+              memory_limit_bytes: int | None = None, pp: int | None = None) -> list[CheckResult]:
     """Run every check on the run `config` describes, in a temporary directory; one CheckResult per check, in
     CHECK_NAMES order. A failing check does not stop the others."""
     rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     threads = torch.get_num_threads()
     try:
         with tempfile.TemporaryDirectory(prefix="mixlab-preflight-") as tmp:
-            return _preflight(config, dp, tp, steps, memory_limit_bytes, Path(tmp))
+            return _preflight(config, dp, tp, steps, memory_limit_bytes, Path(tmp), pp)
     finally:
         random.setstate(rng[0])
         np.random.set_state(rng[1])
@@ -147,7 +149,7 @@ def preflight(config: RunConfig, dp: int = 1, tp: int = 1, steps: int = 5, *,
 
 
 def _preflight(config: RunConfig, dp: int, tp: int, steps: int, memory_limit_bytes: int | None,
-               workdir: Path) -> list[CheckResult]:
+               workdir: Path, pp: int | None = None) -> list[CheckResult]:
     try:
         manifest = tokenized_manifest(config.curated_dir)
         schedule = resolved_schedule(config, manifest)
@@ -200,6 +202,10 @@ def _preflight(config: RunConfig, dp: int, tp: int, steps: int, memory_limit_byt
         setup, steps, eval_seconds=eval_result.measured.get("eval_seconds"),
         checkpoint_seconds=ckpt_result.measured.get("save_seconds"), memory_limit_bytes=memory_limit_bytes))
     results.append(check_rank_seeds(replace(setup, sampler_factory=_no_sampler), dp, tp))
+    if config.backend == "nanotron" or (pp or 1) > 1:  # the layout nanotron would cut the model into
+        layout = replace(config.parallel, tp=tp if tp > 1 else config.parallel.tp, pp=pp or config.parallel.pp,
+                         dp=config.parallel.dp or dp)
+        results.append(guarded(PARALLEL_LAYOUT, lambda: check_parallel_layout(setup, layout)))
     return results
 
 

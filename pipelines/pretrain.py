@@ -267,7 +267,13 @@ def _pretrain(config: RunConfig, policy: MixturePolicy | None, world: DataParall
     world.barrier()  # rank 0 has created the run
     if not world.is_main:
         run = RunRecord.load(run_path)
-    train(run, config.model, config.train, sampler, evaluator,
-          policy=policy if policy is not None else config.build_policy(), tasks=tasks,
-          monitor=TrainingMonitor(config.monitor) if config.monitor is not None else None)
+    policy = policy if policy is not None else config.build_policy()
+    monitor = TrainingMonitor(config.monitor) if config.monitor is not None else None
+    if config.backend == "nanotron":
+        from mixlab.training.nanotron_trainer import train_nanotron
+
+        train_nanotron(run, config.model, config.train, sampler, evaluator, layout=config.parallel, tasks=tasks,
+                       policy=policy, monitor=monitor)
+    else:
+        train(run, config.model, config.train, sampler, evaluator, policy=policy, tasks=tasks, monitor=monitor)
     return RunRecord.load(run.path)

@@ -15,7 +15,8 @@ reproduces the run. Every field can be overridden with `--set section.field=valu
     eval: {windows_per_source: 48, tasks: all}   # tasks: downstream cloze tasks scored at every eval
     policy: {name: odm, update_every: 50, exploration: 0.05, bounds: {web-en: [0.2, 0.9]}}   # optional
     monitor: {on_alert: stop, loss_z: 6}   # optional: training alerts (training.monitor.MonitorConfig)
-    backend: embedded
+    backend: embedded                # or nanotron: tensor/pipeline/data parallel under torchrun
+    parallel: {tp: 1, pp: 1}         # nanotron's layout (dp: the rest of the world; pp_engine, zero_stage)
     tags: {recipe: web-heavy}
 
 Paths are relative to the working directory, as on the command line. `policy` names an adaptive mixture policy
@@ -38,14 +39,15 @@ from mixlab.mixtures.policies import MixturePolicy, PolicyError, policy_from_dic
 from mixlab.training import ConfigError, ModelConfig, TrainConfig
 from mixlab.training.config import ConfigDict
 from mixlab.training.monitor import MonitorConfig
+from mixlab.training.nanotron_layout import ParallelLayout
 
 RUN_CONFIG_FORMAT = "mixlab.run/1"
 SECTIONS = ("format", "run_id", "runs_dir", "data", "mixture", "plan", "model", "train", "eval", "policy", "monitor",
-            "backend", "tags")
+            "backend", "parallel", "tags")
 # facts a run records next to its document; not inputs, so a run.json read back as a config drops them
 DERIVED_KEYS = ("manifest_dir", "tokenizer_sha256", "decay_start_step", "device", "python_policy", "precision",
                 "compiled", "world_size")
-BACKENDS = ("embedded",)
+BACKENDS = ("embedded", "nanotron")
 DEFAULT_PRESET = "demo"
 
 
@@ -102,6 +104,7 @@ class RunConfig:
     plan: PlanLimits = field(default_factory=PlanLimits)  # the planner's limits (epochs per source)
     policy: dict[str, Any] | None = None  # an adaptive mixture policy: {name: doremi|odm|ado, ...its parameters}
     monitor: MonitorConfig | None = None  # training alerts (loss / grad-norm spikes, throughput, data order)
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)  # the nanotron backend's tp x pp x dp
 
     def __post_init__(self) -> None:
         self.curated_dir, self.runs_dir = Path(self.curated_dir), Path(self.runs_dir)
@@ -109,6 +112,10 @@ class RunConfig:
             raise ConfigError(f"run_id={self.run_id!r} must be a plain name (it names a folder of runs_dir)", ["run_id"])
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend={self.backend!r} is not available; choose from {list(BACKENDS)}", ["backend"])
+        if self.backend == "embedded" and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ConfigError(f"parallel.tp={self.parallel.tp}, parallel.pp={self.parallel.pp}: the embedded backend "
+                              "is data parallel only; set backend: nanotron (--backend nanotron) for tensor and "
+                              "pipeline parallelism", ["backend", "parallel"])
         if self.train.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: shorten the "
@@ -141,6 +148,7 @@ class RunConfig:
             "policy": dict(self.policy) if self.policy is not None else None,
             "monitor": self.monitor.to_dict() if self.monitor is not None else None,
             "backend": self.backend,
+            "parallel": self.parallel.to_dict(),
             "tags": dict(self.tags),
         }
 
@@ -299,7 +307,15 @@ def run_config_from_document(document: Mapping[str, Any], vocab_size: int | None
         curated_dir=Path(data["curated"]), runs_dir=Path(document["runs_dir"]), run_id=str(document["run_id"]),
         schedule=_schedule(document.get("mixture")), model=model, train=train, eval=eval_config, tags=tags,
         backend=document.get("backend") or "embedded", plan=plan, policy=dict(policy) if policy else None,
+        parallel=_parallel(document),
     )
+
+
+def _parallel(document: Mapping[str, Any]) -> ParallelLayout:
+    try:
+        return ParallelLayout.from_dict(_section(document, "parallel"))
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("ParallelLayout", "parallel"), err.fields or ["parallel"]) from err
 
 
 def preset_sizes(vocab_size: int = 8192) -> list[str]:

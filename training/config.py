@@ -98,8 +98,9 @@ class TrainConfig(ConfigDict):
     init_from: str | None = None
     progress_bar: bool = True
     # numerics: "auto" = bf16 autocast on CUDA (fp32 master weights, fused AdamW), fp32 on CPU (bf16 matmuls are
-    # ~100x slower without bf16 instructions); "fp32" everywhere; "bf16" asks for autocast on any device
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # ~100x slower without bf16 instructions); "fp32" everywhere; "bf16" asks for autocast on any device; "fp64"
+    # weights and activations in float64 (numerical checks: the backends agree to ~1e-12 there)
+    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     compile: bool = False  # torch.compile the model (CUDA mainly; the first steps pay the compile time)
     tensorboard: bool = True  # metrics also as TensorBoard events under the run's tb/ (beside metrics.jsonl)
     # wall-clock hours the whole run must finish in: `mixlab preflight` measures a few steps against it
@@ -139,8 +140,8 @@ class TrainConfig(ConfigDict):
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps!r} must be a whole number >= 0",
                               ["train.warmup_steps"])
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ConfigError(f"train.precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}",
+        if self.precision not in ("auto", "fp32", "bf16", "fp64"):
+            raise ConfigError(f"train.precision must be 'auto', 'fp32', 'bf16' or 'fp64', got {self.precision!r}",
                               ["train.precision"])
         if self.time_budget_h is not None and (isinstance(self.time_budget_h, bool) or not isinstance(
                 self.time_budget_h, int | float) or not self.time_budget_h > 0):

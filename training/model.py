@@ -196,6 +196,11 @@ class ModelConfig(ConfigDict):
         return self.mla_rope_head_dim if self.attention == "mla" else self.head_dim
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32, or as it is when it is already wider (fp64 runs: the numerical checks of the backends)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -204,7 +209,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32 even under autocast: the mean of squares is where low precision hurts
-        xf = x.float()
+        xf = at_least_fp32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
@@ -242,7 +247,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate each (x_i, x_{i+d/2}) pair by its position's angle; x is [B, H, T, D], cos/sin [T, D]."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    return (at_least_fp32(x) * cos + at_least_fp32(rotated) * sin).type_as(x)
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens: Sequence[np.ndarray | torch.Tensor], seq_len: int) -> torch.Tensor:
@@ -500,7 +505,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, segment_ids)
-        logits = self.lm_head(self.norm(x)).float()
+        logits = at_least_fp32(self.lm_head(self.norm(x)))
         if targets is None:
             return logits, None
         flat = logits.view(-1, logits.size(-1))

@@ -45,6 +45,7 @@ EVAL = "eval"
 CHECKPOINT = "checkpoint round trip"
 THROUGHPUT = "throughput and memory"
 RANK_SEEDS = "rank seeds"
+PARALLEL_LAYOUT = "parallel layout"  # the nanotron backend's tp x pp x dp (checked when a run uses it)
 CHECK_NAMES = (TOKEN_SHARDS, PLAN, EVAL, CHECKPOINT, THROUGHPUT, RANK_SEEDS)
 
 MEMORY_HEADROOM = 0.9  # a run may use this share of the memory available: the rest is the OS's and the allocator's
@@ -83,6 +84,7 @@ FIXES: dict[str, str] = {
     CHECKPOINT: "the checkpoint code must save and load every piece of state (training/checkpoint.py)",
     THROUGHPUT: "a smaller train.batch_size or model, fewer train.total_steps",
     RANK_SEEDS: "derive per-rank seeds with training.seeds.rank_seeds",
+    PARALLEL_LAYOUT: "change what the error names: parallel.tp / parallel.pp, or the model's sizes",
 }
 
 
@@ -582,3 +584,38 @@ def check_rank_seeds(setup: TrainingSetup, dp: int = 1, tp: int = 1, *,
     return CheckResult(RANK_SEEDS, "PASS", f"world dp={dp} x tp={tp}: {len(seeds)} ranks; init equal on dp replicas "
                        f"(weights identical on {len(hashes)} initialised), distinct across tp ranks "
                        f"({len(set(tp_inits))}); one data seed; local seeds all distinct", measured=measured)
+
+
+def check_parallel_layout(setup: TrainingSetup, layout: Any) -> CheckResult:
+    """The nanotron layout (training.nanotron_layout.ParallelLayout, dp resolved) against the model and batch:
+    vocab and heads divisible by tp, layers by pp, the batch by dp; then the tensor-parallel seeding rule proved
+    on the weights: the model is initialised once from the run seed and cut, so every tp rank's slice of a
+    sharded weight must differ from every other's (SmolLM3 lost a run to identical shards), while replicated
+    weights (norm gains) are equal by construction."""
+    from mixlab.training.nanotron_layout import layout_problems, plain_split_dims, tp_slice
+
+    cfg, model_config = setup.train_config, setup.model_config
+    problems = layout_problems(model_config, layout, cfg.batch_size, cfg.grad_accum)
+    measured: dict[str, Any] = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+    if problems:
+        return CheckResult(PARALLEL_LAYOUT, "FAIL", "; ".join(problems), FIXES[PARALLEL_LAYOUT], measured)
+    model = setup.new_model(cfg.seed, torch.device("cpu"))
+    splits = plain_split_dims(model_config)
+    identical = []
+    for name, p in model.named_parameters():
+        dim = splits.get(name)
+        if dim is None or layout.tp == 1:
+            continue
+        slices = [tp_slice(p.detach(), dim, layout.tp, r) for r in range(layout.tp)]
+        if any(torch.equal(slices[a], slices[b]) for a in range(layout.tp) for b in range(a + 1, layout.tp)):
+            identical.append(name)
+    measured["sharded_weights"] = sum(1 for name, _ in model.named_parameters() if splits.get(name) is not None)
+    if identical:
+        return CheckResult(PARALLEL_LAYOUT, "FAIL", f"tensor-parallel ranks would start with identical slices of "
+                           f"{identical[:4]}", "initialise the full model from the run seed, then cut it "
+                           "(training.nanotron_layout.parallelize)", measured)
+    stages = model_config.n_layers // layout.pp
+    return CheckResult(PARALLEL_LAYOUT, "PASS", f"tp{layout.tp} x pp{layout.pp} x dp{layout.dp}: vocab "
+                       f"{model_config.vocab_size} / tp = {model_config.vocab_size // layout.tp} rows per rank, "
+                       f"{stages} layer(s) per stage, {measured['sharded_weights']} sharded weights distinct on "
+                       "every tp rank", measured=measured)

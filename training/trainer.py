@@ -39,7 +39,7 @@ from mixlab.training.data_parallel import DataParallelWorld
 from mixlab.training.errors import ConfigError, NonFiniteLossError, ResumeError
 from mixlab.training.evaluate import HeldOutEvaluator
 from mixlab.training.lr_schedule import decay_start_step, lr_at
-from mixlab.training.model import ModelConfig, Transformer, segment_ids_from_cu_seqlens
+from mixlab.training.model import ModelConfig, Transformer, at_least_fp32, segment_ids_from_cu_seqlens
 from mixlab.training.monitor import TrainingMonitor, window_ids
 from mixlab.training.run_record import RunRecord
 from mixlab.training.seeds import rank_seeds, seed_everything
@@ -190,18 +190,20 @@ def micro_step(forward: Callable[..., Any], batch: Batch, cfg: TrainConfig, mode
                world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One micro-batch as the trainer takes it (and `mixlab preflight` times it): the batch checked and moved to
     the device, its document-masking inputs, the forward pass in the run's precision and the backward pass of
-    loss / grad_accum. Returns (tokens [B, T+1], logits, the loss detached in fp32)."""
+    loss / grad_accum. Returns (tokens [B, T+1], logits, the loss detached in fp32, or fp64 in fp64 runs)."""
     tokens = _batch_tensor(batch, cfg, model_config, device, world_size)
     extra = _doc_masking_inputs(batch, model_config, device, tokens.shape[1] - 1)
     with autocast():
         logits, loss = forward(tokens[:, :-1], tokens[:, 1:], **extra)
     (loss / cfg.grad_accum).backward()
-    return tokens, logits, loss.detach().float()
+    return tokens, logits, at_least_fp32(loss.detach())
 
 
 def precision_context(cfg: TrainConfig, device: torch.device) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
     """The run's numerics ("fp32" or "bf16") and the context the forward pass runs in: bf16 autocast on CUDA
     ("auto"; fp32 master weights), fp32 on CPU unless asked, where bf16 is slow without bf16 instructions."""
+    if cfg.precision == "fp64":
+        return "fp64", contextlib.nullcontext
     wants_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     if not wants_bf16:
         return "fp32", contextlib.nullcontext
@@ -472,7 +474,7 @@ def _train(
     _check_decay_alignment(sampler, cfg)
     seeds = rank_seeds(cfg.seed, world.rank, world.world_size)
     seed_everything(seeds.init)  # the same weights on every replica (DDP broadcasts rank 0's anyway)
-    model = Transformer(model_config).to(device)
+    model = Transformer(model_config).to(device, dtype=torch.float64 if precision == "fp64" else None)
     optimizer = model.configure_optimizer(cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     if world.distributed:
         seed_everything(seeds.local)  # from here on, what a rank draws is its own
@@ -616,7 +618,7 @@ def _train(
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64 if precision == "fp64" else torch.float32)
             sources: list[str] = []
             row_lens: list[int] = []  # tokens trained per row (a stage may set its own seq_len)
             windows: list[str] = []  # a hash per row, for the monitor's repeated-window check
@@ -751,32 +753,47 @@ def _train(
                                               or read_checkpoint(latest_checkpoint(run.checkpoint_dir)).step != step):
             checkpoint(step)  # the signal came after this step's checkpoint decision
     except BaseException as exc:
-        run.status = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
-        run.summary.update({"error": f"{type(exc).__name__}: {exc}", "step": step})
-        run.save()
-        run.release()
+        record_failure(run, exc, step)
         raise
     finally:
         stop.__exit__()
         if bar is not None:
             bar.close()
+    return finish_run(run, world, step=step, total=total, progress=progress, tokens_by_source=tokens_by_source(),
+                      final_loss=last_loss if call_tokens else None, resumed_from=resumed_from,
+                      flops_per_token=model.estimate_flops_per_token(cfg.seq_len), peak_flops=peak_flops,
+                      stopped_by=signal.Signals(stop_signal).name if stop_signal else stopped_by, eval_rows=eval_rows)
 
+
+def record_failure(run: RunRecord, exc: BaseException, step: int) -> None:
+    """The run record of a training loop that raised: failed (interrupted on Ctrl-C) at `step`, lock released."""
+    run.status = "failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted"
+    run.summary.update({"error": f"{type(exc).__name__}: {exc}", "step": step})
+    run.save()
+    run.release()
+
+
+def finish_run(run: RunRecord, world: DataParallelWorld, *, step: int, total: int, progress: _Progress,
+               tokens_by_source: dict[str, int], final_loss: float | None, resumed_from: str | None,
+               flops_per_token: float, peak_flops: float, stopped_by: str | None,
+               eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run record of a training loop that returned (every backend's): completed or interrupted, the summary's
+    totals, the lock released; returns the summary once every rank is here. final_loss None: this call trained no
+    step, so the summary keeps the previous call's."""
     run.status = "completed" if step >= total else "interrupted"
     run.summary.pop("error", None)
     tokens_per_s = progress.tokens / progress.train_time_s if progress.train_time_s else None
     run.summary.update({
         "step": step,
         "tokens": progress.tokens,
-        "tokens_by_source": tokens_by_source(),
-        "final_loss": last_loss if call_tokens else run.summary.get("final_loss"),
+        "tokens_by_source": tokens_by_source,
+        "final_loss": final_loss if final_loss is not None else run.summary.get("final_loss"),
         "tokens_per_s": tokens_per_s,
-        "mfu": mfu(model.estimate_flops_per_token(cfg.seq_len), tokens_per_s, peak_flops) if tokens_per_s else None,
+        "mfu": mfu(flops_per_token, tokens_per_s, peak_flops) if tokens_per_s else None,
         "train_time_s": progress.train_time_s,
         "resumed_from": resumed_from,
     })
-    if stop_signal:
-        run.summary["stopped_by"] = signal.Signals(stop_signal).name
-    elif stopped_by is not None:
+    if stopped_by is not None:
         run.summary["stopped_by"] = stopped_by
     if eval_rows:
         run.summary["eval"] = {r["source"]: {k: v for k, v in r.items() if k != "source"} for r in eval_rows}
