@@ -78,6 +78,8 @@ FLAG_FIELDS: dict[str, str] = {
     "batch_size": "train.batch_size", "seq_len": "train.seq_len", "lr": "train.lr", "seed": "train.seed",
     "warmup_steps": "train.warmup_steps", "eval_every": "train.eval_every",
     "checkpoint_every": "train.checkpoint_every", "threads": "train.threads", "eval_windows": "eval.windows_per_source",
+    "backend": "backend", "tp": "parallel.tp", "pp": "parallel.pp", "dp": "parallel.dp",
+    "pp_engine": "parallel.pp_engine", "zero_stage": "parallel.zero_stage",
 }
 
 
@@ -164,6 +166,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, raw_schedule = _config_and_schedule(args)
     if raw_schedule is not None:
         _refuse_unbuildable(args, config, raw_schedule)
+    if (launched := _launch_world(config, args.argv)) is not None:
+        return launched
     run = pretrain(config)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's) rather than one per process
         if args.json:
@@ -178,17 +182,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 3  # a training alert stopped the run (monitor.on_alert); alerts.jsonl says which
 
 
+def _launch_world(config, argv: list[str]) -> int | None:
+    """A nanotron layout of several processes started outside torchrun: start them (`torchrun --standalone` on
+    this machine, the same command line) and return the exit code; None when this process is the world."""
+    if config.backend != "nanotron" or "RANK" in os.environ:
+        return None
+    layout = config.parallel
+    world = layout.tp * layout.pp * (layout.dp or 1)
+    if world == 1:
+        return None
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", "--nproc_per_node", str(world),
+               "-m", "mixlab.pipelines.cli", *argv]
+    print(f"mixlab train: {layout.tp} x {layout.pp} x {layout.dp or 1} = {world} processes: {' '.join(command)}",
+          file=sys.stderr)
+    import subprocess
+
+    return subprocess.call(command)
+
+
 def cmd_preflight(args: argparse.Namespace) -> int:
     from mixlab.pipelines.preflight import load_preflight_config, preflight, world_from_env
     from mixlab.training import ConfigError
     from mixlab.training.preflight import summary_line
 
-    for flag, value in (("--steps", args.steps), ("--tp", args.tp), ("--dp", args.dp)):
+    for flag, value in (("--steps", args.steps), ("--tp", args.tp), ("--dp", args.dp), ("--pp", args.pp)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: give a whole number >= 1", [flag])
     dp = args.dp if args.dp is not None else world_from_env(args.tp)
     config = load_preflight_config(args.config, args.set or [])
-    results = preflight(config, dp=dp, tp=args.tp, steps=args.steps)
+    results = preflight(config, dp=dp, tp=args.tp, steps=args.steps, pp=args.pp)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=1, default=str))
     else:
@@ -202,6 +225,21 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     out = export_hf(args.run, args.out, tokenizer_dir=args.tokenizer)
     print(f"exported to {out}: transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_export_nanotron(args: argparse.Namespace) -> int:
+    from mixlab.training.nanotron_export import export_nanotron
+
+    out = export_nanotron(args.run, args.out, tp=args.tp, pp=args.pp, dp=args.dp, checkpoint=args.checkpoint,
+                          with_checkpoint=not args.no_checkpoint, tp_mode=args.tp_mode)
+    for warning in out.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sources = ", ".join(f"{name} ({len(list(folder.glob('*.ds')))} shards)" for name, folder in out.token_dirs.items())
+    print(f"exported to {out.out_dir}: config {out.config_yaml}; tokens: {sources}"
+          + (f"; checkpoint {out.checkpoint_dir}" if out.checkpoint_dir else ""))
+    world = args.tp * args.pp * args.dp
+    print(f"train upstream: torchrun --nproc_per_node={world} run_train.py --config-file {out.config_yaml}")
     return 0
 
 
@@ -320,6 +358,17 @@ def _training_options(p: argparse.ArgumentParser, runs: bool) -> None:
         p.add_argument("--runs", help="runs directory (one sub-directory per run)  [runs_dir]")
         p.add_argument("--run-id", help="name of the run; re-use it to resume  [run_id]")
         p.add_argument("--json", action="store_true", help="print the run's summary as JSON")
+        p.add_argument("--backend", choices=("embedded", "nanotron"),
+                       help="embedded: plain torch, one process or DDP; nanotron: tensor x pipeline x data parallel "
+                            "on nanotron's building blocks (default: embedded)  [backend]")
+        p.add_argument("--tp", type=int, help="nanotron: tensor-parallel ranks  [parallel.tp]")
+        p.add_argument("--pp", type=int, help="nanotron: pipeline stages  [parallel.pp]")
+        p.add_argument("--dp", type=int, help="nanotron: data-parallel replicas (default: the rest of the world)  "
+                                              "[parallel.dp]")
+        p.add_argument("--pp-engine", choices=("1f1b", "afab"), help="nanotron: pipeline schedule (default 1f1b)  "
+                                                                    "[parallel.pp_engine]")
+        p.add_argument("--zero-stage", type=int, choices=(0, 1), help="nanotron: 1 shards AdamW over dp  "
+                                                                      "[parallel.zero_stage]")
 
 
 def _presets_epilog() -> str:
@@ -418,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a run config field (repeatable)")
     pre.add_argument("--dp", type=int, help="data-parallel ranks of the planned world (default: WORLD_SIZE / tp, or 1)")
     pre.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the planned world (default 1)")
+    pre.add_argument("--pp", type=int, help="pipeline stages of the planned world (nanotron; default: the run "
+                                            "config's parallel.pp); checks the layout")
     pre.add_argument("--steps", type=int, default=5, help="training steps timed after one warmup step (default 5)")
     pre.add_argument("--json", action="store_true", help="print the list of check results as JSON")
     pre.set_defaults(func=cmd_preflight)
@@ -430,6 +481,22 @@ def build_parser() -> argparse.ArgumentParser:
     hf.add_argument("--out", type=Path, required=True, help="the directory to write")
     hf.add_argument("--tokenizer", type=Path, help="the tokenizer directory to copy, e.g. <curated>/tokenizer")
     hf.set_defaults(func=cmd_export_hf)
+
+    nt = sub.add_parser("export-nanotron", help="write a run as an upstream nanotron config + its token shards",
+                        description="config.yaml (model as a LlamaConfig, parallelism, tokenizer, optimizer, and "
+                                    "data_stages with the run's mixture weights), tokens/<source>/ (the run's "
+                                    "datatrove shards, hard-linked, metadata naming the exported tokenizer), "
+                                    "tokenizer/, and checkpoint/ in nanotron 0.4's weights layout at tp1.")
+    nt.add_argument("--run", type=Path, required=True, help="a run directory")
+    nt.add_argument("--out", type=Path, required=True, help="the directory to write")
+    nt.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the target cluster (default 1)")
+    nt.add_argument("--pp", type=int, default=1, help="pipeline stages of the target cluster (default 1)")
+    nt.add_argument("--dp", type=int, default=1, help="data-parallel replicas of the target cluster (default 1)")
+    nt.add_argument("--tp-mode", default="REDUCE_SCATTER", choices=("REDUCE_SCATTER", "ALL_REDUCE"),
+                    help="nanotron's parallelism.tp_mode (default REDUCE_SCATTER)")
+    nt.add_argument("--checkpoint", type=Path, help="checkpoint to convert (default: the run's latest)")
+    nt.add_argument("--no-checkpoint", action="store_true", help="write the config and shards only")
+    nt.set_defaults(func=cmd_export_nanotron)
 
     ev = sub.add_parser("eval", help="held-out loss and bits-per-byte per source of a checkpoint")
     ev.add_argument("--run", required=True, help="run directory")
@@ -511,6 +578,7 @@ def _console_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch under torchrun repeats
     _console_logging()
     try:
         return int(args.func(args) or 0)

@@ -1,5 +1,6 @@
 """Training: a plain Llama-style model and its switches (MoE, SSM, MLA), the embedded torch backend (one process or
-DDP), checkpoints, held-out eval, training alerts, run records. Preflight checks: `mixlab.training.preflight`."""
+DDP), the nanotron backend (tensor x pipeline x data parallel on nanotron 0.4's building blocks), checkpoints,
+held-out eval, training alerts, run records. Preflight checks: `mixlab.training.preflight`."""
 
 from mixlab.training.checkpoint import (
     latest_checkpoint,
@@ -23,6 +24,9 @@ from mixlab.training.lr_schedule import decay_start_step, lr_at
 from mixlab.training.model import MODEL_PRESETS, ModelConfig, Transformer, segment_ids_from_cu_seqlens
 from mixlab.training.moe import MoEFeedForward
 from mixlab.training.monitor import MonitorConfig, TrainingMonitor
+from mixlab.training.nanotron_export import NanotronExport, export_nanotron
+from mixlab.training.nanotron_layout import ParallelLayout, layout_problems
+from mixlab.training.nanotron_trainer import train_nanotron
 from mixlab.training.run_record import RunLockedError, RunRecord, RunStore
 from mixlab.training.seeds import RankSeeds, rank_seeds, seed_violations, world_seeds
 from mixlab.training.ssm import GatedLinearRecurrence
@@ -30,6 +34,11 @@ from mixlab.training.throughput import measure_matmul_peak, mfu
 from mixlab.training.trainer import Sampler, train
 
 __all__ = [
+    "NanotronExport",
+    "ParallelLayout",
+    "export_nanotron",
+    "layout_problems",
+    "train_nanotron",
     "export_hf",
     "hf_config",
     "import_hf",
