@@ -22,7 +22,9 @@ Anchors:
   web corpus in five languages, bench/minhash_bench.py on the demo's corpus), tokenization of the demo's corpus
   against bare `tokenizers` (bench/tokenize_bench.py, else the tokenization bench above), and
   `curate()` at 1 and 2 workers: docs/s, parallel efficiency, peak memory per worker against the 2 GB bound
-  (bench/curation_scaling_bench.py); a bench module that is missing is printed as MISSING.
+  (bench/curation_scaling_bench.py); a bench module that is missing is printed as MISSING;
+- nanotron backend: the embedded backend at world size 1, versus the nanotron backend at world size 1 (goal:
+  within 5%), and tokens/s with the communication share at 2 and 4 processes (bench/nanotron_bench.py).
 """
 
 from __future__ import annotations
@@ -183,6 +185,17 @@ def bench_proxies(quick: bool) -> list[str]:
     if quick:
         config.train.update(total_steps=32, warmup_steps=4, log_every=8, eval_every=32, checkpoint_every=32)
     return proxy_bench.report_lines(proxy_bench.run(config))
+
+
+def bench_nanotron(quick: bool) -> None:
+    """The nanotron backend at world size 1 against the embedded one, and 2- and 4-process layouts with their
+    communication share (bench/nanotron_bench.py prints its table)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import nanotron_bench
+
+    nanotron_bench.main(["--skip-multi"] if quick else [])
 
 
 def bench_regmix() -> dict | None:
@@ -434,6 +447,8 @@ def main() -> None:
     bench_issue11(curated, args.quick, results["tokenization (tokens/s)"])
     print("\nproxies per hour (bench/proxy_bench.py):")
     print("\n".join(bench_proxies(args.quick)))
+    print("\nnanotron backend (bench/nanotron_bench.py):")
+    bench_nanotron(args.quick)
     regmix = bench_regmix()
     if regmix is None:
         print("mixture search (RegMix): reference data not found in ../shared/reference/regmix, skipped")
