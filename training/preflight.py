@@ -47,6 +47,7 @@ THROUGHPUT = "throughput and memory"
 RANK_SEEDS = "rank seeds"
 PARALLEL_LAYOUT = "parallel layout"  # the nanotron backend's tp x pp x dp (checked when a run uses it)
 CHECK_NAMES = (TOKEN_SHARDS, PLAN, EVAL, CHECKPOINT, THROUGHPUT, RANK_SEEDS)
+CONDITIONAL_CHECKS = (PARALLEL_LAYOUT,)  # run only where the run needs them
 
 MEMORY_HEADROOM = 0.9  # a run may use this share of the memory available: the rest is the OS's and the allocator's
 
