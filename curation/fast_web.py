@@ -49,12 +49,23 @@ from mixlab.curation.text import (
     sentencizer_nlp,
 )
 from mixlab.curation.web_quality import DATATROVE_BLOCKLIST, DomainBlocklist, _suffix_extractor
-from spacy.attrs import IS_PUNCT, ORTH
 
 _WS_RUNS = re.compile(r"(\s+)")
 _TOKENS, _TOKEN_IDS = attrgetter("tokens"), attrgetter("token_ids")
 _N_NON_SYMBOL, _NON_SYMBOL_CHARS, _N_ALPHA = attrgetter("n_non_symbol"), attrgetter("non_symbol_chars"), attrgetter("n_alpha")
 MAX_CACHED_CHUNKS = 2_000_000  # per language and process; cleared (not evicted) beyond, to bound memory
+
+# spaCy's attribute ids, read when a spaCy pipeline is first built: importing spaCy costs ~3 s (it imports
+# torch), which every datatrove task that unpickles a mixlab step would pay, spaCy or not (Slurm and Ray tasks)
+IS_PUNCT: int = -1
+ORTH: int = -1
+
+
+def _load_spacy_attributes() -> None:
+    global IS_PUNCT, ORTH
+    from spacy import attrs
+
+    IS_PUNCT, ORTH = attrs.IS_PUNCT, attrs.ORTH
 
 
 def spacy_code_of(language: str | WordTokenizer) -> tuple[str, str]:
@@ -108,6 +119,7 @@ class SharedWordSplit:
         if self._nlp is None:
             import spacy
 
+            _load_spacy_attributes()
             nlp = spacy.blank(self.spacy_code)
             nlp.vocab.lex_attr_getters = {IS_PUNCT: nlp.vocab.lex_attr_getters[IS_PUNCT]}
             self._nlp = nlp

@@ -55,11 +55,15 @@ def cmd_corpus_fetch(args: argparse.Namespace) -> int:
 
 def cmd_curate(args: argparse.Namespace) -> int:
     from mixlab.curation import data_card_path
+    from mixlab.curation.executors import curation_engine, local_executor
     from mixlab.pipelines.curate import curate, load_recipe_specs
 
     parallelism = _overrides(args, ["tasks", "workers"])
     recipes = load_recipe_specs(args.recipe or [], args.raw, args.out, **_overrides(args, ["tasks"]))
-    manifest = curate(args.raw, args.out, sources=args.sources, recipes=recipes, **parallelism)  # a line per source
+    engine = curation_engine(args.executor, partition=args.slurm_partition, time=args.slurm_time,
+                             address=args.ray_address) if args.executor != "local" else local_executor
+    manifest = curate(args.raw, args.out, sources=args.sources, recipes=recipes, executor=engine,
+                      **parallelism)  # a line per source
     problems = manifest.check()
     for problem in problems:
         print(f"ACCOUNTING: {problem}", file=sys.stderr)
@@ -411,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--sources", nargs="*", help="only these sources (default: every raw source)")
     cur.add_argument("--tasks", type=int, help=f"datatrove tasks per pipeline (default {_default(curate, 'tasks')})")
     cur.add_argument("--workers", type=int, help=f"parallel local workers (default {_default(curate, 'workers')})")
+    cur.add_argument("--executor", choices=("local", "slurm", "ray"), default="local",
+                     help="where the datatrove tasks run: local processes (default), Slurm job arrays (each stage "
+                          "afterok the one before; sbatch/squeue must reach the cluster), or Ray tasks (on "
+                          "$RAY_ADDRESS / --ray-address, else a Ray started here). Same shards on each")
+    cur.add_argument("--slurm-partition", help="slurm: the partition (default: the cluster's default)")
+    cur.add_argument("--slurm-time", help="slurm: the time limit of each task (default 01:00:00)")
+    cur.add_argument("--ray-address", help="ray: the cluster to connect to (default $RAY_ADDRESS, else a local "
+                                           "Ray with every CPU)")
     cur.add_argument("--recipe", action="append", metavar="[SOURCE=]MODULE:FUNCTION",
                      help="your own recipe builder, (raw_dir, curated_dir, tasks) -> SourcePipelines, e.g. "
                           "math=my_steps:math_without_apples (repeatable; see the README)")

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import time
 import zlib
@@ -32,7 +33,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from datatrove.executor import LocalPipelineExecutor
 from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers.base import BaseReader
@@ -60,6 +60,8 @@ from mixlab.curation import (
     stage_output_docs,
     stage_read_docs,
 )
+from mixlab.curation.executors import CurationEngine, local_executor
+from mixlab.curation.executors import preload_heavy_modules as preload_heavy_modules  # re-exported
 from mixlab.pipelines.chat import chat_pipeline
 from mixlab.pipelines.code import code_pipeline
 from mixlab.pipelines.corpus import CORPUS_JSON
@@ -77,28 +79,8 @@ CACHE_DIR = ".cache"  # <curated>/work/.cache: HF_HOME and XDG_CACHE_HOME while 
 FINGERPRINT = "fingerprint.json"
 TIMING = "timing.json"
 
-ExecutorFactory = Callable[[list[PipelineStep], int, int, Path], PipelineExecutor]
+ExecutorFactory = CurationEngine | Callable[[list[PipelineStep], int, int, Path], PipelineExecutor]
 RecipeBuilder = Callable[[Path, Path, int], SourcePipelines]  # (raw_dir, curated_dir, tasks)
-
-
-PRELOADED_MODULES = ("spacy", "trafilatura", "fasttext", "pyarrow.parquet")
-
-
-def preload_heavy_modules() -> None:
-    """Import once in the parent so forked workers inherit them: `import spacy` alone takes ~3.5 s
-    (thinc imports torch), which a fresh worker would pay again for every stage."""
-    import importlib
-
-    for name in PRELOADED_MODULES:
-        importlib.import_module(name)
-
-
-def local_executor(pipeline: list[PipelineStep], tasks: int, workers: int, logging_dir: Path) -> PipelineExecutor:
-    """datatrove's LocalPipelineExecutor with forked workers (that inherit the preloaded modules);
-    with one worker it runs the tasks in-process."""
-    preload_heavy_modules()
-    return LocalPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
-                                 start_method="fork")
 
 
 def recipe_for(source: str) -> RecipeBuilder:
@@ -337,6 +319,8 @@ def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, wor
         _forget_index_entries(layout)
     layout.logs.mkdir(parents=True, exist_ok=True)
     fp_path.write_text(json.dumps({"fingerprint": fingerprint, "config": pipelines.config}, default=str, indent=2))
+    if getattr(executor, "chains", False):
+        return _run_chained(pipelines, layout, workers, executor)
 
     upstream_ran = False
     first = pipelines.stages[0] if pipelines.stages else None
@@ -351,7 +335,7 @@ def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, wor
                 _clear(logging_dir, *stage.outputs)
                 _forget_index_entries(layout)  # an empty source holds nothing later sources are copies of
                 continue
-        stage_workers = max(1, min(workers, stage.tasks, stage.max_workers or workers))
+        stage_workers = _stage_workers(stage, workers)
         reads = bool(stage.pipeline) and isinstance(stage.pipeline[0], BaseReader)
         progress = DocumentProgress(f"{layout.source} {stage.name}", expected, stage.tasks,
                                     initial=stage_read_docs(logging_dir) if reads else 0,
@@ -366,8 +350,62 @@ def run_source(pipelines: SourcePipelines, layout: SourceLayout, tasks: int, wor
                 task_log = failed_task_log(logging_dir) or logging_dir / "logs"
                 raise CurationError(f"{layout.source}: datatrove stage {stage.name!r} failed: "
                                     f"{type(err).__name__}: {err}; the traceback is in {task_log}") from err
+            _check_finished(layout, stage, runner, executor)  # Ray's executor warns rather than raises
             upstream_ran = True
     return upstream_ran
+
+
+def _stage_workers(stage: Any, workers: int) -> int:
+    return max(1, min(workers, stage.tasks, stage.max_workers or workers))
+
+
+def _check_finished(layout: SourceLayout, stage: Any, runner: PipelineExecutor, executor: ExecutorFactory) -> None:
+    """A stage whose ranks did not all write their completion marker failed, whatever the engine reported."""
+    incomplete = runner.get_incomplete_ranks()
+    if incomplete:
+        logging_dir = layout.logs / stage.name
+        where = failed_task_log(logging_dir) or logging_dir / ("slurm_logs" if getattr(executor, "chains", False)
+                                                               else "logs")
+        name = getattr(executor, "name", "the executor")
+        raise CurationError(f"{layout.source}: datatrove stage {stage.name!r}: ranks {incomplete} did not finish "
+                            f"on {name}; see {where}. Run the same command again to resume: finished ranks are "
+                            "skipped")
+
+
+def _run_chained(pipelines: SourcePipelines, layout: SourceLayout, workers: int, engine: Any) -> bool:
+    """An engine that queues jobs (Slurm): the stages from the first unfinished one are submitted at once, each a
+    job array that starts after the one before succeeded; then wait for the queue and check every rank finished.
+
+    As in the stage-by-stage path, the stages after one that runs are cleared first; a first stage that kept no
+    document leaves the later ones empty (they are cleared, as if never run)."""
+    stages = pipelines.stages
+    runners = [engine(stage.pipeline, stage.tasks, _stage_workers(stage, workers), layout.logs / stage.name)
+               for stage in stages]
+    start = next((i for i, runner in enumerate(runners) if runner.get_incomplete_ranks()), None)
+    if start is None:
+        return False
+    for stage in stages[start + 1:]:
+        _clear(layout.logs / stage.name, *stage.outputs)  # inputs will change: partial results are stale
+    for before, after in zip(runners[start:], runners[start + 1:], strict=False):
+        after.depends = before
+    try:
+        with quiet_datatrove_console(layout.logs / stages[start].name):
+            runners[-1].run()  # datatrove submits the chain, dependencies first
+    except subprocess.CalledProcessError as err:
+        raise CurationError(f"{layout.source}: submitting stage jobs failed: `{' '.join(map(str, err.cmd))}` "
+                            f"exited {err.returncode} (sbatch's message is above); the job scripts are in "
+                            f"{layout.logs}/*/launch_script.slurm") from err
+    engine.wait(runners[start:])
+    first = stages[0]
+    if (len(stages) > 1 and not runners[0].get_incomplete_ranks()
+            and stage_output_docs(first.pipeline, layout.logs / first.name) == 0):
+        for stage in stages[1:]:
+            _clear(layout.logs / stage.name, *stage.outputs)
+        _forget_index_entries(layout)
+        return True
+    for stage, runner in zip(stages[start:], runners[start:], strict=True):
+        _check_finished(layout, stage, runner, engine)
+    return True
 
 
 def curate(
@@ -448,7 +486,8 @@ def curate(
             timing_path = layout.logs / TIMING
             if ran:
                 seconds = time.perf_counter() - start
-                timing = {"seconds": round(seconds, 2), "tasks": tasks, "workers": workers}
+                timing = {"seconds": round(seconds, 2), "tasks": tasks, "workers": workers,
+                          "executor": getattr(executor, "name", "custom")}
                 timing_path.write_text(json.dumps(timing))
             timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
             entry = build_source_entry(pipelines, layout, origin=origin, timing=timing)
