@@ -76,7 +76,16 @@ from mixlab.curation.dedup import (
 from mixlab.curation.downloads import GSM8K_WHEEL, Downloads, SourceUnavailable, default_cache_dir
 from mixlab.curation.drop_samples import DropSampleWriter, attach_drop_samples
 from mixlab.curation.errors import CurationConfigError
-from mixlab.curation.executors import EXECUTORS, LocalEngine, RayEngine, SlurmEngine, curation_engine
+from mixlab.curation.executors import (
+    EXECUTORS,
+    CurationEngine,
+    LocalEngine,
+    RayEngine,
+    SlurmEngine,
+    curation_engine,
+    local_executor,
+    preload_heavy_modules,
+)
 from mixlab.curation.extract import EXTRACT_TIMEOUT_S, QuarantiningTrafilatura, flatten_deep_html
 from mixlab.curation.fast_minhash import FastMinhashDedupSignature
 from mixlab.curation.fast_web import (
@@ -192,6 +201,9 @@ from mixlab.curation.writers import DUPLICATE_ID, normalise_metadata, unique_sha
 
 __all__ = [
     "EXECUTORS",
+    "CurationEngine",
+    "local_executor",
+    "preload_heavy_modules",
     "LocalEngine",
     "RayEngine",
     "SlurmEngine",

@@ -37,6 +37,7 @@ from datatrove.executor.base import PipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers.base import BaseReader
 from mixlab.curation import (
+    CurationEngine,
     CurationError,
     DecontaminationFilter,
     DocumentProgress,
@@ -60,8 +61,8 @@ from mixlab.curation import (
     stage_output_docs,
     stage_read_docs,
 )
-from mixlab.curation.executors import CurationEngine, local_executor
-from mixlab.curation.executors import preload_heavy_modules as preload_heavy_modules  # re-exported
+from mixlab.curation import local_executor as local_executor  # re-exported
+from mixlab.curation import preload_heavy_modules as preload_heavy_modules  # re-exported
 from mixlab.pipelines.chat import chat_pipeline
 from mixlab.pipelines.code import code_pipeline
 from mixlab.pipelines.corpus import CORPUS_JSON
