@@ -34,7 +34,7 @@ def _engine_up(script: str) -> bool:
 def require(engine: str) -> None:
     """Skip without the engine, unless the run asked for every engine (then its absence is a failure)."""
     script = {"slurm": "slurm_single_node.sh", "ray": "ray_local.sh"}[engine]
-    if shutil.which("sbatch" if engine == "slurm" else "true") and _engine_up(script):
+    if (engine != "slurm" or shutil.which("sbatch")) and _engine_up(script):
         if engine == "ray":
             os.environ.setdefault("RAY_ADDRESS", _ray_address())
         return
