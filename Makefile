@@ -30,9 +30,12 @@ demo: setup
 ablation: setup
 	$(BIN)/mixlab ablate example --workdir $(WORKDIR)
 
-# the suite runs against a real single-node Slurm and a local Ray, started here and stopped afterwards
+# the suite runs against a real single-node Slurm and a local Ray, started here and stopped afterwards; its files
+# are spread over TEST_WORKERS pytest-xdist processes (one file stays on one worker: its module fixtures are built once)
+TEST_WORKERS ?= 2
 test: setup engines-up
-	MIXLAB_ENGINES=required RAY_ADDRESS=$$($(ENGINES)/ray_local.sh status) $(BIN)/python -m pytest -q tests; \
+	MIXLAB_ENGINES=required RAY_ADDRESS=$$($(ENGINES)/ray_local.sh status) $(BIN)/python -m pytest -q \
+		-n $(TEST_WORKERS) --dist loadfile --durations=15 tests; \
 	status=$$?; $(MAKE) --no-print-directory engines-down; exit $$status
 
 engines-up: setup

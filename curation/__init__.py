@@ -13,6 +13,7 @@ from mixlab.curation.accounting import (
     stage_output_docs,
     stage_read_docs,
 )
+from mixlab.curation.chat_template import CHAT_TEMPLATE_FILE, ChatFormatError, ChatTemplate
 from mixlab.curation.classify import (  # noqa: I001 - after the modules it builds on
     CARD_FILE as CLASSIFIER_CARD_FILE,
 )
@@ -293,6 +294,9 @@ __all__ = [
     "RegexWordTokenizer",
     "SourceLayout",
     "SourcePipelines",
+    "CHAT_TEMPLATE_FILE",
+    "ChatFormatError",
+    "ChatTemplate",
     "Stage",
     "WarmSpacyTokenizer",
     "ScriptRunTokenizer",

@@ -346,7 +346,20 @@ def write_transformers_config(folder: str | Path, eos_token: str, model_max_leng
     (folder / SPECIAL_TOKENS_MAP_FILE).write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
     path = folder / TOKENIZER_CONFIG_FILE
     path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    _store_chat_template(folder)
     return path
+
+
+def _store_chat_template(folder: Path) -> None:
+    """The chat template goes with the tokenizer: the one stored there (a user's), else ChatML when the tokenizer
+    holds its markers as special tokens (the default TokenizerConfig reserves them); none for a tokenizer without."""
+    from mixlab.curation.chat_template import ChatFormatError, ChatTemplate
+
+    template = ChatTemplate.load(folder)
+    try:
+        template.save(folder)
+    except ChatFormatError:
+        logger.info("%s: no chat template stored (the tokenizer lacks the markers of %r)", folder, template.name)
 
 
 # ---- using a trained tokenizer -------------------------------------------------------------------

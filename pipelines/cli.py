@@ -31,6 +31,7 @@ the flow:
   mixlab report         report.html with loss, per-source eval, mixture and curation funnel
   mixlab runs           list the runs of a runs directory
   mixlab demo           all of the above on a small real corpus
+  mixlab posttrain-demo the demo's model -> SFT -> DPO on real dialogues, with a report
 """
 
 
@@ -214,6 +215,8 @@ def cmd_posttrain(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
                           if k != "source")
         print(f"  held-out {row['source']}: {shown}")
+    for row in report.get("ablation_tasks", []):
+        print(f"  task {row['task']}: accuracy {row['accuracy']:.3f} over {row['items']} items")
     if isinstance(em := report.get("gsm8k_exact_match"), dict):
         print("  gsm8k exact match: " + (em["skipped"] if "skipped" in em else
                                           f"{em['correct']}/{em['items']} ({em['accuracy']:.1%}), "
@@ -367,6 +370,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     fields = _overrides(args, ["max_mb", "vocab_size", "steps", "run_id", "workdir", "compare_steps"])
     run_demo(DemoConfig(**fields))
+    return 0
+
+
+def cmd_posttrain_demo(args: argparse.Namespace) -> int:
+    from mixlab.pipelines.posttrain_demo import PostTrainDemoConfig, run_posttrain_demo
+
+    report = run_posttrain_demo(PostTrainDemoConfig(**_overrides(args, ["workdir", "sft_steps", "dpo_steps"])))
+    print(f"\nReport: {report.resolve()}")
     return 0
 
 
@@ -535,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--temperature", type=float, help="distill: sampling temperature")
     post.add_argument("--gsm8k-problems", type=int, help="held-out GSM8K problems for exact match at the end "
                                                          "(0: skip)")
+    post.add_argument("--ablation-tasks", type=int, metavar="ITEMS",
+                      help="score the ablation tasks (cloze, from the pre-training data) with ITEMS items each at "
+                           "the end (default: skip)")
     tr.set_defaults(func=cmd_train)
 
     pairs = sub.add_parser("pairs", help="derive preference pairs (JSONL) from curated dialogues",
@@ -622,6 +636,19 @@ def build_parser() -> argparse.ArgumentParser:
                            f"(default {_default(DemoConfig, 'compare_steps')}; 0: none)")
     demo.add_argument("--run-id", help=f"run name (default {_default(DemoConfig, 'run_id')})")
     demo.set_defaults(func=cmd_demo)
+
+    from mixlab.pipelines.posttrain_demo import PostTrainDemoConfig
+
+    ptd = sub.add_parser("posttrain-demo", help="the demo's model -> SFT -> DPO on real dialogues, with a report",
+                         description="Curates the chatterbot dialogues and GSM8K worked answers with the chat recipe, "
+                                     "SFTs the demo's pre-trained run on them (running `mixlab demo` first when its "
+                                     "run is missing), derives preference pairs, runs DPO from the SFT run and writes "
+                                     "reports/posttrain/report.md: held-out loss before/after, reward accuracy and "
+                                     "margin, GSM8K exact match, reported as measured.")
+    ptd.add_argument("--workdir", type=Path, help=f"the demo's folder (default {_default(PostTrainDemoConfig, 'workdir')})")
+    ptd.add_argument("--sft-steps", type=int, help=f"default {_default(PostTrainDemoConfig, 'sft_steps')}")
+    ptd.add_argument("--dpo-steps", type=int, help=f"default {_default(PostTrainDemoConfig, 'dpo_steps')}")
+    ptd.set_defaults(func=cmd_posttrain_demo)
 
     from mixlab.pipelines.ablate_cli import add_ablate_parser
     from mixlab.pipelines.classify_cli import add_classify_parser

@@ -50,7 +50,7 @@ MIN_SETMM_COMMENT_CHARS = 200
 # stdlib modules that must not be imported to render them: side effects (a browser, a GUI, printing)
 PYDOC_SKIP = frozenset({"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "pydoc_data"})
 FILES_PER_SOURCE = 4  # raw shards per source: datatrove splits work across tasks by file
-GSM8K_EVAL_FRACTION = 0.2  # of GSM8K test problems (by id) kept out of the `reasoning` SFT source for exact match
+GSM8K_EVAL_FRACTION = 0.2  # of GSM8K problems (by id) kept out of the `chat-reasoning` SFT source: exact match
 GSM8K_EVAL_PURPOSE = "gsm8k-exact-match"  # the salt of that split
 FILL_TOLERANCE = 0.02  # stop scanning an origin once its share of the cap is this close to full
 
@@ -310,12 +310,12 @@ def optional_source_specs() -> dict[str, SourceSpec]:
     `metadata.format = "html"`, for the math recipe's TeX-keeping extractor (`curation.math_extract`). Only
     pages with at least one formula are taken (about half of them; the rest are API listings and guides).
 
-    `reasoning`: GSM8K test problems as dialogues (question -> worked answer) for SFT, 80% of them; the other
+    `chat-reasoning`: GSM8K test problems as dialogues (question -> worked answer) for SFT, 80% of them; the other
     20% (GSM8K_EVAL_FRACTION, by problem id) stay out for post-training's exact-match evaluation."""
     return {"math-web": SourceSpec("math-web", "math", [_html_pages(
         "math-web", "python-sympy-doc", "usr/share/doc/python-sympy-doc/html", "en", "sympy-docs", kind="math",
         keep=_has_formula)], lang_hint="en"),
-        "reasoning": SourceSpec("reasoning", "chat", [_gsm8k_dialogues("reasoning")], lang_hint="en")}
+        "chat-reasoning": SourceSpec("chat-reasoning", "chat", [_gsm8k_dialogues("chat-reasoning")], lang_hint="en")}
 
 
 def _has_formula(html: str) -> bool:

@@ -77,6 +77,7 @@ class PostTrainConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     gsm8k_problems: int = 32  # held-out GSM8K problems scored by exact match at the end (0: skip)
+    ablation_tasks: int = 0  # items per ablation task (cloze, from the pre-training data) scored at the end; 0: skip
     backend: str = "embedded"
 
     def __post_init__(self) -> None:
@@ -105,8 +106,8 @@ class PostTrainConfig:
                            threads=self.threads, progress_bar=self.progress_bar, weight_decay=0.0)
 
 
-def _parent(config: PostTrainConfig) -> tuple[Path, ModelConfig, Path]:
-    """(checkpoint, its model config, tokenizer directory)."""
+def _parent(config: PostTrainConfig) -> tuple[Path, ModelConfig, Path, str | None]:
+    """(checkpoint, its model config, tokenizer directory, the pre-training curated directory or None)."""
     from mixlab.curation.tokenizer import tokenizer_path
 
     checkpoint = resolve_checkpoint(config.init_from)
@@ -114,18 +115,20 @@ def _parent(config: PostTrainConfig) -> tuple[Path, ModelConfig, Path]:
     if not isinstance(saved.model_config, dict):
         raise PostTrainError(f"{checkpoint}: no model config in this checkpoint; post-train a mixlab run")
     model_config = ModelConfig.from_dict(saved.model_config)
-    if config.tokenizer:
-        return checkpoint, model_config, Path(config.tokenizer)
-    run_dir = checkpoint.parent.parent
     try:
-        parent = RunRecord.load(run_dir).config
-        if "posttrain" in parent:  # a post-trained parent records its tokenizer directory
-            return checkpoint, model_config, Path(parent["posttrain"]["tokenizer"])
-        curated = parent["data"]["curated"]
-    except (OSError, KeyError, TypeError, ValueError) as err:
-        raise PostTrainError(f"{checkpoint}: cannot tell which tokenizer its run used (no {err} in its run.json); "
-                             "give --tokenizer DIR (the folder with tokenizer.json)") from err
-    return checkpoint, model_config, tokenizer_path(curated).parent
+        parent = RunRecord.load(checkpoint.parent.parent).config
+    except (OSError, ValueError):
+        parent = {}
+    # a post-trained parent records both; a pre-trained one has its curated directory
+    curated = parent.get("posttrain", {}).get("curated") or parent.get("data", {}).get("curated")
+    if config.tokenizer:
+        return checkpoint, model_config, Path(config.tokenizer), curated
+    if tokenizer := parent.get("posttrain", {}).get("tokenizer"):
+        return checkpoint, model_config, Path(tokenizer), curated
+    if not curated:
+        raise PostTrainError(f"{checkpoint}: cannot tell which tokenizer its run used (its run.json names no curated "
+                             "directory); give --tokenizer DIR (the folder with tokenizer.json)")
+    return checkpoint, model_config, tokenizer_path(curated).parent, curated
 
 
 def _split(items: list[Any], fraction: float, key: Any) -> tuple[list[Any], list[Any]]:
@@ -146,7 +149,7 @@ def build_posttrain(config: PostTrainConfig) -> dict[str, Any]:
     sampler, evaluator, objective and the facts the run records."""
     from mixlab.curation.tokenizer import load_tokenizer, token_byte_lengths
 
-    checkpoint, model_config, tokenizer_dir = _parent(config)
+    checkpoint, model_config, tokenizer_dir, curated = _parent(config)
     if config.seq_len > model_config.max_seq_len:
         raise PostTrainError(f"seq_len={config.seq_len} exceeds the parent's max_seq_len={model_config.max_seq_len}")
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -157,7 +160,7 @@ def build_posttrain(config: PostTrainConfig) -> dict[str, Any]:
     template.check_tokenizer(tokenizer_dir)
     pad_id = tokenizer.token_to_id("<|pad|>")
     pad_id = pad_id if pad_id is not None else tokenizer.token_to_id(template.turn_end)
-    facts: dict[str, Any] = {"stage": config.stage, "parent_checkpoint": str(checkpoint),
+    facts: dict[str, Any] = {"stage": config.stage, "parent_checkpoint": str(checkpoint), "curated": curated,
                              "tokenizer": str(tokenizer_dir), "template": asdict(template)}
     objective = None
     if config.backend == "nanotron" and model_config.doc_masking:
@@ -262,7 +265,7 @@ def posttrain(config: PostTrainConfig, stop_after: int | None = None) -> RunReco
 
 
 def gsm8k_held_out_problems(limit: int) -> list[tuple[str, str]]:
-    """GSM8K test problems that no mixlab SFT set trains on (the `reasoning` source leaves them out)."""
+    """GSM8K test problems that no mixlab SFT set trains on (the `chat-reasoning` source leaves them out)."""
     from mixlab.pipelines.corpus import GSM8K_EVAL_FRACTION, GSM8K_EVAL_PURPOSE, gsm8k_problems
 
     return [(q, a) for pid, q, a in gsm8k_problems()
@@ -285,4 +288,12 @@ def final_evaluation(config: PostTrainConfig, parts: dict[str, Any], run: RunRec
             result = gsm8k_exact_match(model, parts["tokenizer"], parts["template"], problems, think=config.think)
             report["gsm8k_exact_match"] = result
             run.log_task(step, "gsm8k_exact_match", **{k: v for k, v in result.items() if k != "task"})
+    if config.ablation_tasks and (curated := parts["facts"].get("curated")):
+        # the ablation tasks (cloze, from the pre-training data's held-out documents) on the post-trained model
+        from mixlab.ablations.tasks import ClozeEvaluator
+
+        scorer = ClozeEvaluator.for_curated(curated, max_seq_len=config.seq_len, max_items=config.ablation_tasks)
+        report["ablation_tasks"] = scorer.evaluate(model)
+        for row in report["ablation_tasks"]:
+            run.log_task(step, row["task"], **{k: v for k, v in row.items() if k != "task"})
     return report

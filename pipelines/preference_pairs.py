@@ -1,7 +1,7 @@
 """Recipe: real preference pairs derived from curated dialogues (no wheel ships a preference dataset).
 
 Two derivations, both deterministic for a seed:
-- worked answers (GSM8K dialogues of the `reasoning` source): chosen is the true reasoning and answer,
+- worked answers (GSM8K dialogues of the `chat-reasoning` source): chosen is the true reasoning and answer,
   rejected the same reasoning whose final result is changed to a wrong number, so the pair differs exactly
   where correctness lives;
 - dialogues: chosen is a dialogue's own reply, rejected the reply of another dialogue of the same source and

@@ -22,11 +22,16 @@ from test_curation import curated_rows
 
 MAX_RSS_MB = 2048  # with a 100 MB document; the stock MinHash step alone needed > 15 GB for one
 
+# this process's own peak is VmHWM, which starts afresh at exec; ru_maxrss of RUSAGE_SELF would keep the peak of the
+# process that started it (Linux keeps resource usage across execve: a big pytest worker's, under pytest-xdist)
 CURATE_AND_MEASURE = """
 import json, resource, sys
+from pathlib import Path
 from mixlab.pipelines.curate import curate
 curate(sys.argv[1], sys.argv[2], tasks=1, workers=1)
-peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+own = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+           if line.startswith("VmHWM:"))
+peak = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 print(json.dumps({"max_rss_mb": peak / 1024}))
 """
 

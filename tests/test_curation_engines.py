@@ -69,6 +69,21 @@ def reference(math_raw: Path) -> Path:
     return out
 
 
+LIGHT = ("math=engine_recipes:math_without_minhash",)  # tests/engine_recipes.py: the recipe without MinHash
+
+
+@pytest.fixture(scope="module")
+def light_reference(math_raw: Path) -> Path:
+    """The uninterrupted local run of the lighter recipe (the CLI's subprocesses import it from tests/)."""
+    tests = str(Path(__file__).resolve().parent)
+    if tests not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH")) if p)
+    out = math_raw.parent / "light-reference"
+    run_curate(math_raw, out, "local", ["math"], recipes=LIGHT)
+    assert shard_digests(out) and completed_ranks(out) > 2
+    return out
+
+
 def _check(trial) -> None:
     assert trial.interrupted, f"seed {trial.seed}: the run ended before the kill point ({trial.detail})"
     assert trial.identical_shards, f"seed {trial.seed}: shards differ after {trial.detail}"
@@ -76,8 +91,14 @@ def _check(trial) -> None:
 
 
 @pytest.mark.parametrize("offset", [0, 1, 2])
-def test_a_local_curation_killed_at_random_points_resumes_to_the_same_bytes(math_raw, reference, offset):
-    _check(kill_trial(math_raw, math_raw.parent, ["math"], reference, SEED + offset, "local"))
+def test_a_local_curation_killed_at_random_points_resumes_to_the_same_bytes(math_raw, reference, light_reference,
+                                                                          offset):
+    """The first trial on the full recipe (MinHash's four stages included), the others on the lighter one."""
+    if offset == 0:
+        _check(kill_trial(math_raw, math_raw.parent, ["math"], reference, SEED, "local"))
+    else:
+        _check(kill_trial(math_raw, math_raw.parent, ["math"], light_reference, SEED + offset, "local",
+                          recipes=LIGHT))
 
 
 def test_slurm_writes_the_same_shards_and_survives_scancel_and_resubmit(math_raw, reference):
@@ -92,9 +113,10 @@ def test_slurm_writes_the_same_shards_and_survives_scancel_and_resubmit(math_raw
     assert all(list((s.parent / "slurm_logs").glob("*_*.out")) for s in scripts)
 
 
-def test_ray_writes_the_same_shards_when_a_worker_dies_mid_task(math_raw, reference):
+def test_ray_writes_the_same_shards_when_a_worker_dies_mid_task(math_raw, light_reference):
+    """On the lighter recipe; the next test runs the full one on Ray."""
     require("ray")
-    _check(kill_trial(math_raw, math_raw.parent, ["math"], reference, SEED, "ray"))
+    _check(kill_trial(math_raw, math_raw.parent, ["math"], light_reference, SEED, "ray", recipes=LIGHT))
 
 
 def test_the_accounting_survives_a_resume_on_another_engine(math_raw, reference):

@@ -30,12 +30,12 @@ def workspace(tokenized_curated: Path, tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("posttrain")
     runs = work / "runs"
     base = _pretrain(tokenized_curated, runs, "base")
-    # GSM8K worked answers as dialogues (the `reasoning` source's 80%), beside the curated chat dialogues
+    # GSM8K worked answers as dialogues (the `chat-reasoning` source's 80%), beside the curated chat dialogues
     dialogues = work / "gsm8k.jsonl"
     with open(dialogues, "w") as handle:
         for pid, question, answer in list(gsm8k_problems())[:300]:
             if not held_out(pid, GSM8K_EVAL_FRACTION, GSM8K_EVAL_PURPOSE):
-                handle.write(json.dumps({"id": pid, "source": "reasoning",
+                handle.write(json.dumps({"id": pid, "source": "chat-reasoning",
                                          "messages": gsm8k_dialogue(question, answer)}) + "\n")
     return {"work": work, "runs": runs, "base": base, "curated": tokenized_curated, "gsm8k": dialogues}
 
@@ -49,7 +49,7 @@ def _post(ws: dict[str, Path], stage: str, parent: Path, data: Path, run_id: str
 
 def test_sft_then_dpo_end_to_end_with_the_parent_on_record(workspace, capsys):
     ws = workspace
-    sft = _post(ws, "sft", ws["base"], ws["curated"], "sft", "--gsm8k-problems", "6")
+    sft = _post(ws, "sft", ws["base"], ws["curated"], "sft", "--gsm8k-problems", "6", "--ablation-tasks", "8")
     assert sft.status == "completed" and sft.summary["initialized_from"]["step"] == 40
     facts = sft.config["posttrain"]
     assert facts["dialogues"] > 1000 and 0.5 < facts["packing_efficiency"] <= 1.0
@@ -57,6 +57,9 @@ def test_sft_then_dpo_end_to_end_with_the_parent_on_record(workspace, capsys):
     assert report["held_out"][-1]["source"] == "all" and report["held_out"][-1]["dialogues"] > 50
     em = report["gsm8k_exact_match"]  # reported as it is, near zero for a tiny model
     assert em["items"] + em["skipped_longer_than_context"] == 6 and 0 <= em["accuracy"] <= 1
+    tasks = {row["task"]: row for row in report["ablation_tasks"]}  # the ablation tasks score it too
+    assert tasks and all(0 <= row["accuracy"] <= 1 and row["items"] > 0 for row in tasks.values())
+    assert set(tasks) <= {json.loads(line)["task"] for line in (sft.path / "tasks.jsonl").read_text().splitlines()}
     # SFT lowered the held-out assistant-token loss of the parent
     parent, _ = load_model(latest_checkpoint(ws["base"] / "checkpoints"))
     from mixlab.pipelines.posttrain import PostTrainConfig, build_posttrain

@@ -123,7 +123,7 @@ def test_the_jinja_template_renders_what_mixlab_renders(tokenized_curated, tmp_p
     folder = tmp_path / "tok"
     shutil.copytree(tokenizer_path(tokenized_curated).parent, folder)
     template = ChatTemplate()
-    template.save(folder)
+    assert (folder / "chat_template.json").exists()  # `mixlab tokenize` stored it with the tokenizer
     assert ChatTemplate.load(folder) == template
     auto = AutoTokenizer.from_pretrained(folder)
     for think in (False, True):
@@ -227,3 +227,25 @@ def test_the_sft_sampler_resumes_where_it_stopped_and_refuses_other_data():
     other = PackedSFTSampler(examples[:-1], seq_len=15, batch_size=2, pad_id=0, seed=3)
     with pytest.raises(ValueError, match="same data"):
         other.load_state_dict(state)
+
+
+def test_derived_pairs_differ_where_correctness_lives():
+    from mixlab.pipelines.preference_pairs import other_reply_pairs, worked_answer_pair
+    from mixlab.training.posttrain import Dialogue, gsm8k_dialogue
+
+    rng = np.random.default_rng(0)
+    dialogue = Dialogue("g1", gsm8k_dialogue("Tom has 3 apples and buys 4. How many?",
+                                             "3 + 4 = <<3+4=7>>7\n#### 7"), "chat-reasoning")
+    pair = worked_answer_pair(dialogue, rng)
+    chosen, rejected = pair.completions
+    assert chosen == {"content": "The answer is 7.", "reasoning": "3 + 4 = 7"}
+    wrong = rejected["content"].removeprefix("The answer is ").removesuffix(".")
+    assert wrong != "7" and rejected["reasoning"] == f"3 + 4 = {wrong}"
+    chats = [Dialogue(f"d{i}", [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+                      "chat", language="en" if i < 3 else "de") for i in range(5)]
+    pairs = other_reply_pairs(chats, rng)
+    assert len(pairs) == 5
+    language = {f"a{i}": c.language for i, c in enumerate(chats)}
+    for p in pairs:
+        assert p.completions[0] != p.completions[1]
+        assert language[p.completions[0]["content"]] == language[p.completions[1]["content"]]

@@ -68,22 +68,36 @@ def model_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.float64 if cfg.precision == "fp64" else torch.float32
 
 
-def _join_world() -> bool:
+def _join_world() -> list[str] | None:
     """A process group for nanotron even with one process (its ParallelContext needs one and reads RANK and
-    WORLD_SIZE from the environment). Returns True when this call created it."""
+    WORLD_SIZE from the environment). Returns the environment variables this call set (`_leave_world` removes
+    them with the group), or None when a group was there already."""
     if torch_dist.is_initialized():
-        return False
+        return None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("several processes but no process group: call through pretrain() or train_nanotron() "
                           "under torchrun")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    added = []
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(port))):
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            added.append(key)
     torch_dist.init_process_group("gloo", rank=0, world_size=1)
-    return True
+    return added
+
+
+def _leave_world(added: list[str] | None) -> None:
+    """Undo `_join_world`: the group it created and the variables it set (a later run in this process, e.g. one
+    that must start torchrun, reads the environment as the caller left it)."""
+    if added is None:
+        return
+    torch_dist.destroy_process_group()
+    for key in added:
+        os.environ.pop(key, None)
 
 
 def clip_grad_norm(parallel: ParallelModel, max_norm: float) -> float:
@@ -188,8 +202,7 @@ def train_nanotron(
         return _train(run, model_config, train_config, sampler, evaluator, layout, context, stop_after=stop_after,
                       tasks=tasks, objective=objective)
     finally:
-        if created:
-            torch_dist.destroy_process_group()
+        _leave_world(created)
 
 
 def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler: Sampler,

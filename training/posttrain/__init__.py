@@ -3,7 +3,7 @@ packing with document masking), preference losses (DPO, IPO, KTO, ORPO, APO-zero
 reference log-probabilities, on-policy distillation (reverse KL to a teacher), and their evaluation.
 The recipe that wires them to runs is `mixlab.pipelines.posttrain` (`mixlab train --stage ...`)."""
 
-from mixlab.training.posttrain.chat_template import CHAT_TEMPLATE_FILE, ChatFormatError, ChatTemplate
+from mixlab.curation.chat_template import CHAT_TEMPLATE_FILE, ChatFormatError, ChatTemplate
 from mixlab.training.posttrain.dialogues import (
     Dialogue,
     DialogueSet,

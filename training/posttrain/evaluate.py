@@ -9,8 +9,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,18 @@ import torch
 from mixlab.training.posttrain.dialogues import final_number
 from mixlab.training.posttrain.generation import generate
 from mixlab.training.posttrain.packing import SFTExample, pack_row
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode without gradients for the block; the model's own mode back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def _model_inputs(model: torch.nn.Module, position_ids: np.ndarray, cu_seqlens: list[np.ndarray], seq_len: int,
@@ -40,11 +53,11 @@ class ChatEvaluator:
         self.examples, self.seq_len, self.pad_id = list(examples), seq_len, pad_id
         self.byte_lengths, self.batch_size = byte_lengths, batch_size
 
-    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, device: torch.device | str | None = None) -> list[dict[str, Any]]:
-        device = device or "cpu"
-        was_training = model.training
-        model.eval()
+        with evaluating(model):
+            return self._evaluate(model, device or "cpu")
+
+    def _evaluate(self, model: torch.nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         nats: dict[str, float] = {}
         tokens_by: dict[str, int] = {}
         bytes_by: dict[str, int] = {}
@@ -63,7 +76,6 @@ class ChatEvaluator:
                     nats[key] = nats.get(key, 0.0) + float(value)
                     tokens_by[key] = tokens_by.get(key, 0) + int(n)
                     bytes_by[key] = bytes_by.get(key, 0) + int(b)
-        model.train(was_training)
         order = sorted(k for k in nats if k != "all") + ["all"]
         return [{"source": key, "loss": nats[key] / max(tokens_by[key], 1),
                  "bpb": nats[key] / math.log(2) / bytes_by[key] if bytes_by[key] else float("nan"),
@@ -77,11 +89,11 @@ class PreferenceEvaluator:
     def __init__(self, sampler: Any, objective: Any, batch_size: int = 8):
         self.sampler, self.objective, self.batch_size = sampler, objective, batch_size
 
-    @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, device: torch.device | str | None = None) -> list[dict[str, Any]]:
-        device = device or "cpu"
-        was_training = model.training
-        model.eval()
+        with evaluating(model):
+            return self._evaluate(model, device or "cpu")
+
+    def _evaluate(self, model: torch.nn.Module, device: torch.device | str) -> list[dict[str, Any]]:
         totals: dict[str, float] = {}
         n = len(self.sampler.examples)
         for start in range(0, n, self.batch_size):
@@ -92,20 +104,16 @@ class PreferenceEvaluator:
             _, loss, metrics = self.objective(model, batch, tokens, extra)
             for key, value in {"loss": loss.item(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(indices)
-        model.train(was_training)
         row = {key.removeprefix("rewards/"): value / n for key, value in totals.items()}
         return [{"source": "held-out pairs", "bpb": float("nan"), "pairs": n, **row}]
 
 
-@torch.no_grad()
 def gsm8k_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any, problems: Sequence[tuple[str, str]],
                       max_new_tokens: int = 48, think: bool | None = None, device: torch.device | str = "cpu",
                       batch_size: int = 16) -> dict[str, Any]:
     """Greedy replies to (question, worked answer) pairs; a reply is right when its last number equals the
     answer's final number. Problems whose prompt leaves fewer than max_new_tokens of the context are skipped
     and counted."""
-    was_training = model.training
-    model.eval()
     stop = [tokenizer.token_to_id(template.turn_end)]
     right = answered = 0
     shown = []
@@ -115,8 +123,9 @@ def gsm8k_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any, pro
     fitting = [item for item in encoded if len(item[2]) <= room]
     for start in range(0, len(fitting), batch_size):
         chunk = fitting[start:start + batch_size]
-        replies = generate(model, [p for _, _, p in chunk], max_new_tokens, stop, max_len=model.config.max_seq_len,
-                           device=device)
+        with evaluating(model):
+            replies = generate(model, [p for _, _, p in chunk], max_new_tokens, stop,
+                               max_len=model.config.max_seq_len, device=device)
         for (question, answer, _), reply in zip(chunk, replies, strict=True):
             text = tokenizer.decode([int(t) for t in reply if int(t) not in stop])
             got, want = final_number(text), final_number(answer)
@@ -124,7 +133,6 @@ def gsm8k_exact_match(model: torch.nn.Module, tokenizer: Any, template: Any, pro
             right += got is not None and got == want
             if len(shown) < 3:
                 shown.append({"question": question[:120], "reply": text[:160], "expected": want})
-    model.train(was_training)
     return {"task": "gsm8k_exact_match", "accuracy": right / max(len(fitting), 1), "items": len(fitting),
             "correct": right, "replies_with_a_number": answered,
             "skipped_longer_than_context": len(encoded) - len(fitting), "examples": shown}

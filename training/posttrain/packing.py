@@ -43,7 +43,7 @@ def encode_dialogues(dialogues: Sequence[Any], tokenizer: Any, template: Any, ma
                      think: bool | None = None) -> EncodedSet:
     """Dialogues (posttrain.dialogues.Dialogue) as examples of at most `max_tokens` tokens. A dialogue the template
     refuses, or with no learned token left after truncation, is counted in `rejected` by reason."""
-    from mixlab.training.posttrain.chat_template import ChatFormatError
+    from mixlab.curation.chat_template import ChatFormatError
 
     out = EncodedSet()
     for dialogue in dialogues:

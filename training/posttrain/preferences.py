@@ -140,7 +140,7 @@ def encode_preferences(records: Sequence[PreferenceRecord], tokenizer: Any, temp
     """Examples whose rows fit `max_tokens` (longer completions are cut, a prompt leaving no room is skipped).
     unpaired=True (KTO): pairs split into a desirable and an undesirable completion, each example's second row
     the completion of the next example in file order (the mismatched pair)."""
-    from mixlab.training.posttrain.chat_template import ChatFormatError
+    from mixlab.curation.chat_template import ChatFormatError
 
     skipped: Counter = Counter()
     prompts: list[tuple[PreferenceRecord, np.ndarray, list[np.ndarray]]] = []
@@ -215,15 +215,20 @@ class PreferenceSampler(EpochSampler):
         return self._fingerprint
 
 
-@torch.no_grad()
 def reference_logps(model: torch.nn.Module, sampler: PreferenceSampler, batch_size: int = 8,
                     device: torch.device | str = "cpu") -> np.ndarray:
     """Summed completion log-probabilities [N, 2] of every example's two rows under `model` (in eval mode)."""
+    from mixlab.training.posttrain.evaluate import evaluating
+
+    with evaluating(model):
+        return _reference_logps(model, sampler, batch_size, device)
+
+
+def _reference_logps(model: torch.nn.Module, sampler: PreferenceSampler, batch_size: int,
+                     device: torch.device | str) -> np.ndarray:
     from mixlab.training.posttrain.losses import sequence_logps
     from mixlab.training.trainer import masked_targets
 
-    was_training = model.training
-    model.eval()
     out = np.zeros((len(sampler.examples), 2), dtype=np.float64)
     for start in range(0, len(sampler.examples), batch_size):
         indices = list(range(start, min(start + batch_size, len(sampler.examples))))
@@ -234,7 +239,6 @@ def reference_logps(model: torch.nn.Module, sampler: PreferenceSampler, batch_si
                                  torch.from_numpy(batch.loss_mask).to(device))
         sums = sums.double().cpu().numpy()
         out[indices, 0], out[indices, 1] = sums[:len(indices)], sums[len(indices):]
-    model.train(was_training)
     return out
 
 

@@ -4,7 +4,8 @@ ChatML by default (`<|im_start|>role\\ncontent<|im_end|>\\n`), with SmolLM3's re
 ends with `/think` or `/no_think`; in no-think mode every assistant turn opens with an empty think block (part of
 the prompt, never learned), in think mode an assistant message's `reasoning` is written inside `<think>...</think>`
 before its answer (learned). The template is stored with the tokenizer (`chat_template.json`, and a Jinja
-rendering in tokenizer_config.json for transformers); its markers are special tokens of the BPE.
+rendering in tokenizer_config.json for transformers; `mixlab tokenize` writes it); its markers are special
+tokens the BPE reserves from the start, so post-training never changes the vocabulary.
 
 Only assistant turns carry loss: their content, reasoning and end marker. Role headers, system and user turns
 and the empty think block are context.
