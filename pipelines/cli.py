@@ -203,9 +203,17 @@ def cmd_posttrain(args: argparse.Namespace) -> int:
               if v is not None and named.get(k, k) in fields and k not in ("stage", "init_from", "data")}
     preference = PreferenceConfig(**({"beta": args.beta} if args.beta is not None else {}))
     distill = DistillConfig(**_overrides(args, ["teacher", "max_new_tokens", "temperature"]))
+    from mixlab.training import ParallelLayout
+
+    layout = ParallelLayout(**_overrides(args, ["tp", "pp", "dp", "pp_engine", "zero_stage"]))
+    values.pop("parallel", None)
     config = PostTrainConfig(stage=args.stage, init_from=args.init_from, data=args.data, preference=preference,
-                             distill=distill, **values)
+                             distill=distill, parallel=layout, **values)
+    if (launched := _launch_world(config, args.argv)) is not None:
+        return launched
     run = posttrain(config)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     report = run.summary.get("posttrain", {})
     if args.json:
         print(json.dumps({"status": run.status, "path": str(run.path), **run.summary}, indent=1, default=str))

@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from mixlab.curation.manifest import sha256_file
-from mixlab.training import ConfigError, ModelConfig, RunRecord, RunStore, TrainConfig, read_checkpoint, train
+from mixlab.training import (
+    ConfigError,
+    DataParallelWorld,
+    ModelConfig,
+    ParallelLayout,
+    RunRecord,
+    RunStore,
+    TrainConfig,
+    read_checkpoint,
+    train,
+)
 from mixlab.training.checkpoint import resolve_checkpoint
 from mixlab.training.posttrain import (
     ChatEvaluator,
@@ -79,6 +89,7 @@ class PostTrainConfig:
     gsm8k_problems: int = 32  # held-out GSM8K problems scored by exact match at the end (0: skip)
     ablation_tasks: int = 0  # items per ablation task (cloze, from the pre-training data) scored at the end; 0: skip
     backend: str = "embedded"
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)  # nanotron: tp x pp x dp under torchrun
 
     def __post_init__(self) -> None:
         if self.stage == "apo":
@@ -91,6 +102,9 @@ class PostTrainConfig:
             raise ConfigError(f"held_out={self.held_out} must be in (0, 1)", ["held_out"])
         if self.backend not in ("embedded", "nanotron"):
             raise ConfigError(f"backend {self.backend!r}: embedded or nanotron", ["backend"])
+        if self.backend == "embedded" and (self.parallel.tp > 1 or self.parallel.pp > 1):
+            raise ConfigError("tensor and pipeline parallelism need --backend nanotron (the embedded backend is data "
+                              "parallel only)", ["backend", "parallel"])
         self.run_id = self.run_id or f"{Path(self.init_from).name}-{self.stage}"
 
     @property
@@ -144,9 +158,11 @@ def _dialogues(config: PostTrainConfig):
     return found
 
 
-def build_posttrain(config: PostTrainConfig) -> dict[str, Any]:
+def build_posttrain(config: PostTrainConfig, world: DataParallelWorld | None = None) -> dict[str, Any]:
     """Everything a stage needs, built and checked before the run is touched: the parent, tokenizer, template,
-    sampler, evaluator, objective and the facts the run records."""
+    sampler, evaluator, objective and the facts the run records. Under torchrun every rank builds the same; the
+    reference log-probs are computed and cached by rank 0, which the others wait for."""
+    world = world or DataParallelWorld.from_env(_device())
     from mixlab.curation.tokenizer import load_tokenizer, token_byte_lengths
 
     checkpoint, model_config, tokenizer_dir, curated = _parent(config)
@@ -188,7 +204,11 @@ def build_posttrain(config: PostTrainConfig) -> dict[str, Any]:
             reference_id = f"{checkpoint.resolve()}@{sha256_file(checkpoint / 'model.pt')[:16]}"
             cache = Path(config.runs_dir) / ".reference-cache"
             for which in (sampler, held):
-                logps, path, hit = cached_reference_logps(reference, which, cache, reference_id)
+                if world.is_main:
+                    logps, path, hit = cached_reference_logps(reference, which, cache, reference_id)
+                world.barrier()
+                if not world.is_main:  # rank 0 has written it: read it
+                    logps, path, hit = cached_reference_logps(reference, which, cache, reference_id)
                 which.attach_reference(logps)
                 facts.setdefault("reference_cache", []).append({"file": str(path), "hit": hit})
             del reference
@@ -235,6 +255,13 @@ def build_posttrain(config: PostTrainConfig) -> dict[str, Any]:
             "train_config": config.train_config(checkpoint)}
 
 
+def _device():
+    """The device TrainConfig's "auto" picks (the stage's TrainConfig is built once the parent is known)."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _first_reply(messages: list[dict[str, str]]) -> int:
     """Index of the first assistant message: the prompt is everything before it."""
     return next(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -243,20 +270,35 @@ def _first_reply(messages: list[dict[str, str]]) -> int:
 def posttrain(config: PostTrainConfig, stop_after: int | None = None) -> RunRecord:
     """Run (or resume) one post-training stage; returns its run record (summary.posttrain has the evaluation).
     stop_after=N stops cleanly after step N, as a preemption would; the same call again resumes."""
-    parts = build_posttrain(config)
+    world = DataParallelWorld.from_env(_device())
+    created_group = world.init()  # under torchrun: one group for the recipe's barriers and the trainer
+    try:
+        return _posttrain(config, stop_after, world)
+    finally:
+        if created_group:
+            world.destroy()
+
+
+def _posttrain(config: PostTrainConfig, stop_after: int | None, world: DataParallelWorld) -> RunRecord:
+    parts = build_posttrain(config, world)
     document = {"posttrain": {**asdict(config), **parts["facts"]}, "data": {"posttrain_data": str(config.data)},
-                "backend": config.backend}
-    run = RunStore(config.runs_dir).create(config.run_id, document)
+                "backend": config.backend, "parallel": config.parallel.to_dict()}
+    path = RunStore(config.runs_dir).run_path(config.run_id)
+    if world.is_main:
+        RunStore(config.runs_dir).create(config.run_id, document)
+    world.barrier()  # rank 0 has created (or reopened) the run
+    run = RunRecord.load(path)
     if config.backend == "nanotron":
         from mixlab.training.nanotron_trainer import train_nanotron
 
         train_nanotron(run, parts["model_config"], parts["train_config"], parts["sampler"], parts["evaluator"],
-                       objective=parts["objective"], stop_after=stop_after)
+                       layout=config.parallel, objective=parts["objective"], stop_after=stop_after)
     else:
         train(run, parts["model_config"], parts["train_config"], parts["sampler"], parts["evaluator"],
               objective=parts["objective"], stop_after=stop_after)
+    world.barrier()
     run = RunRecord.load(run.path)
-    if run.status == "completed":
+    if run.status == "completed" and world.is_main:
         report = final_evaluation(config, parts, run)
         run.summary["posttrain"] = report
         run.save()

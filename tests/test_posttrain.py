@@ -141,13 +141,16 @@ def test_the_nanotron_backend_post_trains_what_the_embedded_backend_does(workspa
     pairs = ws["work"] / "nanotron_pairs.jsonl"
     assert main(["pairs", "--data", str(ws["gsm8k"]), "--out", str(pairs), "--max-pairs", "60"]) == 0
     losses = {}
-    for backend in ("embedded", "nanotron"):
-        run = _post(ws, "dpo", ws["base"], pairs, f"dpo-{backend}", "--backend", backend, "--steps", "3",
-                    "--warmup-steps", "1", "--gsm8k-problems", "0")
+    # one process each, then tensor parallel over two processes (the CLI starts torchrun)
+    for name, flags in (("embedded", ()), ("nanotron", ()), ("nanotron-tp2", ("--tp", "2"))):
+        run = _post(ws, "dpo", ws["base"], pairs, f"dpo-{name}", "--backend", name.split("-")[0], *flags,
+                    "--steps", "3", "--warmup-steps", "1", "--gsm8k-problems", "0")
         assert run.status == "completed" and run.summary["initialized_from"]["step"] == 40
         rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-        losses[backend] = [value for r in rows for value in (r["loss"], r["rewards/margin"])]
+        losses[name] = [value for r in rows for value in (r["loss"], r["rewards/margin"])]
     assert losses["nanotron"] == pytest.approx(losses["embedded"], rel=1e-4, abs=1e-6)
+    assert losses["nanotron-tp2"] == pytest.approx(losses["embedded"], rel=1e-3, abs=1e-5)
+    assert RunRecord.load(ws["runs"] / "dpo-nanotron-tp2").summary["parallel"]["tp"] == 2
     sft = _post(ws, "sft", ws["base"], ws["gsm8k"], "sft-nanotron", "--backend", "nanotron", "--steps", "3",
                 "--warmup-steps", "1", "--gsm8k-problems", "0")
     assert sft.status == "completed" and sft.config["model"]["doc_masking"] is False  # one dialogue a row there
