@@ -148,8 +148,8 @@ class ChatTemplate:
             "{%- if system -%}" + lit(self._header("system")) + "{{ system }}" + lit(self.turn_end + self.separator)
             + "{%- endif -%}",
             "{%- for m in messages -%}{%- if m.role == 'user' -%}" + lit(self._header("user")) + "{{ m.content }}"
-            + lit(self.turn_end + self.separator) + "{%- elif m.role == 'assistant' -%}" + lit(self._header("assistant"))
-            + "{%- if not think -%}" + empty + "{%- endif -%}",
+            + lit(self.turn_end + self.separator) + "{%- elif m.role == 'assistant' -%}"
+            + lit(self._header("assistant")) + "{%- if not think -%}" + empty + "{%- endif -%}",
         ]
         if self.has_think:
             parts.append("{%- if think and m.reasoning -%}" + lit(f"{self.think_start}\n") + "{{ m.reasoning }}"

@@ -653,7 +653,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "run is missing), derives preference pairs, runs DPO from the SFT run and writes "
                                      "reports/posttrain/report.md: held-out loss before/after, reward accuracy and "
                                      "margin, GSM8K exact match, reported as measured.")
-    ptd.add_argument("--workdir", type=Path, help=f"the demo's folder (default {_default(PostTrainDemoConfig, 'workdir')})")
+    ptd.add_argument("--workdir", type=Path,
+                     help=f"the demo's folder (default {_default(PostTrainDemoConfig, 'workdir')})")
     ptd.add_argument("--sft-steps", type=int, help=f"default {_default(PostTrainDemoConfig, 'sft_steps')}")
     ptd.add_argument("--dpo-steps", type=int, help=f"default {_default(PostTrainDemoConfig, 'dpo_steps')}")
     ptd.set_defaults(func=cmd_posttrain_demo)

@@ -218,7 +218,8 @@ def build_posttrain(config: PostTrainConfig, world: DataParallelWorld | None = N
         train_d, eval_d = _split(dialogues.dialogues, config.held_out, lambda d: d.id)
         encoded = encode_dialogues(train_d, tokenizer, template, config.seq_len + 1, think=config.think)
         encoded_eval = encode_dialogues(eval_d, tokenizer, template, config.seq_len + 1, think=config.think)
-        evaluator = ChatEvaluator(encoded_eval.examples, config.seq_len, pad_id, token_byte_lengths(tokenizer_dir / "tokenizer.json"))
+        evaluator = ChatEvaluator(encoded_eval.examples, config.seq_len, pad_id,
+                                  token_byte_lengths(tokenizer_dir / "tokenizer.json"))
         facts.update(dialogues=len(train_d), held_out_dialogues=len(eval_d), truncated=encoded.truncated,
                      skipped=dict(dialogues.rejected) | dict(encoded.rejected))
         if config.stage == "sft":
@@ -244,10 +245,11 @@ def build_posttrain(config: PostTrainConfig, world: DataParallelWorld | None = N
             if teacher.config.vocab_size != model_config.vocab_size:
                 raise PostTrainError(f"teacher {teacher_path} has vocab_size={teacher.config.vocab_size}, the student "
                                      f"{model_config.vocab_size}: distill between models of one tokenizer")
-            prompts = [template.encode(tokenizer, [m for m in d.messages[:_first_reply(d.messages)]], think=config.think,
-                                       add_generation_prompt=True, record=d.id)[0] for d in train_d]
-            sampler = PromptSampler(prompts, [d.id for d in train_d], [d.source for d in train_d], config.seq_len,
-                                    config.batch_size, pad_id, config.seed)
+            prompted = [(d, p) for d in train_d if (p := _prompt_ids(d, tokenizer, template, config.think)) is not None]
+            facts["dialogues_without_a_prompt"] = len(train_d) - len(prompted)
+            sampler = PromptSampler([p for _, p in prompted], [d.id for d, _ in prompted],
+                                    [d.source for d, _ in prompted], config.seq_len, config.batch_size, pad_id,
+                                    config.seed)
             objective = DistillObjective(teacher, config.distill, [tokenizer.token_to_id(template.turn_end)], pad_id)
             facts.update(teacher=str(teacher_path), teacher_params=teacher.num_params(), distill=asdict(config.distill))
     return {"checkpoint": checkpoint, "model_config": model_config, "tokenizer": tokenizer, "template": template,
@@ -262,9 +264,19 @@ def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _first_reply(messages: list[dict[str, str]]) -> int:
-    """Index of the first assistant message: the prompt is everything before it."""
-    return next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+def _prompt_ids(dialogue: Any, tokenizer: Any, template: ChatTemplate, think: bool | None) -> Any:
+    """The dialogue's turns before its first reply, as a generation prompt; None when there are none (or the
+    template refuses them): such a dialogue has nothing to distill from."""
+    from mixlab.curation import ChatFormatError
+
+    first = next((i for i, m in enumerate(dialogue.messages) if m.get("role") == "assistant"), 0)
+    if first == 0:
+        return None
+    try:
+        return template.encode(tokenizer, dialogue.messages[:first], think=think, add_generation_prompt=True,
+                               record=dialogue.id)[0]
+    except ChatFormatError:
+        return None
 
 
 def posttrain(config: PostTrainConfig, stop_after: int | None = None) -> RunRecord:
