@@ -33,8 +33,9 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def _model_inputs(model: torch.nn.Module, position_ids: np.ndarray, cu_seqlens: list[np.ndarray], seq_len: int,
-                  device: torch.device | str) -> dict[str, torch.Tensor]:
+def model_inputs(model: torch.nn.Module, position_ids: np.ndarray, cu_seqlens: list[np.ndarray], seq_len: int,
+                 device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Positions and document ids of packed rows, for a model with document masking ({} without)."""
     from mixlab.training.model import segment_ids_from_cu_seqlens
 
     if not model.config.doc_masking:
@@ -66,7 +67,7 @@ class ChatEvaluator:
             rows = [pack_row([e], self.seq_len, self.pad_id) for e in chunk]
             tokens = torch.from_numpy(np.stack([r[0] for r in rows])).to(device)
             mask = torch.from_numpy(np.stack([r[1] for r in rows])).to(device)
-            extra = _model_inputs(model, np.stack([r[2] for r in rows]), [r[3] for r in rows], self.seq_len, device)
+            extra = model_inputs(model, np.stack([r[2] for r in rows]), [r[3] for r in rows], self.seq_len, device)
             _, per_token = model(tokens[:, :-1], tokens[:, 1:], reduction="none", **extra)
             per_row = (per_token * mask).sum(-1).double().cpu().numpy()
             counts = mask.sum(-1).cpu().numpy()
@@ -100,7 +101,7 @@ class PreferenceEvaluator:
             indices = list(range(start, min(start + self.batch_size, n)))
             batch = self.sampler.batch_of(indices)
             tokens = torch.from_numpy(batch.tokens).to(device)
-            extra = _model_inputs(model, batch.position_ids, batch.cu_seqlens, tokens.shape[1] - 1, device)
+            extra = model_inputs(model, batch.position_ids, batch.cu_seqlens, tokens.shape[1] - 1, device)
             _, loss, metrics = self.objective(model, batch, tokens, extra)
             for key, value in {"loss": loss.item(), **metrics}.items():
                 totals[key] = totals.get(key, 0.0) + value * len(indices)

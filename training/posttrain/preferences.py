@@ -226,6 +226,7 @@ def reference_logps(model: torch.nn.Module, sampler: PreferenceSampler, batch_si
 
 def _reference_logps(model: torch.nn.Module, sampler: PreferenceSampler, batch_size: int,
                      device: torch.device | str) -> np.ndarray:
+    from mixlab.training.posttrain.evaluate import model_inputs
     from mixlab.training.posttrain.losses import sequence_logps
     from mixlab.training.trainer import masked_targets
 
@@ -234,21 +235,13 @@ def _reference_logps(model: torch.nn.Module, sampler: PreferenceSampler, batch_s
         indices = list(range(start, min(start + batch_size, len(sampler.examples))))
         batch = sampler.batch_of(indices)
         tokens = torch.from_numpy(batch.tokens).to(device)
-        logits, _ = model(tokens[:, :-1], **_row_inputs(model, batch, device))
+        logits, _ = model(tokens[:, :-1], **model_inputs(model, batch.position_ids, batch.cu_seqlens,
+                                                         tokens.shape[1] - 1, device))
         sums, _ = sequence_logps(logits, masked_targets(batch, tokens).clamp(min=0),
                                  torch.from_numpy(batch.loss_mask).to(device))
         sums = sums.double().cpu().numpy()
         out[indices, 0], out[indices, 1] = sums[:len(indices)], sums[len(indices):]
     return out
-
-
-def _row_inputs(model: torch.nn.Module, batch: PackedBatch, device: torch.device | str) -> dict[str, torch.Tensor]:
-    from mixlab.training.model import segment_ids_from_cu_seqlens
-
-    if not getattr(model.config, "doc_masking", False):
-        return {}
-    return {"position_ids": torch.from_numpy(batch.position_ids).to(device),
-            "segment_ids": segment_ids_from_cu_seqlens(batch.cu_seqlens, batch.tokens.shape[1] - 1).to(device)}
 
 
 def cached_reference_logps(model: torch.nn.Module, sampler: PreferenceSampler, cache_dir: str | Path,
