@@ -34,7 +34,7 @@ ablation: setup
 # are spread over TEST_WORKERS pytest-xdist processes (one file stays on one worker: its module fixtures are built once)
 TEST_WORKERS ?= 2
 test: setup engines-up
-	MIXLAB_ENGINES=required RAY_ADDRESS=$$($(ENGINES)/ray_local.sh status) $(BIN)/python -m pytest -q \
+	env $$($(ENGINES)/ray_local.sh env) MIXLAB_ENGINES=required $(BIN)/python -m pytest -q \
 		-n $(TEST_WORKERS) --dist loadfile --durations=15 tests; \
 	status=$$?; $(MAKE) --no-print-directory engines-down; exit $$status
 

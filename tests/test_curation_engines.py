@@ -43,8 +43,9 @@ def require(engine: str) -> None:
     """Skip without the engine, unless the run asked for every engine (then its absence is a failure)."""
     script = {"slurm": "slurm_single_node.sh", "ray": "ray_local.sh"}[engine]
     if (engine != "slurm" or shutil.which("sbatch")) and _engine_up(script):
-        if engine == "ray":
-            os.environ.setdefault("RAY_ADDRESS", _ray_address())
+        if engine == "ray":  # the address and the cluster's own token (ray_local.sh chooses token auth)
+            for key, value in _ray_client_env().items():
+                os.environ.setdefault(key, value)
         return
     message = f"{engine} is not running: start it with pipelines/engines/{script} up (make test does)"
     if REQUIRED:
@@ -52,9 +53,10 @@ def require(engine: str) -> None:
     pytest.skip(message)
 
 
-def _ray_address() -> str:
-    return subprocess.run([str(ENGINES / "ray_local.sh"), "status"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+def _ray_client_env() -> dict[str, str]:
+    lines = subprocess.run([str(ENGINES / "ray_local.sh"), "env"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    return dict(line.split("=", 1) for line in lines)
 
 
 @pytest.fixture(scope="module")
