@@ -232,9 +232,6 @@ def build_posttrain(config: PostTrainConfig, world: DataParallelWorld | None = N
                                        pack=pack)
             facts.update(packed_rows=len(sampler.rows), packing_efficiency=round(sampler.packing_efficiency(), 4))
         else:
-            if config.backend == "nanotron":
-                raise PostTrainError("--stage distill samples from the model, which the nanotron backend does not "
-                                     "do yet: run it with --backend embedded")
             if not config.distill.teacher:
                 raise PostTrainError("--stage distill needs a teacher: --teacher RUN_OR_CHECKPOINT (a larger "
                                      "mixlab model trained with the same tokenizer)")

@@ -129,11 +129,17 @@ def test_on_policy_distillation_from_a_larger_teacher(workspace):
     ws = workspace
     teacher = _pretrain(ws["curated"], ws["runs"], "teacher", "--set", "model.d_model=96",
                         "--set", "model.ffn_hidden=256")
-    run = _post(ws, "distill", ws["base"], ws["gsm8k"], "distill", "--teacher", str(teacher), "--max-new-tokens",
-                "12", "--steps", "4", "--gsm8k-problems", "0")
-    assert run.status == "completed" and run.config["posttrain"]["teacher_params"] > run.summary["params"]
-    rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["distill/reverse_kl"] > 0 and r["distill/sampled_tokens"] > 0 for r in rows)
+    metrics = {}
+    # the embedded backend, then nanotron at tp=2 (rank 0 samples with the gathered student; the teacher's and the
+    # student's vocabulary split over two ranks): the same samples from the same seeds, the same reverse KL
+    for name, flags in (("embedded", ()), ("nanotron", ("--tp", "2"))):
+        run = _post(ws, "distill", ws["base"], ws["gsm8k"], f"distill-{name}", "--teacher", str(teacher),
+                    "--max-new-tokens", "12", "--steps", "4", "--gsm8k-problems", "0", "--backend", name, *flags)
+        assert run.status == "completed" and run.config["posttrain"]["teacher_params"] > run.summary["params"]
+        rows = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 4 and all(r["distill/reverse_kl"] > 0 and r["distill/sampled_tokens"] > 0 for r in rows)
+        metrics[name] = [r[key] for r in rows for key in ("loss", "distill/reverse_kl", "distill/sampled_tokens")]
+    assert metrics["nanotron"] == pytest.approx(metrics["embedded"], rel=1e-3, abs=1e-5)
 
 
 def test_the_nanotron_backend_post_trains_what_the_embedded_backend_does(workspace):

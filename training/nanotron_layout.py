@@ -133,6 +133,9 @@ class _DecoderStage(nn.Module):
         return {"hidden": self.block(hidden, self.rope_cos, self.rope_sin)}
 
 
+HEAD_INPUTS = ("targets", "loss_mask", "ref_logps", "desirable", "teacher_logits")  # fed to the last stage
+
+
 class _HeadStage(nn.Module):
     """Final norm, the vocab-parallel head and the sharded cross-entropy: mean loss, and each row's mean (what a
     mixture policy reads) detached."""
@@ -143,15 +146,20 @@ class _HeadStage(nn.Module):
         self.objective: Any = None  # a post-training objective with from_sequence_logps (ParallelModel.use_objective)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor, ref_logps: torch.Tensor,
-                desirable: torch.Tensor) -> dict[str, torch.Tensor]:
+                desirable: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, torch.Tensor]:
         """Cross-entropy over the targets in loss_mask (all of them in pre-training: the plain mean), or the
-        objective's loss from each row's summed log-probability; `metrics` holds the objective's metrics in the
+        objective's loss: from each row's summed log-probability (preference), or from the logits and the
+        teacher's over this rank's vocabulary slice (distillation); `metrics` holds the objective's metrics in the
         order of its metric_names (empty without one)."""
         from nanotron.parallel.tensor_parallel.functional import sharded_cross_entropy
 
         logits = self.lm_head(self.norm(hidden))
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()
+        if self.objective is not None and hasattr(self.objective, "from_logits"):
+            loss, metrics = self.objective.from_logits(logits, teacher_logits, loss_mask, self.tp_group)
+            return {"loss": loss, "row_losses": torch.zeros(logits.shape[0], dtype=loss.dtype, device=loss.device),
+                    "metrics": torch.stack([metrics[n].detach().to(loss.dtype) for n in self.objective.metric_names])}
         per_token = sharded_cross_entropy(logits, targets, group=self.tp_group)
         mask = loss_mask.to(per_token.dtype)
         counts = mask.sum(dim=1)
@@ -173,12 +181,13 @@ class ParallelTransformer(nn.Module):
         super().__init__()
         self.embed, self.layers, self.head = embed, nn.ModuleList(layers), head
 
-    def forward(self, input_ids: Any, targets: Any, loss_mask: Any, ref_logps: Any, desirable: Any) -> dict[str, Any]:
+    def forward(self, input_ids: Any, targets: Any, loss_mask: Any, ref_logps: Any, desirable: Any,
+                teacher_logits: Any) -> dict[str, Any]:
         hidden = self.embed(input_ids=input_ids)["hidden"]
         for layer in self.layers:
             hidden = layer(hidden=hidden)["hidden"]
         return self.head(hidden=hidden, targets=targets, loss_mask=loss_mask, ref_logps=ref_logps,
-                         desirable=desirable)
+                         desirable=desirable, teacher_logits=teacher_logits)
 
 
 @dataclass(frozen=True)
@@ -234,7 +243,8 @@ class ParallelModel:
                 module.rope_sin.copy_(sin)
 
     def use_objective(self, objective: Any) -> None:
-        """A post-training objective (training.posttrain's PreferenceObjective) as the head stage's loss."""
+        """A post-training objective (training.posttrain's PreferenceObjective or DistillObjective) as the head
+        stage's loss."""
         for module in self.unwrapped.modules():
             if isinstance(module, _HeadStage):
                 module.objective = objective
@@ -336,7 +346,7 @@ def parallelize(model: Transformer, context: Any, layout: ParallelLayout) -> Par
                      stage_of_layer(i, cfg.n_layers, pp), {"hidden"}, {"hidden"})
               for i, block in enumerate(model.layers)]
     head = placed(_HeadStage(model.norm, head_linear, tp_group), pp - 1,
-                  {"hidden", "targets", "loss_mask", "ref_logps", "desirable"}, {"loss", "row_losses", "metrics"})
+                  {"hidden", *HEAD_INPUTS}, {"loss", "row_losses", "metrics"})
     parallel = ParallelTransformer(embed, layers, head).to(device)
 
     specs = {name: ShardSpec(_plain_name(name), specs_by_plain.get(_plain_name(name)))

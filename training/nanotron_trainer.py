@@ -35,6 +35,7 @@ from mixlab.training.evaluate import HeldOutEvaluator
 from mixlab.training.lr_schedule import decay_start_step, lr_at
 from mixlab.training.model import ModelConfig, Transformer
 from mixlab.training.nanotron_layout import (
+    HEAD_INPUTS,
     ParallelLayout,
     ParallelModel,
     build_optimizer,
@@ -42,6 +43,7 @@ from mixlab.training.nanotron_layout import (
     layout_problems,
     parallelize,
     scatter_full,
+    tp_slice,
     world_loss_mean,
 )
 from mixlab.training.run_record import RunRecord
@@ -132,23 +134,49 @@ def _micro_batches(batches: list[Any], parallel: ParallelModel, device: torch.de
         tokens = torch.from_numpy(np.asarray(batch.tokens).astype(np.int64, copy=False)).to(device)
         rows = tokens.shape[0]
         micro = {"input_ids": tokens[:, :-1] if parallel.pp_rank == 0 else TensorPointer(group_rank=0)}
-        if parallel.pp_rank == last:  # what the head stage's loss reads: SFT's loss mask, preference side data
+        if parallel.pp_rank == last:  # what the head stage's loss reads: SFT's loss mask, post-training side data
             mask = getattr(batch, "loss_mask", None)
             ref = getattr(batch, "ref_logps", None)
             desirable = getattr(batch, "desirable", None)
+            teacher = getattr(batch, "teacher_logits", None)
             micro |= {
                 "targets": tokens[:, 1:].contiguous(),
                 "loss_mask": (torch.ones_like(tokens[:, 1:], dtype=torch.bool) if mask is None
-                              else torch.from_numpy(np.asarray(mask, dtype=bool)).to(device)),
+                              else torch.as_tensor(np.asarray(mask, dtype=bool)).to(device)),
                 "ref_logps": torch.as_tensor(np.zeros(rows) if ref is None else np.asarray(ref),
                                              dtype=torch.float64, device=device),
                 "desirable": torch.as_tensor(np.zeros(rows // 2) if desirable is None else np.asarray(desirable),
-                                             dtype=torch.bool, device=device)}
+                                             dtype=torch.bool, device=device),
+                "teacher_logits": torch.zeros(0, device=device) if teacher is None else teacher.to(device)}
         else:
-            micro |= {key: TensorPointer(group_rank=last) for key in ("targets", "loss_mask", "ref_logps",
-                                                                        "desirable")}
+            micro |= {key: TensorPointer(group_rank=last) for key in HEAD_INPUTS}
         out.append(micro)
     return out
+
+
+def _on_policy(batches: list[Any], objective: Any, student: Transformer | None, world: DataParallelWorld,
+               parallel: ParallelModel, device: torch.device) -> None:
+    """Fill each prompt batch with the student's samples and, on the last stage, this rank's vocabulary slice of
+    the teacher's logits. The pipeline cannot decode, so rank 0 samples every data-parallel replica's prompts
+    with `student` (the current weights gathered into the plain model) from each batch's own seed: the samples
+    the embedded backend draws."""
+    mine = [(np.asarray(b.tokens), np.asarray(b.prompt_lens), int(b.sample_seed)) for b in batches]
+    everyone = world.all_gather_object((parallel.dp_rank, mine))
+    sampled = None
+    if world.is_main:
+        student.eval()
+        sampled = {}
+        for dp_rank, items in everyone:
+            if dp_rank not in sampled:
+                sampled[dp_rank] = [tuple(t.cpu().numpy() for t in objective.sample(
+                    student, torch.from_numpy(tokens).to(device), lens, seed)) for tokens, lens, seed in items]
+    sampled = world.broadcast_object(sampled)[parallel.dp_rank]
+    tp = parallel.layout.tp
+    for batch, (tokens, mask) in zip(batches, sampled, strict=True):
+        batch.tokens, batch.loss_mask = tokens, mask
+        if parallel.is_last_stage:
+            teacher = objective.teacher_logits(torch.from_numpy(tokens[:, :-1]).to(device))
+            batch.teacher_logits = tp_slice(teacher, teacher.dim() - 1, tp, parallel.tp_rank).contiguous()
 
 
 def _engine(layout: ParallelLayout) -> Any:
@@ -177,19 +205,19 @@ def train_nanotron(
     """Train (or resume) `run` on nanotron's parallel building blocks in `layout` (tp x pp x dp = the torchrun
     world; one process: tp = pp = dp = 1). Arguments and summary as `training.train`; the summary adds
     `parallel` (the layout) and `comm_share` is not measured here (bench/nanotron_bench.py does).
-    Post-training runs here too: batches with a loss_mask (SFT), and preference objectives, whose loss the last
-    pipeline stage computes from the rows' summed log-probabilities (`from_sequence_logps`).
+    Post-training runs here too: batches with a loss_mask (SFT), preference objectives, whose loss the last
+    pipeline stage computes from the rows' summed log-probabilities (`from_sequence_logps`), and on-policy
+    distillation (`_on_policy`: rank 0 samples with the gathered student, the last stage scores with the teacher).
 
-    Mixture policies, training alerts and on-policy distillation (it samples from the model) stay with the
-    embedded backend for now: passing one is refused."""
+    Mixture policies and training alerts stay with the embedded backend for now: passing one is refused."""
     from mixlab.training.nanotron_compat import ensure_nanotron, init_parallel_context
 
     if policy is not None or monitor is not None:
         raise ConfigError(f"run {run.run_id!r}: the nanotron backend does not run mixture policies or training "
                           "alerts yet; use backend 'embedded' for them", ["policy", "monitor", "backend"])
-    if objective is not None and not hasattr(objective, "from_sequence_logps"):
-        raise ConfigError(f"run {run.run_id!r}: objective {getattr(objective, 'name', objective)!r} samples from the "
-                          "model, which the nanotron backend's pipeline does not do yet; run it with backend "
+    if objective is not None and not (hasattr(objective, "from_sequence_logps") or hasattr(objective, "from_logits")):
+        raise ConfigError(f"run {run.run_id!r}: objective {getattr(objective, 'name', objective)!r} has no loss the "
+                          "nanotron head stage computes (from_sequence_logps or from_logits); run it with backend "
                           "'embedded'", ["backend"])
     ensure_nanotron()
     created = _join_world()
@@ -346,6 +374,8 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
                 if tokens.min() < 0 or tokens.max() >= model_config.vocab_size:
                     raise ConfigError(f"sampler gave token ids in [{tokens.min()}, {tokens.max()}] but vocab_size="
                                       f"{model_config.vocab_size}: set ModelConfig.vocab_size to the tokenizer's")
+            if hasattr(objective, "sample"):
+                _on_policy(batches, objective, gathered(with_optimizer=False), world, parallel, device)
             seq_len = np.asarray(batches[0].tokens).shape[1] - 1
             stage = batches[-1].stage
             outputs = engine.train_batch_iter(parallel.module, pg=context.pp_pg,

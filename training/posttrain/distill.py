@@ -5,8 +5,12 @@ Reverse KL is mode-seeking: the student learns where the teacher puts mass on th
 states it will actually visit (GKD, Agarwal et al. 2024; on-policy distillation in Qwen3 and Thinking Machines'
 write-up). The trainer's `objective=` hook runs it: each step the PromptSampler gives prompts, the student
 samples continuations without gradients, then both models score prompt + sample and only the sampled
-positions carry loss. Sampling draws from torch's generator, which every checkpoint saves, so a resumed run
-samples what the uninterrupted one would have.
+positions carry loss. Each batch carries its own sampling seed (the sampler's seed, step and data-parallel
+rank), so a resumed run samples what the uninterrupted one would have, and both backends sample alike.
+
+On the nanotron backend the pipeline cannot decode, so rank 0 samples with the student's weights gathered
+into the plain model (as a rollout engine synced with the trainer does); the last pipeline stage scores the
+samples with the teacher and computes the reverse KL over its tensor-parallel slice of the vocabulary.
 """
 
 from __future__ import annotations
@@ -50,12 +54,14 @@ class PromptSampler(EpochSampler):
         for row, i in enumerate(chosen):
             tokens[row, :len(self.prompts[i])] = self.prompts[i]
         lens = np.asarray([len(self.prompts[i]) for i in chosen])
+        seed = int(np.random.SeedSequence([self.seed, self.step - 1, rank]).generate_state(1)[0])
         mask = np.zeros((len(chosen), self.seq_len), dtype=bool)  # filled in by the objective once sampled
         positions = np.tile(np.arange(self.seq_len, dtype=np.int64), (len(chosen), 1))
         offsets = [np.asarray([0, self.seq_len], dtype=np.int32)] * len(chosen)
         batch = PackedBatch(tokens, mask, positions, offsets, [self.sources[i] for i in chosen], self.stage,
                             [[self.ids[i]] for i in chosen])
         batch.prompt_lens = lens  # type: ignore[attr-defined]
+        batch.sample_seed = seed  # type: ignore[attr-defined]
         return batch
 
 
@@ -64,18 +70,21 @@ class DistillObjective:
 
     rows_per_example = 1
     name = "distill"
+    metric_names = ("distill/reverse_kl", "distill/sampled_tokens")
 
     def __init__(self, teacher: torch.nn.Module, config: DistillConfig, stop_ids: Sequence[int], pad_id: int):
         self.teacher = teacher.eval().requires_grad_(False)
         self.config, self.stop_ids, self.pad_id = config, list(stop_ids), pad_id
 
-    def __call__(self, forward: Callable[..., Any], batch: Any, tokens: torch.Tensor,
-                 extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    def sample(self, model: Callable[..., Any], tokens: torch.Tensor, prompt_lens: Sequence[int],
+               seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows with each prompt followed by the model's sample, and the mask of the positions whose logits
+        predict a sampled token (over tokens[:, 1:])."""
         device, width = tokens.device, tokens.shape[1]
-        lens = np.asarray(batch.prompt_lens)
-        prompts = [tokens[i, :n].cpu().numpy() for i, n in enumerate(lens)]
-        samples = generate(forward, prompts, self.config.max_new_tokens, self.stop_ids, max_len=width,
-                           temperature=self.config.temperature, device=device)
+        prompts = [tokens[i, :n].cpu().numpy() for i, n in enumerate(prompt_lens)]
+        samples = generate(model, prompts, self.config.max_new_tokens, self.stop_ids, max_len=width,
+                           temperature=self.config.temperature, generator=torch.Generator().manual_seed(seed),
+                           device=device)
         full = torch.full_like(tokens, self.pad_id)
         mask = torch.zeros(tokens.shape[0], width - 1, dtype=torch.bool, device=device)
         for i, (prompt, sample) in enumerate(zip(prompts, samples, strict=True)):
@@ -83,12 +92,25 @@ class DistillObjective:
             full[i, :n] = torch.as_tensor(prompt, device=device)
             full[i, n:n + k] = torch.as_tensor(sample, device=device)
             mask[i, n - 1:n - 1 + k] = True  # the logits at position t predict token t + 1: the sampled ones
+        return full, mask
+
+    @torch.no_grad()
+    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.teacher(inputs)
+        return logits
+
+    def from_logits(self, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                    group: Any = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and metrics from the student's and teacher's logits at every position (or, with `group`,
+        this rank's slice of the vocabulary); rows without a sampled token give a zero loss."""
+        loss = reverse_kl(student, teacher, mask, group) if bool(mask.any()) else student.sum() * 0.0
+        return loss, {"distill/reverse_kl": loss.detach(),
+                      "distill/sampled_tokens": mask.sum().to(loss.dtype) / mask.shape[0]}
+
+    def __call__(self, forward: Callable[..., Any], batch: Any, tokens: torch.Tensor,
+                 extra: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        full, mask = self.sample(forward, tokens, np.asarray(batch.prompt_lens), batch.sample_seed)
         inputs = full[:, :-1]
         student, _ = forward(inputs)
-        with torch.no_grad():
-            teacher, _ = self.teacher(inputs)
-        if not bool(mask.any()):  # nothing sampled (every prompt fills the row): no signal, a zero loss
-            return student, student.sum() * 0.0, {"distill/reverse_kl": 0.0, "distill/sampled_tokens": 0.0}
-        loss = reverse_kl(student, teacher, mask)
-        return student, loss, {"distill/reverse_kl": loss.item(),
-                               "distill/sampled_tokens": float(mask.sum().item()) / tokens.shape[0]}
+        loss, metrics = self.from_logits(student, self.teacher_logits(inputs), mask)
+        return student, loss, {name: float(value.item()) for name, value in metrics.items()}

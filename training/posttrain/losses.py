@@ -86,11 +86,41 @@ def kto(logp: torch.Tensor, ref_logp: torch.Tensor, kl_logp: torch.Tensor, kl_re
     return PreferenceOutput(loss, beta * reward.detach(), beta * (kl_logp - kl_ref_logp).detach())
 
 
-def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of KL(student || teacher) over the vocabulary; gradients flow to the student."""
-    log_s = F.log_softmax(at_least_fp32(student_logits), dim=-1)
-    log_t = F.log_softmax(at_least_fp32(teacher_logits.detach()), dim=-1)
+def vocab_log_softmax(logits: torch.Tensor, group=None) -> torch.Tensor:
+    """log-softmax over the last dimension, which may be one tensor-parallel rank's slice of the vocabulary
+    (`group`: the ranks holding the other slices; None or one rank: the plain log-softmax)."""
+    logits = at_least_fp32(logits)
+    if group is None or group.size() == 1:
+        return F.log_softmax(logits, dim=-1)
+    import torch.distributed as dist
+    from nanotron.parallel.tensor_parallel.distributed_differentiable_primitives import (
+        differentiable_all_reduce_sum,
+        differentiable_identity,
+    )
+
+    peak = logits.detach().amax(dim=-1, keepdim=True)  # a shift for stability: any value works, no gradient
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - peak
+    # the normaliser is summed over the ranks, and so is its gradient: each rank uses it for its own slice only
+    total = differentiable_identity(differentiable_all_reduce_sum(shifted.exp().sum(dim=-1, keepdim=True), group),
+                                    group)
+    return shifted - total.log()
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+               group=None) -> torch.Tensor:
+    """Mean over masked positions of KL(student || teacher) over the vocabulary; gradients flow to the student.
+    With `group`, both logits are this rank's slice of a vocabulary split over the group (the sums over the
+    vocabulary are reduced across it, so every rank gets the same loss)."""
+    log_s = vocab_log_softmax(student_logits, group)
+    log_t = vocab_log_softmax(teacher_logits.detach(), group)
     per_position = (log_s.exp() * (log_s - log_t)).sum(-1)
+    if group is not None and group.size() > 1:  # the loss after it is the same on every rank: gradients stay local
+        from nanotron.parallel.tensor_parallel.distributed_differentiable_primitives import (
+            differentiable_all_reduce_sum,
+        )
+
+        per_position = differentiable_all_reduce_sum(per_position, group)
     weights = mask.to(per_position.dtype)
     return (per_position * weights).sum() / weights.sum().clamp(min=1)
 
