@@ -2,83 +2,29 @@
 DDP), the nanotron backend (tensor x pipeline x data parallel on nanotron 0.4's building blocks), checkpoints,
 held-out eval, training alerts, run records. Preflight checks: `mixlab.training.preflight`."""
 
-from mixlab.training.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_checkpoint,
-    save_checkpoint,
-)
-from mixlab.training.config import TRAIN_PRESETS, TrainConfig
-from mixlab.training.data_parallel import DataParallelWorld
-from mixlab.training.errors import (
-    CheckpointError,
-    ConfigError,
-    NonFiniteLossError,
-    ResumeError,
-    TrainingError,
-)
-from mixlab.training.evaluate import HeldOutEvaluator, evaluate_checkpoint, load_model, position_losses
-from mixlab.training.hf import export_hf, hf_config, import_hf, model_config_from_hf
-from mixlab.training.lr_schedule import decay_start_step, lr_at
-from mixlab.training.model import MODEL_PRESETS, ModelConfig, Transformer, segment_ids_from_cu_seqlens
-from mixlab.training.moe import MoEFeedForward
-from mixlab.training.monitor import MonitorConfig, TrainingMonitor
-from mixlab.training.nanotron_export import NanotronExport, export_nanotron
-from mixlab.training.nanotron_layout import ParallelLayout, layout_problems
-from mixlab.training.nanotron_trainer import train_nanotron
-from mixlab.training.run_record import RunLockedError, RunRecord, RunStore
-from mixlab.training.seeds import RankSeeds, rank_seeds, seed_violations, world_seeds
-from mixlab.training.ssm import GatedLinearRecurrence
-from mixlab.training.throughput import measure_matmul_peak, mfu
-from mixlab.training.trainer import Sampler, train
+from __future__ import annotations
 
-__all__ = [
-    "NanotronExport",
-    "ParallelLayout",
-    "export_nanotron",
-    "layout_problems",
-    "train_nanotron",
-    "export_hf",
-    "hf_config",
-    "import_hf",
-    "model_config_from_hf",
-    "MODEL_PRESETS",
-    "TRAIN_PRESETS",
-    "CheckpointError",
-    "DataParallelWorld",
-    "GatedLinearRecurrence",
-    "MoEFeedForward",
-    "MonitorConfig",
-    "RankSeeds",
-    "TrainingMonitor",
-    "measure_matmul_peak",
-    "mfu",
-    "position_losses",
-    "rank_seeds",
-    "seed_violations",
-    "segment_ids_from_cu_seqlens",
-    "world_seeds",
-    "ConfigError",
-    "HeldOutEvaluator",
-    "ModelConfig",
-    "NonFiniteLossError",
-    "ResumeError",
-    "RunLockedError",
-    "RunRecord",
-    "RunStore",
-    "Sampler",
-    "TrainConfig",
-    "TrainingError",
-    "Transformer",
-    "decay_start_step",
-    "evaluate_checkpoint",
-    "latest_checkpoint",
-    "list_checkpoints",
-    "load_checkpoint",
-    "load_model",
-    "lr_at",
-    "read_checkpoint",
-    "save_checkpoint",
-    "train",
-]
+from mixlab.curation.lazy_exports import lazy_exports
+
+# imported on first use (curation/lazy_exports.py): module -> the names it provides
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "mixlab.training.checkpoint": ("latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint",
+                                   "save_checkpoint",),
+    "mixlab.training.config": ("TRAIN_PRESETS", "TrainConfig",),
+    "mixlab.training.data_parallel": ("DataParallelWorld",),
+    "mixlab.training.errors": ("CheckpointError", "ConfigError", "NonFiniteLossError", "ResumeError", "TrainingError",),
+    "mixlab.training.evaluate": ("HeldOutEvaluator", "evaluate_checkpoint", "load_model", "position_losses",),
+    "mixlab.training.hf": ("export_hf", "hf_config", "import_hf", "model_config_from_hf",),
+    "mixlab.training.lr_schedule": ("decay_start_step", "lr_at",),
+    "mixlab.training.model": ("MODEL_PRESETS", "ModelConfig", "Transformer", "segment_ids_from_cu_seqlens",),
+    "mixlab.training.moe": ("MoEFeedForward",),
+    "mixlab.training.monitor": ("MonitorConfig", "TrainingMonitor",),
+    "mixlab.training.nanotron_export": ("NanotronExport", "export_nanotron",),
+    "mixlab.training.nanotron_layout": ("ParallelLayout", "layout_problems",),
+    "mixlab.training.nanotron_trainer": ("train_nanotron",),
+    "mixlab.training.run_record": ("RunLockedError", "RunRecord", "RunStore",),
+    "mixlab.training.seeds": ("RankSeeds", "rank_seeds", "seed_violations", "world_seeds",),
+    "mixlab.training.ssm": ("GatedLinearRecurrence",),
+    "mixlab.training.throughput": ("measure_matmul_peak", "mfu",),
+    "mixlab.training.trainer": ("Sampler", "train",),
+})

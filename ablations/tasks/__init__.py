@@ -5,19 +5,13 @@
 and `.evaluate(model)` returns one row per task: accuracy, margin, items, chance.
 """
 
-from mixlab.ablations.tasks.builders import DEFAULT_MAX_ITEMS, MIN_ITEMS, build_tasks, held_out_split
-from mixlab.ablations.tasks.cloze import ClozeEvaluator
-from mixlab.ablations.tasks.items import INDEX_NAME, ClozeItem, ClozeTask, TaskFileError, load_tasks
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MAX_ITEMS",
-    "INDEX_NAME",
-    "MIN_ITEMS",
-    "ClozeEvaluator",
-    "ClozeItem",
-    "ClozeTask",
-    "TaskFileError",
-    "build_tasks",
-    "held_out_split",
-    "load_tasks",
-]
+from mixlab.curation.lazy_exports import lazy_exports
+
+# imported on first use (curation/lazy_exports.py): module -> the names it provides
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "mixlab.ablations.tasks.builders": ("DEFAULT_MAX_ITEMS", "MIN_ITEMS", "build_tasks", "held_out_split",),
+    "mixlab.ablations.tasks.cloze": ("ClozeEvaluator",),
+    "mixlab.ablations.tasks.items": ("INDEX_NAME", "ClozeItem", "ClozeTask", "TaskFileError", "load_tasks",),
+})
