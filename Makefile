@@ -31,11 +31,12 @@ ablation: setup
 	$(BIN)/mixlab ablate example --workdir $(WORKDIR)
 
 # the suite runs against a real single-node Slurm and a local Ray, started here and stopped afterwards; its files
-# are spread over TEST_WORKERS pytest-xdist processes (one file stays on one worker: its module fixtures are built once)
+# are spread over TEST_WORKERS pytest-xdist processes (one file stays on one worker: its module fixtures are built once),
+# the longest first (tests/durations.json; conftest.py orders them)
 TEST_WORKERS ?= 2
 test: setup engines-up
 	env $$($(ENGINES)/ray_local.sh env) MIXLAB_ENGINES=required $(BIN)/python -m pytest -q \
-		-n $(TEST_WORKERS) --dist loadfile --durations=15 tests; \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests; \
 	status=$$?; $(MAKE) --no-print-directory engines-down; exit $$status
 
 engines-up: setup

@@ -8,6 +8,7 @@ A file lock keeps parallel pytest sessions from building the same directory at o
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,15 @@ def _locked(name: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Longest test files first (seconds per file in tests/durations.json, refreshed by tests/update_durations.py;
+    a new file counts as a short one). pytest-xdist hands files to workers in this order (`make test` passes
+    --no-loadscope-reorder), so no long file is left to run alone at the end."""
+    durations = json.loads((Path(__file__).with_name("durations.json")).read_text())
+    order = {name: i for i, name in enumerate(sorted(durations, key=lambda n: -durations[n]))}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))  # stable: a file's own order is kept
+
+
 @pytest.fixture(scope="session")
 def raw_corpus() -> Path:
     """`raw/` of a small real corpus (all sources) built by `fetch_corpus`; contains `corpus.json`."""
@@ -50,7 +60,7 @@ def curated_dir(raw_corpus: Path) -> Path:
     from mixlab.pipelines.curate import curate
 
     curated = TEST_WORKDIR / "curated"
-    with _locked("corpus"):
+    with _locked("curated"):  # its own lock: a worker that needs only raw/ does not wait for this build
         curate(raw_corpus, curated, tasks=2, workers=2)
     return curated
 

@@ -18,7 +18,7 @@ MIX = {"stages": [{"name": "all", "weights": {"web-en": 0.34, "code-python": 0.3
 
 def spec(curated: Path, runs: Path) -> AblationSpec:
     base = {"runs_dir": str(runs), "data": {"curated": str(curated)}, "mixture": MIX, "model": {"preset": "tiny"},
-            "train": {"preset": "tiny", "total_steps": 24, "checkpoint_every": 4, "eval_every": 12,
+            "train": {"preset": "tiny", "total_steps": 12, "checkpoint_every": 4, "eval_every": 6,
                       "warmup_steps": 4, "progress_bar": False}}
     return AblationSpec("lr", base, axes=(Axis("train.lr", [1e-3]),))
 

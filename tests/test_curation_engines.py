@@ -124,16 +124,18 @@ def test_slurm_writes_the_same_shards_and_survives_scancel_and_resubmit(math_raw
 
 
 def test_ray_writes_the_same_shards_when_a_worker_dies_mid_task(math_raw, light_reference):
-    """On the lighter recipe; the next test runs the full one on Ray."""
+    """On the lighter recipe, as is the next test (the full recipe runs locally and on Slurm here, and on Ray in
+    `make kill-trials EXECUTOR=ray`)."""
     require("ray")
     _check(kill_trial(math_raw, math_raw.parent, ["math"], light_reference, SEED, "ray", recipes=LIGHT))
 
 
-def test_the_accounting_survives_a_resume_on_another_engine(math_raw, reference):
+def test_the_accounting_survives_a_resume_on_another_engine(math_raw, light_reference):
     """datatrove's stats.json covers only the ranks of its last invocation (its issue #360); the manifest counts
     every rank, whichever engine ran it."""
     require("ray")
-    trial = kill_trial(math_raw, math_raw.parent, ["math"], reference, SEED + 7, "local", resume_executor="ray")
+    trial = kill_trial(math_raw, math_raw.parent, ["math"], light_reference, SEED + 7, "local", resume_executor="ray",
+                       recipes=LIGHT)
     _check(trial)
     stats = [p for p in (math_raw.parent / f"local-ray-{SEED + 7}" / "logs" / "math").glob("*/stats.json")]
     assert stats  # the per-stage totals datatrove wrote are still there, but the manifest does not read them

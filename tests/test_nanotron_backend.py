@@ -1,6 +1,6 @@
 """The nanotron backend under torchrun on CPU/gloo: tp2, pp2, dp2, tp2 x dp2 and pp2 x dp2 (ZeRO-1) train the same
 tiny model as the embedded backend from the same weights on the real MixtureSampler, with the same losses (1e-4 in
-fp32 over 20 steps; 1e-9 in fp64 at tp2 x pp2); a run stopped at tp2 x pp2 resumes bit for bit on its layout, and
+fp32 over 12 steps; 1e-9 in fp64 at tp2 x pp2); a run stopped at tp2 x pp2 resumes bit for bit on its layout, and
 continues at tp1, and a dp1 run at dp2, within 1e-5 of the uninterrupted run.
 
 This file is also the worker script: torchrun runs it with `worker ...` arguments."""
@@ -19,14 +19,15 @@ import pytest
 pytest.importorskip("nanotron")
 
 TOKENIZER_VOCAB = 300
-STEPS, BATCH, SEQ_LEN, ACCUM = 20, 4, 32, 2
+STEPS, BATCH, SEQ_LEN, ACCUM = 12, 4, 32, 2
+HALF = STEPS // 2  # where the interrupted runs stop
 MODEL = dict(vocab_size=TOKENIZER_VOCAB, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64,
              max_seq_len=SEQ_LEN)
 
 
 def worker(tokenized: Path, runs: Path, specs: list[str]) -> None:
     """Train one run per spec `run_id:backend[:tp:pp][:flag...]` in turn (dp = the rest of the world; flags: zero1,
-    afab, fp64, stop10 = stop after step 10) with the real sampler on the stdlib corpus; rank 0 creates each run,
+    afab, fp64, stop = stop after step HALF) with the real sampler on the stdlib corpus; rank 0 creates each run,
     as pretrain does."""
     import torch
     import torch.distributed as dist
@@ -46,7 +47,7 @@ def worker(tokenized: Path, runs: Path, specs: list[str]) -> None:
         sizes = [int(v) for v in rest if v.isdigit()]
         flags = {v for v in rest if not v.isdigit()}
         cfg = TrainConfig(total_steps=STEPS, batch_size=BATCH, seq_len=SEQ_LEN, grad_accum=ACCUM, lr=3e-3,
-                          warmup_steps=2, log_every=1, eval_every=100, checkpoint_every=10, progress_bar=False,
+                          warmup_steps=2, log_every=1, eval_every=100, checkpoint_every=HALF, progress_bar=False,
                           threads=1, precision="fp64" if "fp64" in flags else "fp32")
         schedule = MixtureSchedule.stable_decay({"code": 0.3, "prose": 0.7}, {"code": 0.8, "prose": 0.2},
                                                 decay_fraction=0.3)
@@ -59,7 +60,7 @@ def worker(tokenized: Path, runs: Path, specs: list[str]) -> None:
             dist.barrier()
         run = RunRecord.load(runs / run_id)
         model = ModelConfig(**MODEL)
-        stop_after = 10 if "stop10" in flags else None
+        stop_after = HALF if "stop" in flags else None
         if backend == "embedded":
             train(run, model, cfg, sampler, stop_after=stop_after)
             continue
@@ -112,13 +113,13 @@ def runs(tmp_path_factory) -> Path:
     tokenized = str(build_tokenized_dir(tmp_path_factory.mktemp("nanotron-data"), vocab_size=TOKENIZER_VOCAB))
     runs = tmp_path_factory.mktemp("nanotron-runs")
     in_process(tokenized, str(runs), "embedded:embedded", "nanotron-1:nanotron", "embedded-fp64:embedded:fp64",
-               "dp1:nanotron:stop10", "dp1-whole:nanotron")
+               "dp1:nanotron:stop", "dp1-whole:nanotron")
     torchrun(2, tokenized, str(runs), "tp2:nanotron:2:1", "pp2:nanotron:1:2", "dp2:nanotron:1:1",
              "pp2-afab:nanotron:1:2:afab")
     torchrun(4, tokenized, str(runs), "tp2dp2:nanotron:2:1", "pp2dp2-zero1:nanotron:1:2:zero1",
-             "tp2pp2-fp64:nanotron:2:2:fp64", "whole:nanotron:2:2", "same:nanotron:2:2:stop10",
-             "to-tp1:nanotron:2:2:stop10")
-    torchrun(4, tokenized, str(runs), "same:nanotron:2:2")  # resumes at step 10 on its own layout
+             "tp2pp2-fp64:nanotron:2:2:fp64", "whole:nanotron:2:2", "same:nanotron:2:2:stop",
+             "to-tp1:nanotron:2:2:stop")
+    torchrun(4, tokenized, str(runs), "same:nanotron:2:2")  # resumes at step 6 on its own layout
     in_process(tokenized, str(runs), "to-tp1:nanotron:1:1")  # a tp2 x pp2 checkpoint continued in one process
     torchrun(2, tokenized, str(runs), "dp1:nanotron:1:1")  # a one-process checkpoint continued at dp2
     return runs
@@ -149,18 +150,18 @@ def test_checkpoints_resume_on_the_same_and_on_other_layouts(runs):
     import torch
     from mixlab.training import RunRecord
 
-    saved = torch.load(runs / "whole" / "checkpoints" / "step_00000020" / "model.pt", weights_only=True)
+    saved = torch.load(runs / "whole" / "checkpoints" / f"step_{STEPS:08d}" / "model.pt", weights_only=True)
     assert saved["tok_emb.weight"].shape == (TOKENIZER_VOCAB, MODEL["d_model"])  # full tensors, not shards
     assert saved["layers.1.mlp.w_down.weight"].shape == (MODEL["d_model"], MODEL["ffn_hidden"])
     assert losses(runs / "same") == losses(runs / "whole")  # bit for bit on the same layout
-    assert RunRecord.load(runs / "same").summary["resumed_from"].endswith("step_00000010")
+    assert RunRecord.load(runs / "same").summary["resumed_from"].endswith(f"step_{HALF:08d}")
     diff = max_abs_diff(losses(runs / "whole"), losses(runs / "to-tp1"))
-    print(f"tp2 x pp2 -> tp1 after step 10: max |loss - uninterrupted| = {diff:.2e}")
+    print(f"tp2 x pp2 -> tp1 after step {HALF}: max |loss - uninterrupted| = {diff:.2e}")
     assert diff < 1e-5, diff
-    assert RunRecord.load(runs / "to-tp1").summary["resumed_from"].endswith("step_00000010")
+    assert RunRecord.load(runs / "to-tp1").summary["resumed_from"].endswith(f"step_{HALF:08d}")
     assert RunRecord.load(runs / "dp1").summary["parallel"]["dp"] == 2
     diff = max_abs_diff(losses(runs / "dp1-whole"), losses(runs / "dp1"))
-    print(f"dp1 -> dp2 after step 10: max |loss - uninterrupted| = {diff:.2e}")
+    print(f"dp1 -> dp2 after step {HALF}: max |loss - uninterrupted| = {diff:.2e}")
     assert diff < 1e-5, diff
 
 
