@@ -111,10 +111,11 @@ def test_a_local_curation_killed_at_random_points_resumes_to_the_same_bytes(math
                           recipes=LIGHT))
 
 
-def test_slurm_writes_the_same_shards_and_survives_scancel_and_resubmit(math_raw, reference):
-    """Job arrays chained afterok, cancelled mid-run with scancel and submitted again: the local run's bytes."""
+def test_slurm_writes_the_same_shards_and_survives_scancel_and_resubmit(math_raw, light_reference):
+    """Job arrays chained afterok, cancelled mid-run with scancel and submitted again: the local run's bytes (on
+    the lighter recipe; `make kill-trials EXECUTOR=slurm` runs the full one)."""
     require("slurm")
-    trial = kill_trial(math_raw, math_raw.parent, ["math"], reference, SEED, "slurm")
+    trial = kill_trial(math_raw, math_raw.parent, ["math"], light_reference, SEED, "slurm", recipes=LIGHT)
     _check(trial)
     logs = math_raw.parent / f"slurm-slurm-{SEED}" / "logs" / "math"
     # every stage ran as a job array of its own, with Slurm's own per-task logs
@@ -124,7 +125,7 @@ def test_slurm_writes_the_same_shards_and_survives_scancel_and_resubmit(math_raw
 
 
 def test_ray_writes_the_same_shards_when_a_worker_dies_mid_task(math_raw, light_reference):
-    """On the lighter recipe, as is the next test (the full recipe runs locally and on Slurm here, and on Ray in
+    """On the lighter recipe, as is the next test (the full recipe runs locally here, and on Ray in
     `make kill-trials EXECUTOR=ray`)."""
     require("ray")
     _check(kill_trial(math_raw, math_raw.parent, ["math"], light_reference, SEED, "ray", recipes=LIGHT))
