@@ -133,22 +133,21 @@ def _launch_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-parallel", dest="max_parallel", type=int, help="slurm: array tasks running at once")
 
 
-def add_ablate_parser(sub: argparse._SubParsersAction) -> None:
-    abl = sub.add_parser(
-        "ablate", help="ablations: plan, run (rerun: resume), status, results, report; RegMix, DoReMi, annealing",
-        description="An ablation spec (YAML: name, base run document, axes or variants, seeds) expands into one "
-                    "proxy run per variant and seed, named by what differs from the base. Every proxy is an "
-                    "ordinary run in the base's runs_dir; a rerun of any command skips finished proxies and "
-                    "resumes interrupted ones from their checkpoints. Results and reports go to "
-                    "<runs_dir>/../ablations/<spec name>/.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-               "  mixlab ablate example                  # the shipped mixture ablation on the demo corpus\n"
-               "  mixlab ablate plan mixes.yaml          # what will run: tokens, estimated time per proxy\n"
-               "  mixlab ablate run mixes.yaml           # train what has not completed, then write the report\n"
-               "  mixlab ablate regmix mixes.yaml --proxies 16 --target all/loss\n"
-               "  mixlab ablate doremi mixes.yaml\n"
-               "  mixlab ablate anneal --parent runs/demo --candidate math")
+def ablate_options(abl: argparse.ArgumentParser) -> None:
+    """The actions of `mixlab ablate` on its parser (pipelines/cli.py's COMMANDS names it)."""
+    abl.description = ("An ablation spec (YAML: name, base run document, axes or variants, seeds) expands into one "
+                       "proxy run per variant and seed, named by what differs from the base. Every proxy is an "
+                       "ordinary run in the base's runs_dir; a rerun of any command skips finished proxies and "
+                       "resumes interrupted ones from their checkpoints. Results and reports go to "
+                       "<runs_dir>/../ablations/<spec name>/.")
+    abl.formatter_class = argparse.RawDescriptionHelpFormatter
+    abl.epilog = ("examples:\n"
+                  "  mixlab ablate example                  # the shipped mixture ablation on the demo corpus\n"
+                  "  mixlab ablate plan mixes.yaml          # what will run: tokens, estimated time per proxy\n"
+                  "  mixlab ablate run mixes.yaml           # train what has not completed, then write the report\n"
+                  "  mixlab ablate regmix mixes.yaml --proxies 16 --target all/loss\n"
+                  "  mixlab ablate doremi mixes.yaml\n"
+                  "  mixlab ablate anneal --parent runs/demo --candidate math")
     actions = abl.add_subparsers(dest="ablate_command", required=True, metavar="ACTION")
 
     p = actions.add_parser("plan", help="every proxy: status, steps, tokens, time estimated from a measured step")

@@ -71,9 +71,8 @@ def cmd_classify_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_classify_parser(sub: argparse._SubParsersAction) -> None:
-    """`mixlab classify train|annotate|score`."""
-    cls = sub.add_parser("classify", help="fastText quality classifiers: train, annotate curated shards, score")
+def classify_options(cls: argparse.ArgumentParser) -> None:
+    """`mixlab classify train|annotate|score` on its parser (pipelines/cli.py's COMMANDS names it)."""
     actions = cls.add_subparsers(dest="classify_command", required=True, metavar="ACTION")
 
     tr = actions.add_parser(

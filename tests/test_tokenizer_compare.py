@@ -23,9 +23,9 @@ from mixlab.curation.tokenizer import (
     token_byte_lengths,
 )
 from mixlab.curation.tokenizer_compare import compare_tokenizers, sample_documents, write_comparison
+from mixlab.pipelines.cli import main
 from mixlab.pipelines.corpus import Downloads, default_cache_dir
 from mixlab.pipelines.tokenize import candidates_from_args
-from mixlab.pipelines.tokenizer_cli import main
 from mixlab.training.errors import ConfigError
 from stdlib_corpus import copy_untokenized_sources
 
@@ -185,9 +185,10 @@ def test_tokenize_several_vocab_sizes_and_an_existing_tokenizer(small_curated, a
     assert set(json.loads(out[: out.rindex("}") + 1])["tokenizers"]) == {"bpe-300", "bpe-400", "claude"}
 
 
-def test_bad_tokenizer_options_are_refused(small_curated, tmp_path, anthropic_json):
+def test_bad_tokenizer_options_are_refused(small_curated, tmp_path, anthropic_json, monkeypatch):
     with pytest.raises(ConfigError, match="twice"):
         candidates_from_args([300, 300], [])
+    monkeypatch.setenv("MIXLAB_DEBUG", "1")  # the CLI re-raises the error it would print
     with pytest.raises(ConfigError, match="--vocab-size"):
         main(["tokenize", "--curated", str(small_curated), "--vocab-size", "300", "--tokenizer", str(anthropic_json)])
     spec = json.loads(anthropic_json.read_text())
