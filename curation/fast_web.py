@@ -117,8 +117,9 @@ class SharedWordSplit:
         lexemes get only the IS_PUNCT flag, the one lexical attribute read here (computing the other twenty,
         shapes, norms and like_num among them, was half the cost of learning a chunk)."""
         if self._nlp is None:
-            import spacy
+            from mixlab.curation.text import import_spacy
 
+            spacy = import_spacy()
             _load_spacy_attributes()
             nlp = spacy.blank(self.spacy_code)
             nlp.vocab.lex_attr_getters = {IS_PUNCT: nlp.vocab.lex_attr_getters[IS_PUNCT]}

@@ -45,7 +45,7 @@ from datatrove.utils.text import PUNCTUATION_SET
 from datatrove.utils.word_tokenizers import WordTokenizer
 from mixlab.curation.filters import GOPHER_DEFAULTS, STOP_WORDS
 from mixlab.curation.lid import LANGUAGE_THRESHOLD, derive_language_threshold
-from mixlab.curation.text import offline_word_tokenizer
+from mixlab.curation.text import import_spacy, offline_word_tokenizer
 
 TOP_N_GRAMS = (2, 3, 4)
 DUP_N_GRAMS = (5, 6, 7, 8, 9, 10)
@@ -118,6 +118,7 @@ def derive_stop_words(word_lists: list[list[str]], language: str, doc_share: flo
     if language == "en":
         foreign = lambda w: False  # noqa: E731
     elif latin_script:
+        import_spacy()
         from spacy.lang.en.stop_words import STOP_WORDS as SPACY_EN_STOP_WORDS
 
         english = set(SPACY_EN_STOP_WORDS) | set(STOP_WORDS["en"])

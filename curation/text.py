@@ -9,6 +9,7 @@ For code, math notation and short multilingual chat, a regex tokenizer is both f
 from __future__ import annotations
 
 import re
+import sys
 
 from datatrove.utils.word_tokenizers import WordTokenizer, simple_span_tokenize, strip_strings
 
@@ -22,10 +23,26 @@ def blank_nlp(language: str):
     """One spaCy blank pipeline per language and process. Built in the parent before workers fork, it is
     inherited for free: `spacy.blank("fr")` alone takes ~3.5 s (its tokenizer exceptions)."""
     if language not in _BLANK_NLP:
+        _BLANK_NLP[language] = import_spacy().blank(language)
+    return _BLANK_NLP[language]
+
+
+def import_spacy():
+    """spaCy, imported without torch. Its blank tokenizers never use torch, but thinc (under spaCy) imports it
+    whenever it is installed: 2.3 s of a 3.5 s import, paid by every curation process, Slurm task and Ray
+    worker. Unless torch is loaded already, it is hidden from this one import (thinc then records
+    `has_torch = False`, which only its torch-backed layers read); a later `import torch` works as usual."""
+    if "spacy" in sys.modules or "torch" in sys.modules:
         import spacy
 
-        _BLANK_NLP[language] = spacy.blank(language)
-    return _BLANK_NLP[language]
+        return spacy
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        import spacy
+    finally:
+        if "torch" in sys.modules and sys.modules["torch"] is None:
+            del sys.modules["torch"]
+    return spacy
 
 
 class WarmSpacyTokenizer(WordTokenizer):
@@ -83,9 +100,7 @@ def sentencizer_nlp(spacy_code: str):
     """spaCy blank pipeline plus the rule-based `sentencizer`, as datatrove's SpaCyTokenizer builds it; one
     per process, kept apart from `blank_nlp` so that adding a pipe never changes WarmSpacyTokenizer."""
     if spacy_code not in _SENTENCIZER_NLP:
-        import spacy
-
-        nlp = spacy.blank(spacy_code)
+        nlp = import_spacy().blank(spacy_code)
         nlp.add_pipe("sentencizer")
         _SENTENCIZER_NLP[spacy_code] = nlp
     return _SENTENCIZER_NLP[spacy_code]

@@ -34,7 +34,7 @@ from datatrove.utils._import_utils import ASSETS_PATH
 from datatrove.utils.text import TERMINAL_PUNCTUATION
 from datatrove.utils.word_tokenizers import WordTokenizer
 from mixlab.curation.errors import CurationConfigError
-from mixlab.curation.text import WarmSpacyTokenizer, blank_nlp
+from mixlab.curation.text import WarmSpacyTokenizer, blank_nlp, import_spacy
 
 DATATROVE_BLOCKLIST = Path(ASSETS_PATH) / "url_filterblacklistsv0_3_0.tar.gz"
 BLOCKLIST_FORMAT = 1  # bump when the hashing changes: cached arrays of another format are rebuilt
@@ -374,6 +374,7 @@ class SpacySentences:
     """spaCy's rule-based sentencizer (what datatrove's spaCy tokenizer adds) on the warm blank pipeline."""
 
     def __init__(self, language: str):
+        import_spacy()
         from spacy.pipeline import Sentencizer
 
         self.language = language

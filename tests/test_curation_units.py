@@ -199,3 +199,15 @@ def test_plain_steps_are_wrapped_to_be_counted() -> None:
     assert [d.id for d in out] == ["0", "2", "4"]
     stats = wrapped[1].stats
     assert (stats["total"].total, stats["forwarded"].total, stats["dropped"].total) == (5, 3, 2)
+
+
+def test_spacy_tokenizes_without_importing_torch_and_torch_still_imports_after() -> None:
+    """thinc, under spaCy, imports torch when it is installed (2.3 s of every curation process); curation's
+    spaCy import hides it, and only for that import."""
+    import subprocess
+
+    code = ("import sys; from mixlab.curation.text import blank_nlp; "
+            "print([t.text for t in blank_nlp('fr')('Bonjour, le monde.')]); print('torch' in sys.modules); "
+            "import torch; print(int(torch.ones(2).sum()))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["['Bonjour', ',', 'le', 'monde', '.']", "False", "2"]
