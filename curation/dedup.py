@@ -17,10 +17,10 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.parquet as pq
-from datasketch import MinHash, MinHashLSH
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.io import get_datafolder
 from datatrove.pipeline.base import PipelineStep
@@ -45,6 +45,9 @@ from datatrove.utils.text import TextNormConfig, simplify_text
 from datatrove.utils.typeshelper import StatHints
 from datatrove.utils.word_tokenizers import WordTokenizer, load_word_tokenizer
 from mixlab.curation.errors import CurationConfigError
+
+if TYPE_CHECKING:  # datasketch is imported where it is used: it imports scipy.integrate (1 s)
+    from datasketch import MinHash
 
 
 class CountingMinhashDedupFilter(MinhashDedupFilter):
@@ -698,6 +701,8 @@ class MinHashIndex:
         self.settings = settings or MinhashSettings()
         self.num_perm = self.settings.num_buckets * self.settings.hashes_per_bucket
         self.tokenizer = load_word_tokenizer(words)
+        from datasketch import MinHashLSH
+
         self.lsh = MinHashLSH(num_perm=self.num_perm,
                               params=(self.settings.num_buckets, self.settings.hashes_per_bucket))
         self.signatures: dict[str, MinHash] = {}
@@ -707,6 +712,8 @@ class MinHashIndex:
         n = self.settings.n_grams
         shingles = {" ".join(words[i:i + n]).encode("utf-8", "surrogatepass")
                     for i in range(max(1, len(words) - n + 1))}
+        from datasketch import MinHash
+
         sig = MinHash(num_perm=self.num_perm, seed=self.settings.seed)
         sig.update_batch(list(shingles))
         return sig

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
-from datasketch import MinHash, MinHashLSH
 from mixlab.curation.manifest import ShardManifest
 from mixlab.curation.splits import TokenizeConfig, source_val_ids
+
+if TYPE_CHECKING:  # datasketch is imported where it is used: it imports scipy.integrate (1 s)
+    from datasketch import MinHash
 
 
 @dataclass
@@ -44,6 +47,8 @@ def _signature(text: str, config: LeakageConfig) -> MinHash:
     words = text.split()
     n = config.ngram
     grams = [" ".join(words[i : i + n]) for i in range(max(1, len(words) - n + 1))] if words else [text]
+    from datasketch import MinHash
+
     signature = MinHash(num_perm=config.num_perm, seed=1)
     signature.update_batch([g.encode("utf-8") for g in set(grams)])
     return signature
@@ -67,6 +72,8 @@ def held_out_leakage(
     config = config or LeakageConfig()
     names = sources or sorted(n for n, s in manifest.sources.items() if s.shards)
     val_ids = {name: source_val_ids(manifest, name, split, held_out_ids) for name in names}
+    from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
     report = LeakageReport()
     for name in names:
