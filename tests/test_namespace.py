@@ -36,3 +36,25 @@ def test_a_users_own_stage_folders_neither_shadow_nor_are_shadowed(tmp_path):
     users, ours = result.stdout.strip().splitlines()
     assert users == "user training user pipelines user curation"
     assert Path(ours).resolve() == REPO_ROOT / "training" / "__init__.py"
+
+
+def test_the_cli_builds_only_the_command_it_runs_and_lists_every_one():
+    """`mixlab --help` and `mixlab curate` do not import what other commands' defaults come from (torch: seconds
+    for every curation subprocess); the lazily built parser lists the same commands as the complete one."""
+    from mixlab.pipelines.cli import COMMANDS, build_parser
+
+    probe = ("import sys; from mixlab.pipelines.cli import build_parser; "
+             "args = build_parser('curate').parse_args(['curate', '--raw', 'r', '--out', 'o', '--tasks', '3']); "
+             "print(args.func.__name__, args.tasks, 'torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["cmd_curate", "3", "False"], result.stderr
+    listing = subprocess.run([sys.executable, "-m", "mixlab.pipelines.cli", "--help"], capture_output=True,
+                             text=True, timeout=300)
+    assert listing.returncode == 0 and all(f"    {name} " in listing.stdout or f"    {name}\n" in listing.stdout
+                                           for name in COMMANDS), listing.stdout
+
+    def commands(parser):
+        action = parser._subparsers._group_actions[0]
+        return {choice.dest: choice.help for choice in action._choices_actions}
+
+    assert commands(build_parser()) == commands(build_parser("")) and len(commands(build_parser())) == len(COMMANDS)
