@@ -55,6 +55,8 @@ JobCompType=jobcomp/none
 MpiDefault=none
 SwitchType=switch/none
 SchedulerType=sched/backfill
+# a job array whose afterok dependency is met starts within a second, not on the 3 s batch_sched_delay tick
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
 DependencyParameters=kill_invalid_depend
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
