@@ -68,14 +68,23 @@ def outside(tmp_path: Path, curated_dir: Path) -> Iterator[Path]:
     assert snapshot(root) == before, "something outside the dataset was created, modified or deleted"
 
 
-@pytest.fixture
-def dataset(tmp_path: Path, curated_dir: Path) -> Path:
-    """A private copy of the curated fixture holding one source (logs included, so curating again skips it)."""
-    work = tmp_path / "curated"
+@pytest.fixture(scope="module")
+def one_source(tmp_path_factory, curated_dir: Path) -> Path:
+    """The curated fixture holding one source (logs included, so curating again skips it), saved once: the save
+    redraws the data card's figures, a second or two that every test would pay again."""
+    work = tmp_path_factory.mktemp("one-source") / "curated"
     shutil.copytree(curated_dir, work, symlinks=True)
     manifest = ShardManifest.load(work)
     manifest.sources = {SOURCE: manifest.sources[SOURCE]}
     manifest.save()
+    return work
+
+
+@pytest.fixture
+def dataset(tmp_path: Path, one_source: Path) -> Path:
+    """A private copy of `one_source` for a test to break."""
+    work = tmp_path / "curated"
+    shutil.copytree(one_source, work, symlinks=True)
     return work
 
 
