@@ -108,7 +108,7 @@ def test_two_processes_train_what_one_does_and_resume_after_a_signal(tmp_path):
     one = worker(tokenized, runs, "one")  # in this process: a world of one
     assert one["world_size"] == 1 and one["step"] == STEPS
 
-    torchrun(str(tokenized), str(runs), "two")
+    torchrun(str(tokenized), str(runs), "two", "moe-two:moe")  # one launch, two runs (a launch costs seconds)
     two = RunRecord.load(runs / "two")
     assert two.status == "completed" and two.summary["world_size"] == 2 and two.config["world_size"] == 2
     assert two.summary["tokens"] == one["tokens"] == STEPS * BATCH * SEQ_LEN
@@ -136,7 +136,6 @@ def test_two_processes_train_what_one_does_and_resume_after_a_signal(tmp_path):
     # mixture of experts: the routing counts are summed over ranks before the bias step, so the pair keeps the
     # one-process run's expert biases (and losses)
     worker(tokenized, runs, "moe-one", moe=True)
-    torchrun(str(tokenized), str(runs), "moe-two", "--moe")
     moe_diff = max_relative_diff(losses(runs / "moe-one"), losses(runs / "moe-two"))
     print(f"MoE 2-process vs 1-process loss: max relative difference {moe_diff:.2e}")
     assert moe_diff < 1e-5, moe_diff
@@ -152,9 +151,16 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     parser.add_argument("mode")
     parser.add_argument("tokenized", type=Path)
     parser.add_argument("runs", type=Path)
-    parser.add_argument("run_id")
+    parser.add_argument("run_ids", nargs="+", help="RUN_ID, or RUN_ID:moe; trained in turn in one process group")
     parser.add_argument("--signal-rank", type=int)
     parser.add_argument("--signal-at", type=int)
-    parser.add_argument("--moe", action="store_true")
     options = parser.parse_args()
-    worker(options.tokenized, options.runs, options.run_id, options.signal_rank, options.signal_at, options.moe)
+    from mixlab.training.data_parallel import DataParallelWorld
+
+    world = DataParallelWorld.from_env()
+    created = world.init()
+    for spec in options.run_ids:
+        run_id, _, kind = spec.partition(":")
+        worker(options.tokenized, options.runs, run_id, options.signal_rank, options.signal_at, moe=kind == "moe")
+    if created:
+        world.destroy()
