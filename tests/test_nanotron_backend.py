@@ -1,7 +1,7 @@
 """The nanotron backend under torchrun on CPU/gloo: tp2, pp2, dp2, tp2 x dp2 and pp2 x dp2 (ZeRO-1) train the same
 tiny model as the embedded backend from the same weights on the real MixtureSampler, with the same losses (1e-4 in
 fp32 over 12 steps; 1e-9 in fp64 at tp2 x pp2); a run stopped at tp2 x pp2 resumes bit for bit on its layout, and
-continues at tp1, and a dp1 run at dp2, within 1e-5 of the uninterrupted run.
+continues at tp1 x pp2 x dp2, and a dp1 run at dp4, within 1e-5 of the uninterrupted run.
 
 This file is also the worker script: torchrun runs it with `worker ...` arguments."""
 
@@ -106,8 +106,8 @@ def max_abs_diff(a: list[float], b: list[float]) -> float:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """Every training of this file, in six launches (a launch costs seconds of start-up): the layouts and the
-    first halves of the interrupted runs, then the resumes."""
+    """Every training of this file, in four launches (a launch costs seconds of start-up): the layouts and the
+    first halves of the interrupted runs, then the resumes, all three in one four-process world."""
     from stdlib_corpus import build_tokenized_dir
 
     tokenized = str(build_tokenized_dir(tmp_path_factory.mktemp("nanotron-data"), vocab_size=TOKENIZER_VOCAB))
@@ -119,9 +119,8 @@ def runs(tmp_path_factory) -> Path:
     torchrun(4, tokenized, str(runs), "tp2dp2:nanotron:2:1", "pp2dp2-zero1:nanotron:1:2:zero1",
              "tp2pp2-fp64:nanotron:2:2:fp64", "whole:nanotron:2:2", "same:nanotron:2:2:stop",
              "to-tp1:nanotron:2:2:stop")
-    torchrun(4, tokenized, str(runs), "same:nanotron:2:2")  # resumes at step 6 on its own layout
-    in_process(tokenized, str(runs), "to-tp1:nanotron:1:1")  # a tp2 x pp2 checkpoint continued in one process
-    torchrun(2, tokenized, str(runs), "dp1:nanotron:1:1")  # a one-process checkpoint continued at dp2
+    # from step 6: on its own layout; a tp2 x pp2 checkpoint at tp1 x pp2 x dp2; a one-process checkpoint at dp4
+    torchrun(4, tokenized, str(runs), "same:nanotron:2:2", "to-tp1:nanotron:1:2", "dp1:nanotron:1:1")
     return runs
 
 
@@ -156,12 +155,14 @@ def test_checkpoints_resume_on_the_same_and_on_other_layouts(runs):
     assert losses(runs / "same") == losses(runs / "whole")  # bit for bit on the same layout
     assert RunRecord.load(runs / "same").summary["resumed_from"].endswith(f"step_{HALF:08d}")
     diff = max_abs_diff(losses(runs / "whole"), losses(runs / "to-tp1"))
-    print(f"tp2 x pp2 -> tp1 after step {HALF}: max |loss - uninterrupted| = {diff:.2e}")
+    print(f"tp2 x pp2 -> tp1 x pp2 x dp2 after step {HALF}: max |loss - uninterrupted| = {diff:.2e}")
     assert diff < 1e-5, diff
     assert RunRecord.load(runs / "to-tp1").summary["resumed_from"].endswith(f"step_{HALF:08d}")
-    assert RunRecord.load(runs / "dp1").summary["parallel"]["dp"] == 2
+    assert RunRecord.load(runs / "to-tp1").summary["parallel"] == {"tp": 1, "pp": 2, "dp": 2, "pp_engine": "1f1b",
+                                                                    "zero_stage": 0}
+    assert RunRecord.load(runs / "dp1").summary["parallel"]["dp"] == 4
     diff = max_abs_diff(losses(runs / "dp1-whole"), losses(runs / "dp1"))
-    print(f"dp1 -> dp2 after step {HALF}: max |loss - uninterrupted| = {diff:.2e}")
+    print(f"dp1 -> dp4 after step {HALF}: max |loss - uninterrupted| = {diff:.2e}")
     assert diff < 1e-5, diff
 
 
