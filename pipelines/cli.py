@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 import logging
@@ -693,22 +694,12 @@ def _smollm3_options(smol: argparse.ArgumentParser) -> None:
     smol.set_defaults(func=cmd_smollm3)
 
 
-def _ablate_options(abl: argparse.ArgumentParser) -> None:
-    from mixlab.pipelines.ablate_cli import ablate_options
+def _options_in(module: str, name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """A command's options defined in its own module, imported only when that command is built."""
+    def add_options(parser: argparse.ArgumentParser) -> None:
+        getattr(importlib.import_module(module), name)(parser)
 
-    ablate_options(abl)
-
-
-def _classify_options(cls: argparse.ArgumentParser) -> None:
-    from mixlab.pipelines.classify_cli import classify_options
-
-    classify_options(cls)
-
-
-def _tokenizer_options(group: argparse.ArgumentParser) -> None:
-    from mixlab.pipelines.tokenizer_cli import tokenizer_options
-
-    tokenizer_options(group)
+    return add_options
 
 
 # Every command: its one-line help (all that `mixlab --help` needs) and what adds its options, imports included.
@@ -716,7 +707,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "corpus": ("build a raw corpus from packages", _corpus_options),
     "curate": ("run the datatrove curation recipe of each raw source", _curate_options),
     "tokenize": ("train a BPE tokenizer and write token shards", _tokenize_options),
-    "tokenizer": ("compare candidate tokenizers on the curated data", _tokenizer_options),
+    "tokenizer": ("compare candidate tokenizers on the curated data",
+                  _options_in("mixlab.pipelines.tokenizer_cli", "tokenizer_options")),
     "mix": ("plan a mixture: tokens available and drawn per stage, epochs, refusals, a PNG", _mix_options),
     "train": ("train a model on a mixture; re-running resumes from the last checkpoint", _train_options),
     "pairs": ("derive preference pairs (JSONL) from curated dialogues", _pairs_options),
@@ -730,8 +722,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "demo": ("the whole loop on a small real corpus (minutes on 2 CPU cores)", _demo_options),
     "posttrain-demo": ("the demo's model -> SFT -> DPO on real dialogues, with a report", _posttrain_demo_options),
     "ablate": ("ablations: plan, run (rerun: resume), status, results, report; RegMix, DoReMi, annealing",
-               _ablate_options),
-    "classify": ("fastText quality classifiers: train, annotate curated shards, score", _classify_options),
+               _options_in("mixlab.pipelines.ablate_cli", "ablate_options")),
+    "classify": ("fastText quality classifiers: train, annotate curated shards, score",
+                 _options_in("mixlab.pipelines.classify_cli", "classify_options")),
     "smollm3": ("SmolLM3's three pre-training stages, projected onto the demo corpus, planned and trained",
                 _smollm3_options),
 }
