@@ -48,7 +48,7 @@ from mixlab.training.nanotron_layout import (
 )
 from mixlab.training.run_record import RunRecord
 from mixlab.training.seeds import seed_everything
-from mixlab.training.throughput import measure_matmul_peak, mfu
+from mixlab.training.throughput import mfu
 from mixlab.training.trainer import (
     Sampler,
     TaskScorer,
@@ -61,6 +61,7 @@ from mixlab.training.trainer import (
     _StopSignals,
     finish_run,
     record_failure,
+    world_peak_flops,
 )
 from tqdm.auto import tqdm
 
@@ -262,9 +263,7 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
     dtype = model_dtype(cfg)
     _check_sampler_budget(sampler, cfg)
     _check_decay_alignment(sampler, cfg)
-    world.barrier()
-    peak = measure_matmul_peak(device, dtype)
-    peak_flops = world.all_mean(torch.tensor(peak, dtype=torch.float64)).item() * world.world_size
+    peak_flops = world_peak_flops(world, device, dtype)
 
     def plain_model() -> tuple[Transformer, torch.optim.Optimizer]:
         model = Transformer(model_config).to(device=device, dtype=dtype)
@@ -433,7 +432,8 @@ def _train(run: RunRecord, model_config: ModelConfig, cfg: TrainConfig, sampler:
     return finish_run(run, world, step=step, total=total, progress=progress,
                       tokens_by_source=_tokens_by_source(sampler, progress), final_loss=last_loss if call_tokens
                       else None, resumed_from=resumed_from, flops_per_token=facts["flops_per_token"],
-                      peak_flops=peak_flops, stopped_by=signal.Signals(stop_signal).name if stop_signal else None,
+                      peak_flops=peak_flops, measure_peak=lambda: world_peak_flops(world, device, dtype, cached=False),
+                      stopped_by=signal.Signals(stop_signal).name if stop_signal else None,
                       eval_rows=eval_rows)
 
 

@@ -9,6 +9,7 @@ achievable rather than the nominal peak), which is what tells a slow run from a 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -62,7 +63,7 @@ def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype =
             reps += 1
             if reps >= 50:
                 break
-    _PEAK_CACHE[key] = best
+    _PEAK_CACHE[key] = max(best, _PEAK_CACHE.get(key, 0.0))  # a fresh measurement only ever raises the cached one
     return best
 
 
@@ -72,3 +73,16 @@ def mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float
     if peak_flops <= 0 or tokens_per_s <= 0 or flops_per_token <= 0:
         return 0.0
     return flops_per_token * tokens_per_s / peak_flops
+
+
+# An MFU above this says the peak was measured while something else used the machine (noise only lowers it), not
+# that the run is that efficient: dense training reaches ~40-60% of a well-measured peak.
+IMPLAUSIBLE_MFU = 0.8
+
+
+def settled_peak(peak_flops: float, run_mfu: float, measure_again: Callable[[], float]) -> float:
+    """The peak to report a run's MFU against: the one measured at its start, or, when that gave an implausible
+    `run_mfu`, the better of it and a measurement taken now (`measure_again`)."""
+    if run_mfu <= IMPLAUSIBLE_MFU:
+        return peak_flops
+    return max(peak_flops, measure_again())

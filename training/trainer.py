@@ -43,7 +43,7 @@ from mixlab.training.model import ModelConfig, Transformer, at_least_fp32, segme
 from mixlab.training.monitor import TrainingMonitor, window_ids
 from mixlab.training.run_record import RunRecord
 from mixlab.training.seeds import rank_seeds, seed_everything
-from mixlab.training.throughput import measure_matmul_peak, mfu
+from mixlab.training.throughput import measure_matmul_peak, mfu, settled_peak
 from tqdm.auto import tqdm
 
 
@@ -457,7 +457,7 @@ def train(
     objective (training.posttrain): a preference loss in place of cross-entropy; its metrics (reward accuracy
     and margin) go into every metrics row. Batches with a `loss_mask` (SFT) learn only from its targets.
     Every metrics row and the summary carry tokens_per_s and mfu, against the matmul peak measured at start
-    (summary.matmul_peak_flops, summed over ranks).
+    (summary.matmul_peak_flops, summed over ranks; measured again at the end when the MFU is implausible).
     """
     world = DataParallelWorld.from_env(train_config.resolved_device())
     if train_config.batch_size % world.world_size:  # before joining the group: a config error needs no peers
@@ -508,10 +508,8 @@ def _train(
         # processes on one machine share its cores: each takes its part unless train.threads says otherwise
         torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) // world.local_world_size))
     precision, autocast = precision_context(cfg, device)
-    world.barrier()  # the ranks measure the peak together, as they will train: sharing the machine
-    peak_flops = world.all_mean(torch.tensor(measure_matmul_peak(
-        device, torch.bfloat16 if precision == "bf16" else torch.float32), dtype=torch.float64)).item()
-    peak_flops *= world.world_size
+    peak_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak_flops = world_peak_flops(world, device, peak_dtype)
     init_path = resolve_checkpoint(cfg.init_from) if cfg.init_from and latest is None else None
     _check_policy(policy, sampler, run)
     _check_sampler_budget(sampler, cfg)
@@ -812,6 +810,7 @@ def _train(
     return finish_run(run, world, step=step, total=total, progress=progress, tokens_by_source=tokens_by_source(),
                       final_loss=last_loss if call_tokens else None, resumed_from=resumed_from,
                       flops_per_token=model.estimate_flops_per_token(cfg.seq_len), peak_flops=peak_flops,
+                      measure_peak=lambda: world_peak_flops(world, device, peak_dtype, cached=False),
                       stopped_by=signal.Signals(stop_signal).name if stop_signal else stopped_by, eval_rows=eval_rows)
 
 
@@ -823,16 +822,31 @@ def record_failure(run: RunRecord, exc: BaseException, step: int) -> None:
     run.release()
 
 
+def world_peak_flops(world: DataParallelWorld, device: torch.device, dtype: torch.dtype,
+                     cached: bool = True) -> float:
+    """The matmul peak (FLOP/s) of all ranks: they measure together, sharing the machine as they will train, and
+    the world's peak is their mean times their number."""
+    world.barrier()
+    local = measure_matmul_peak(device, dtype, cached=cached)
+    return world.all_mean(torch.tensor(local, dtype=torch.float64)).item() * world.world_size
+
+
 def finish_run(run: RunRecord, world: DataParallelWorld, *, step: int, total: int, progress: _Progress,
                tokens_by_source: dict[str, int], final_loss: float | None, resumed_from: str | None,
-               flops_per_token: float, peak_flops: float, stopped_by: str | None,
-               eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
+               flops_per_token: float, peak_flops: float, measure_peak: Callable[[], float],
+               stopped_by: str | None, eval_rows: list[dict[str, Any]]) -> dict[str, Any]:
     """The run record of a training loop that returned (every backend's): completed or interrupted, the summary's
     totals, the lock released; returns the summary once every rank is here. final_loss None: this call trained no
-    step, so the summary keeps the previous call's."""
+    step, so the summary keeps the previous call's. `measure_peak` measures the world's peak again (every rank
+    calls it), for an MFU too high to be true."""
     run.status = "completed" if step >= total else "interrupted"
     run.summary.pop("error", None)
     tokens_per_s = progress.tokens / progress.train_time_s if progress.train_time_s else None
+    # the ranks' mean: every rank takes the same branch (measuring again is a collective)
+    run_mfu = world.all_mean(torch.tensor(mfu(flops_per_token, tokens_per_s or 0.0, peak_flops),
+                                          dtype=torch.float64)).item()
+    peak_flops = settled_peak(peak_flops, run_mfu, measure_peak)
+    run.summary["matmul_peak_flops"] = peak_flops
     run.summary.update({
         "step": step,
         "tokens": progress.tokens,
