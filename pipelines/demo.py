@@ -207,7 +207,13 @@ def run_demo(config: DemoConfig) -> Path:
                      {"recipe": "demo", "mixture": "web-heavy"}))
     runs_done = []
     for run_id, schedule, steps, tags in jobs:
-        train_config = TrainConfig.preset(config.train_preset, **overrides, **({"total_steps": steps} if steps is not None else {}))
+        run_overrides = dict(overrides)
+        if steps is not None:
+            run_overrides["total_steps"] = steps
+            # a shorter `--steps` shortens the warmup too (at the default 300 steps it stays the preset's 50)
+            preset_warmup = TrainConfig.preset(config.train_preset).warmup_steps
+            run_overrides.setdefault("warmup_steps", min(preset_warmup, steps // 6))
+        train_config = TrainConfig.preset(config.train_preset, **run_overrides)
         # evaluate 3 times over the run (and at its end): enough points for a curve, few enough to stay cheap
         train_config = replace(train_config, eval_every=max(1, train_config.steps // 3),
                                checkpoint_every=max(1, train_config.steps // 3))

@@ -31,6 +31,8 @@ def test_demo_runs_every_stage_compares_two_runs_and_prints_the_report_path(cura
     runs = {r.run_id: r for r in RunStore(work / "runs").runs()}
     assert runs["demo"].config["mixture"]["stages"][0]["name"] == "stable"
     assert runs["demo-web-heavy"].config["mixture"]["stages"][0]["name"] == "web-heavy"
+    # a run shorter than the preset's warms up over a sixth of it (the tiny preset's 10 steps would not fit 12)
+    assert [runs[r].config["train"]["warmup_steps"] for r in ("demo", "demo-web-heavy")] == [4, 2]
     html = report.read_text()
     assert "demo-web-heavy" in html and "Config differences" in html and "Epochs per source" in html
     assert "Counts add up" in html
