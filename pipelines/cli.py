@@ -742,7 +742,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, add_options) in COMMANDS.items():
-        subparser = sub.add_parser(name, help=help_text)
+        # a command's --help opens with its one-line help unless its options give a longer description
+        subparser = sub.add_parser(name, help=help_text, description=help_text[:1].upper() + help_text[1:] + ".")
         if command is None or command == name:
             add_options(subparser)
     return parser

@@ -58,3 +58,7 @@ def test_the_cli_builds_only_the_command_it_runs_and_lists_every_one():
         return {choice.dest: choice.help for choice in action._choices_actions}
 
     assert commands(build_parser()) == commands(build_parser("")) and len(commands(build_parser())) == len(COMMANDS)
+    # every command's --help says what it does above its options
+    parsers = build_parser()._subparsers._group_actions[0].choices
+    assert all(len(parsers[name].description or "") > 20 for name in COMMANDS), [
+        name for name in COMMANDS if not parsers[name].description]
